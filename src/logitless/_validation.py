@@ -1,0 +1,162 @@
+"""Every argument check of the public API, in one place, before any computation runs."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The options of `linear_cross_entropy`, checked once at construction."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    shift: int = 0
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    return_lse: bool = False
+    filter_eps: float | str | None = "auto"
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_int("ignore_index", self.ignore_index)
+        _check_choice("reduction", self.reduction, REDUCTIONS)
+        _check_int("shift", self.shift)
+        if self.shift < 0:
+            raise ValueError(f"shift must be >= 0, got {self.shift}")
+        if self.softcap is not None:
+            _check_real("softcap", self.softcap)
+            if not (self.softcap > 0 and math.isfinite(self.softcap)):
+                raise ValueError(f"softcap must be a finite number > 0 or None, got {self.softcap}")
+        _check_real("label_smoothing", self.label_smoothing)
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        _check_real("z_loss", self.z_loss)
+        if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
+            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
+        if not isinstance(self.return_lse, bool):
+            raise TypeError(f"return_lse must be a bool, got {type(self.return_lse).__name__}")
+        if isinstance(self.filter_eps, str):
+            _check_choice("filter_eps", self.filter_eps, ("auto",))
+        elif self.filter_eps is not None:
+            _check_real("filter_eps", self.filter_eps)
+            if not 0.0 <= self.filter_eps < 1.0:
+                raise ValueError(
+                    f"filter_eps must be 'auto', None or a float in [0, 1), got {self.filter_eps}"
+                )
+        _check_choice("impl", self.impl, IMPLS)
+
+    def resolved_filter_eps(self, dtype: torch.dtype) -> float | None:
+        """The gradient-filtering threshold for inputs of `dtype`; None means exact.
+
+        "auto" filters softmax entries below 2**-12 for 16-bit inputs, where they cannot change
+        a rounded result, and keeps float32 exact.
+        """
+        if self.filter_eps == "auto":
+            return None if dtype == torch.float32 else 2.0**-12
+        return self.filter_eps or None
+
+
+def check_inputs(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LossOptions,
+) -> None:
+    """Raise TypeError/ValueError naming the first bad argument of a call."""
+    for name, tensor in (("e", e), ("c", c), ("targets", targets)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+
+    if e.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"e must be float32, bfloat16 or float16, got {e.dtype}")
+    if c.dtype != e.dtype:
+        raise ValueError(f"c must have the dtype of e ({e.dtype}), got {c.dtype}")
+    if bias is not None and bias.dtype != e.dtype:
+        raise ValueError(f"bias must have the dtype of e ({e.dtype}), got {bias.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+
+    for name, tensor in (("c", c), ("targets", targets), ("bias", bias)):
+        if tensor is not None and tensor.device != e.device:
+            raise ValueError(f"{name} must be on the device of e ({e.device}), got {tensor.device}")
+
+    if e.dim() < 1:
+        raise ValueError("e must have shape (..., D), got a 0-d tensor")
+    if c.dim() != 2:
+        raise ValueError(f"c must have shape (V, D), got {tuple(c.shape)}")
+    vocab, dim = c.shape
+    if e.shape[-1] != dim:
+        raise ValueError(f"e must have hidden size D={dim} of c, got shape {tuple(e.shape)}")
+    if vocab == 0:
+        raise ValueError("c must have at least one vocabulary row, got V=0")
+    if targets.shape != e.shape[:-1]:
+        raise ValueError(
+            f"targets must have the leading shape of e {tuple(e.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
+
+    if options.shift:
+        if targets.dim() == 0:
+            raise ValueError("shift needs a sequence dimension: e must have shape (..., T, D)")
+        if options.shift >= targets.shape[-1]:
+            raise ValueError(
+                f"shift={options.shift} leaves no positions of a sequence of length "
+                f"{targets.shape[-1]}"
+            )
+
+    outside = (targets != options.ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(outside.any()):
+        bad = targets[outside][0].item()
+        raise ValueError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index={options.ignore_index}, "
+            f"found {bad}"
+        )
+
+
+def check_impl(impl: str, device: torch.device) -> str:
+    """The backend `impl` resolves to on `device`."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if impl == "triton" and device.type != "cuda" and not _triton_interpreter_on():
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
+        )
+    return impl
+
+
+def _triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

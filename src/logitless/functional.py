@@ -1,0 +1,145 @@
+"""The public functional API: argument handling, shift, ignored tokens and reductions.
+
+Backends only compute (see `logitless.backends`); everything a call means is decided here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from logitless._autograd import FusedLinearCrossEntropy, LinearLogitStats, Plan, TokenLoss
+from logitless._validation import LossOptions, check_impl, check_inputs
+from logitless.backends import get_backend
+
+NO_TARGET = -1
+"""Row target that backends skip: ignored, shifted out, or (vocabulary parallel) off-shard."""
+
+
+def linear_cross_entropy(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: int = 0,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    filter_eps: float | str | None = "auto",
+    impl: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the logits `e @ c.T + bias` against `targets`, without forming them.
+
+    Equals `F.cross_entropy(e @ c.T + bias, targets, ...)` up to the rounding of the input
+    dtype, with memory in O(N + V) beyond the gradients.
+
+    Args:
+        e: (..., D) hidden states, float32, bfloat16 or float16.
+        c: (V, D) classifier (the lm_head weight), same dtype and device as `e`.
+        targets: (...) integer targets, the leading shape of `e`.
+        bias: optional (V,) classifier bias.
+        ignore_index: targets equal to this contribute nothing.
+        reduction: "mean" over non-ignored tokens, "sum", or "none" (one loss per token).
+        shift: k > 0 makes `e[..., t, :]` predict `targets[..., t + k]` (causal LM: 1).
+        softcap: s applies `s * tanh(logits / s)` to the logits (Gemma 2).
+        label_smoothing: as in `F.cross_entropy`.
+        z_loss: adds `z_loss * lse**2` per token (PaLM), reduced like the loss.
+        return_lse: also return the per-token log-sum-exp (differentiable).
+        filter_eps: skip gradient tiles whose softmax entries all lie below this: "auto"
+            (2**-12 for 16-bit inputs, exact for float32), a float, or None (exact).
+        impl: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
+
+    Returns:
+        The loss (a scalar, or the shape of `targets[..., shift:]` for reduction="none", ignored
+        positions 0), and with `return_lse=True` also the per-token lse of that shape.
+    """
+    options = LossOptions(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        shift=shift,
+        softcap=softcap,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        return_lse=return_lse,
+        filter_eps=filter_eps,
+        impl=impl,
+    )
+    return linear_cross_entropy_with_options(e, c, targets, bias, options)
+
+
+def linear_cross_entropy_with_options(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LossOptions,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`linear_cross_entropy` with its options already checked into a `LossOptions`."""
+    check_inputs(e, c, targets, bias, options)
+    backend = get_backend(check_impl(options.impl, e.device))
+    rows = e.reshape(-1, e.shape[-1])
+    row_targets = _row_targets(targets, options)
+    valid = row_targets != NO_TARGET
+    vocab = c.shape[0]
+    token_loss = TokenLoss(options.label_smoothing, options.z_loss, vocab)
+    plan = Plan(
+        backend=backend,
+        softcap=options.softcap,
+        with_sum=options.label_smoothing > 0,
+        filter_eps=_filter_eps(options, e.dtype),
+    )
+
+    if _fuses(options, backend, e, c, bias):
+        weights = valid.float()
+        if options.reduction == "mean":
+            weights = weights / valid.sum().clamp(min=1)
+        return FusedLinearCrossEntropy.apply(
+            rows, c, bias, row_targets, weights, plan, token_loss
+        )
+
+    lse, target_logit, logit_sum = LinearLogitStats.apply(rows, c, bias, row_targets, plan)
+    losses = torch.where(valid, token_loss(lse, target_logit, logit_sum), 0.0)
+    if options.reduction == "mean":
+        loss = losses.sum() / valid.sum().clamp(min=1)
+    elif options.reduction == "sum":
+        loss = losses.sum()
+    else:
+        loss = _per_token(losses, targets, options.shift)
+    if options.return_lse:
+        return loss, _per_token(torch.where(valid, lse, 0.0), targets, options.shift)
+    return loss
+
+
+def _row_targets(targets: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """Flat int64 targets, one per row of e, NO_TARGET where a row predicts nothing."""
+    row_targets = targets.long().masked_fill(targets == options.ignore_index, NO_TARGET)
+    if options.shift:
+        dropped = row_targets.new_full((*targets.shape[:-1], options.shift), NO_TARGET)
+        row_targets = torch.cat((row_targets[..., options.shift :], dropped), dim=-1)
+    return row_targets.reshape(-1)
+
+
+def _per_token(values: torch.Tensor, targets: torch.Tensor, shift: int) -> torch.Tensor:
+    """Row values in the shape of `targets[..., shift:]`."""
+    values = values.view(targets.shape)
+    return values[..., : targets.shape[-1] - shift] if shift else values
+
+
+def _filter_eps(options: LossOptions, dtype: torch.dtype) -> float | None:
+    if options.label_smoothing and options.softcap is not None:
+        return None  # the smoothing gradient passes the softcap: no tile is negligible
+    return options.resolved_filter_eps(dtype)
+
+
+def _fuses(options: LossOptions, backend, *inputs: torch.Tensor | None) -> bool:
+    """Whether the gradients can be computed in the forward pass (a reduced loss alone)."""
+    return (
+        hasattr(backend, "stats_and_grads")
+        and torch.is_grad_enabled()
+        and any(x is not None and x.requires_grad for x in inputs)
+        and options.reduction != "none"
+        and not options.return_lse
+    )

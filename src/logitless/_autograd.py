@@ -84,8 +84,10 @@ class TokenLoss:
     def coefficients(self, lse, weights):
         """d(weights * loss) / d(lse, target_logit, logit_sum)."""
         grad_lse = weights * (1.0 + 2.0 * self.z_loss * lse) if self.z_loss else weights
-        return grad_lse, -(1.0 - self.label_smoothing) * weights, (
-            -(self.label_smoothing / self.vocab) * weights
+        return (
+            grad_lse,
+            -(1.0 - self.label_smoothing) * weights,
+            (-(self.label_smoothing / self.vocab) * weights),
         )
 
 
@@ -142,6 +144,4 @@ def add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum) -> None:
 
 def cast_like(grads, inputs):
     """Gradients in the dtypes of their inputs (backends may return float32)."""
-    return tuple(
-        None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True)
-    )
+    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))

@@ -96,9 +96,7 @@ def linear_cross_entropy_with_options(
         weights = valid.float()
         if options.reduction == "mean":
             weights = weights / valid.sum().clamp(min=1)
-        return FusedLinearCrossEntropy.apply(
-            rows, c, bias, row_targets, weights, plan, token_loss
-        )
+        return FusedLinearCrossEntropy.apply(rows, c, bias, row_targets, weights, plan, token_loss)
 
     lse, target_logit, logit_sum = LinearLogitStats.apply(rows, c, bias, row_targets, plan)
     losses = torch.where(valid, token_loss(lse, target_logit, logit_sum), 0.0)

@@ -18,7 +18,8 @@ DEFAULT_BLOCK_MB = 16.0
 FILTER_CHUNK = 512
 """Vocabulary columns per gradient-filtering decision."""
 
-Coefficients = Callable[[slice, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+RowGrads = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+Coefficients = Callable[[slice, torch.Tensor], RowGrads]
 """(rows, lse of those rows) -> (grad_lse, grad_target, grad_sum or None) of those rows."""
 
 

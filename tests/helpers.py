@@ -1,0 +1,95 @@
+"""Shared test machinery: random inputs, and the comparison against the float64 reference.
+
+The criterion (from SPEC.md): logitless's loss and gradients are no further from the float64
+reference than eager PyTorch at the input dtype, plus a small stated tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from logitless import linear_cross_entropy
+from logitless.reference import reference_linear_cross_entropy
+
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
+"""Allowed relative error beyond eager PyTorch's own at that dtype."""
+
+DTYPES = list(TOLERANCE)
+
+
+def make_inputs(
+    lead: tuple[int, ...],
+    dim: int,
+    vocab: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    bias: bool = False,
+    ignore_fraction: float = 0.0,
+    ignore_index: int = -100,
+    scale: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+):
+    """Fresh random (e, c, targets, bias) with logits of standard deviation about `scale`."""
+    gen = torch.Generator().manual_seed(seed)
+    e = torch.randn(*lead, dim, generator=gen) * (scale / dim**0.25)
+    c = torch.randn(vocab, dim, generator=gen) / dim**0.25
+    targets = torch.randint(0, vocab, lead, generator=gen)
+    if ignore_fraction:
+        targets[torch.rand(lead, generator=gen) < ignore_fraction] = ignore_index
+    b = torch.randn(vocab, generator=gen) * 0.5 if bias else None
+    move = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return move(e), move(c), targets.to(device), move(b)
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref||, and 0 when both are 0; NaN anywhere is an infinite error."""
+    x, ref = x.double(), ref.double()
+    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
+        return float("inf")
+    diff = (x - ref).norm().item()
+    norm = ref.norm().item()
+    return diff / norm if norm else diff
+
+
+def _run(fn, inputs, grad_seed: int, **options):
+    """Outputs and input gradients of `fn` under a random upstream gradient."""
+    e, c, targets, bias = (
+        x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in inputs
+    )
+    out = fn(e, c, targets, bias, **options)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(grad_seed)
+    upstream = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
+    params = [x for x in (e, c, bias) if x is not None]
+    grads = torch.autograd.grad(
+        [o.float() for o in outs], params, [u.float() for u in upstream], allow_unused=True
+    )
+    return [o.detach() for o in outs], [
+        torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+    ]
+
+
+def check_against_reference(inputs, *, impl: str = "torch", grad_seed: int = 1, **options):
+    """Assert the criterion for every output and gradient; return the errors for reporting."""
+    dtype = inputs[0].dtype
+    ours = _run(linear_cross_entropy, inputs, grad_seed, impl=impl, **options)
+    semantics = {k: v for k, v in options.items() if k != "filter_eps"}
+    exact = _run(reference_linear_cross_entropy, inputs, grad_seed, **semantics)
+    eager = _run(reference_linear_cross_entropy, inputs, grad_seed, dtype=dtype, **semantics)
+    names = ["loss", "lse"][: len(ours[0])] + ["grad_e", "grad_c", "grad_bias"][: len(ours[1])]
+    errors = {}
+    for name, x, ref, base in zip(
+        names, ours[0] + ours[1], exact[0] + exact[1], eager[0] + eager[1], strict=True
+    ):
+        assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+        expected_dtype = torch.float32 if name in ("loss", "lse") else dtype
+        assert x.dtype == expected_dtype, f"{name}: dtype {x.dtype} != {expected_dtype}"
+        ours_err, eager_err = rel_error(x, ref), rel_error(base, ref)
+        bound = eager_err + TOLERANCE[dtype]
+        assert ours_err <= bound, (
+            f"{name}: relative error {ours_err:.3g} > eager {eager_err:.3g} + {TOLERANCE[dtype]}"
+            f" ({dtype}, {options})"
+        )
+        errors[name] = (ours_err, eager_err)
+    return errors

@@ -1,0 +1,142 @@
+"""The portable backend against the float64 reference, for every option and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, check_against_reference, make_inputs, rel_error
+
+from logitless import LinearCrossEntropyLoss, linear_cross_entropy
+from logitless.reference import reference_linear_cross_entropy
+
+OPTION_SETS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"return_lse": True},
+    {"reduction": "none", "return_lse": True},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-2},
+    {"softcap": 3.0},
+    {"softcap": 2.5, "label_smoothing": 0.2, "z_loss": 1e-3},
+    {"softcap": 5.0, "label_smoothing": 0.05, "reduction": "none", "return_lse": True},
+    {"filter_eps": None},
+    {"ignore_index": 7},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", OPTION_SETS, ids=repr)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_options_and_dtypes(dtype, options, bias):
+    ignore_index = options.get("ignore_index", -100)
+    inputs = make_inputs(
+        (45,), 37, 1031, dtype, bias=bias, ignore_fraction=0.2, ignore_index=ignore_index, seed=3
+    )
+    check_against_reference(inputs, **options)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_shift_on_batched_sequences(shift, reduction):
+    inputs = make_inputs((3, 11), 24, 513, ignore_fraction=0.1, seed=5)
+    check_against_reference(inputs, shift=shift, reduction=reduction, return_lse=True)
+    check_against_reference(inputs, shift=shift, reduction=reduction, label_smoothing=0.1)
+
+
+def test_non_contiguous_inputs():
+    e, c, targets, bias = make_inputs((7, 13), 40, 301, bias=True, seed=9)
+    e_t = e.transpose(0, 1)  # (13, 7, D) view
+    c_strided = torch.randn(301, 80)[:, ::2].copy_(c)
+    check_against_reference((e_t, c_strided, targets.T, bias), shift=2)
+
+
+def test_unbatched_single_token():
+    e, c, targets, bias = make_inputs((), 16, 97, bias=True, seed=2)
+    check_against_reference((e, c, targets, bias), reduction="none", return_lse=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_gradients(reduction):
+    e, c, targets, _ = make_inputs((9,), 12, 77, seed=4)
+    targets.fill_(-100)
+    e.requires_grad_()
+    c.requires_grad_()
+    loss = linear_cross_entropy(e, c, targets, reduction=reduction)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    loss.sum().backward()
+    assert torch.equal(e.grad, torch.zeros_like(e))
+    assert torch.equal(c.grad, torch.zeros_like(c))
+
+
+def test_empty_batch():
+    e, c, _, _ = make_inputs((0,), 8, 33)
+    loss = linear_cross_entropy(e, c, torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0
+
+
+def test_module_matches_function():
+    inputs = make_inputs((2, 9), 16, 211, bias=True, seed=6)
+    options = {"shift": 1, "softcap": 4.0, "z_loss": 1e-3, "label_smoothing": 0.1}
+    module = LinearCrossEntropyLoss(**options)
+    assert "shift=1" in repr(module)
+    torch.testing.assert_close(module(*inputs), linear_cross_entropy(*inputs, **options))
+
+
+def test_frozen_classifier_and_int32_targets():
+    e, c, targets, _ = make_inputs((31,), 20, 257, seed=8)
+    e.requires_grad_()
+    loss = linear_cross_entropy(e, c, targets.int())
+    loss.backward()
+    e_ref = e.detach().double().requires_grad_()
+    reference_linear_cross_entropy(e_ref, c, targets).backward()
+    torch.testing.assert_close(e.grad, e_ref.grad.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_filtering_skips_work_but_keeps_accuracy():
+    """bf16 default filtering on a peaked softmax: few tiles survive, the result still passes."""
+    e, c, targets, _ = make_inputs((64,), 32, 4099, torch.bfloat16, scale=6.0, seed=11)
+    check_against_reference((e, c, targets, None))
+
+
+def test_explicit_filter_threshold_bounds_the_error():
+    """A float32 run with a coarse explicit threshold stays within that threshold's reach."""
+    inputs = make_inputs((40,), 24, 2051, bias=True, scale=4.0, seed=13)
+    exact = _grads(inputs, filter_eps=None)
+    filtered = _grads(inputs, filter_eps=2.0**-10)
+    for x, ref in zip(filtered, exact, strict=True):
+        assert 0 < rel_error(x, ref) < 2.0**-6
+
+
+def _grads(inputs, **options):
+    e, c, targets, bias = inputs
+    e, c, bias = (x.clone().requires_grad_() for x in (e, c, bias))
+    linear_cross_entropy(e, c, targets, bias, reduction="sum", **options).backward()
+    return e.grad, c.grad, bias.grad
+
+
+def test_backward_twice_on_fused_path_is_a_clear_error():
+    e, c, targets, _ = make_inputs((5,), 8, 50)
+    e.requires_grad_()
+    loss = linear_cross_entropy(e, c, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_fused_and_recomputing_paths_agree(reduction, return_lse):
+    options = {"reduction": reduction, "return_lse": return_lse}
+    inputs = make_inputs((33,), 17, 300, bias=True, seed=12)
+    e, c, targets, bias = inputs
+    e, c, bias = (x.clone().requires_grad_() for x in (e, c, bias))
+    out = linear_cross_entropy(e, c, targets, bias, **options)
+    loss = out[0] if options["return_lse"] else out
+    loss.backward()
+    ref = [x.clone().double().requires_grad_() for x in (inputs[0], inputs[1], inputs[3])]
+    reference_linear_cross_entropy(
+        ref[0], ref[1], inputs[2], ref[2], reduction=options["reduction"]
+    ).backward()
+    for ours, theirs in zip((e, c, bias), ref, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad.float(), rtol=2e-5, atol=1e-7)

@@ -1,6 +1,6 @@
 """Portable backend: blockwise PyTorch on any device, never holding more than one block of logits.
 
-Rows are processed in blocks whose fp32 logits fit a memory budget (LOGITLESS_BLOCK_MB, 16 MiB by
+Rows are processed in blocks whose fp32 logits fit a memory budget (LOGITLESS_BLOCK_MB, 20 MiB by
 default), never in proportion to N x V. Each block's logits are turned into the softmax and then
 into the gradient of the logits in place, so one buffer serves the whole pipeline.
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 BLOCK_MB_ENV = "LOGITLESS_BLOCK_MB"
-DEFAULT_BLOCK_MB = 16.0
+DEFAULT_BLOCK_MB = 20.0
 FILTER_CHUNK = 512
 """Vocabulary columns per gradient-filtering decision."""
 

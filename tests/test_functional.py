@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, check_against_reference, make_inputs, rel_error
 
+from helpers import DTYPES, check_against_reference, make_inputs, rel_error
 from logitless import LinearCrossEntropyLoss, linear_cross_entropy
 from logitless.reference import reference_linear_cross_entropy
 

@@ -54,7 +54,7 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / norm if norm else diff
 
 
-def _run(fn, inputs, grad_seed: int, **options):
+def outputs_and_grads(fn, inputs, grad_seed: int, **options):
     """Outputs and input gradients of `fn` under a random upstream gradient."""
     e, c, targets, bias = (
         x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in inputs
@@ -74,11 +74,18 @@ def _run(fn, inputs, grad_seed: int, **options):
 
 def check_against_reference(inputs, *, impl: str = "torch", grad_seed: int = 1, **options):
     """Assert the criterion for every output and gradient; return the errors for reporting."""
+    ours = outputs_and_grads(linear_cross_entropy, inputs, grad_seed, impl=impl, **options)
+    return check_results(ours, inputs, grad_seed=grad_seed, **options)
+
+
+def check_results(ours, inputs, *, grad_seed: int = 1, **options):
+    """`check_against_reference` for results computed elsewhere (`outputs_and_grads`' form)."""
     dtype = inputs[0].dtype
-    ours = _run(linear_cross_entropy, inputs, grad_seed, impl=impl, **options)
     semantics = {k: v for k, v in options.items() if k != "filter_eps"}
-    exact = _run(reference_linear_cross_entropy, inputs, grad_seed, **semantics)
-    eager = _run(reference_linear_cross_entropy, inputs, grad_seed, dtype=dtype, **semantics)
+    exact = outputs_and_grads(reference_linear_cross_entropy, inputs, grad_seed, **semantics)
+    eager = outputs_and_grads(
+        reference_linear_cross_entropy, inputs, grad_seed, dtype=dtype, **semantics
+    )
     names = ["loss", "lse"][: len(ours[0])] + ["grad_e", "grad_c", "grad_bias"][: len(ours[1])]
     errors = {}
     for name, x, ref, base in zip(

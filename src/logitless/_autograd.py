@@ -12,18 +12,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from logitless.distributed import VocabParallel
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How one call runs: the backend and the options the backend sees."""
+    """How one call runs: the backend, the options the backend sees, and the vocabulary shard
+    (the backend then sees its rows only, and the statistics are combined across ranks)."""
 
     backend: ModuleType
     softcap: float | None
     with_sum: bool
     filter_eps: float | None
+    vocab_parallel: VocabParallel | None = None
 
     @property
     def sum_in_tiles(self) -> bool:
@@ -39,6 +45,10 @@ class LinearLogitStats(torch.autograd.Function):
         lse, target_logit, logit_sum = plan.backend.stats(
             e, c, bias, targets, softcap=plan.softcap, with_sum=plan.with_sum
         )
+        if plan.vocab_parallel is not None:
+            lse, target_logit, logit_sum = plan.vocab_parallel.combine_stats(
+                lse, target_logit, logit_sum
+            )
         if logit_sum is None:
             logit_sum = torch.zeros_like(lse)
         ctx.plan = plan
@@ -57,6 +67,8 @@ class LinearLogitStats(torch.autograd.Function):
         )  # fmt: skip
         if plan.with_sum and not plan.sum_in_tiles:
             add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum)
+        if plan.vocab_parallel is not None and grad_e is not None:
+            grad_e = plan.vocab_parallel.reduce_grad_e(grad_e)
         return *cast_like((grad_e, grad_c, grad_bias), (e, c, bias)), None, None
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from logitless.distributed import VocabParallel
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
@@ -26,6 +28,7 @@ class LossOptions:
     return_lse: bool = False
     filter_eps: float | str | None = "auto"
     impl: str = "auto"
+    vocab_parallel: VocabParallel | None = None
 
     def __post_init__(self) -> None:
         _check_int("ignore_index", self.ignore_index)
@@ -54,6 +57,11 @@ class LossOptions:
                     f"filter_eps must be 'auto', None or a float in [0, 1), got {self.filter_eps}"
                 )
         _check_choice("impl", self.impl, IMPLS)
+        if self.vocab_parallel is not None and not isinstance(self.vocab_parallel, VocabParallel):
+            raise TypeError(
+                "vocab_parallel must be a logitless.VocabParallel or None, "
+                f"got {type(self.vocab_parallel).__name__}"
+            )
 
     def resolved_filter_eps(self, dtype: torch.dtype) -> float | None:
         """The gradient-filtering threshold for inputs of `dtype`; None means exact.
@@ -73,7 +81,30 @@ def check_inputs(
     bias: torch.Tensor | None,
     options: LossOptions,
 ) -> None:
-    """Raise TypeError/ValueError naming the first bad argument of a call."""
+    """Raise TypeError/ValueError naming the first bad argument of a call.
+
+    Under vocabulary parallelism every rank raises when any rank does, instead of leaving the
+    others waiting in a collective.
+    """
+    error = None
+    try:
+        _check_local_inputs(e, c, targets, bias, options)
+    except (TypeError, ValueError) as exc:
+        if options.vocab_parallel is None:
+            raise
+        error = exc
+    if options.vocab_parallel is not None:
+        options.vocab_parallel.check_ranks_agree(e, targets, error)
+
+
+def _check_local_inputs(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LossOptions,
+) -> None:
+    """The checks of this process's arguments."""
     for name, tensor in (("e", e), ("c", c), ("targets", targets)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -109,6 +140,14 @@ def check_inputs(
         )
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
+    shard = options.vocab_parallel
+    if shard is not None:
+        if vocab != shard.stop - shard.start:
+            raise ValueError(
+                f"c must hold the {shard.stop - shard.start} rows [{shard.start}, {shard.stop}) "
+                f"of this rank's vocab_parallel shard, got {vocab}"
+            )
+        vocab = shard.vocab_size
 
     if options.shift:
         if targets.dim() == 0:

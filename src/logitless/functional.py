@@ -10,6 +10,7 @@ import torch
 from logitless._autograd import FusedLinearCrossEntropy, LinearLogitStats, Plan, TokenLoss
 from logitless._validation import LossOptions, check_impl, check_inputs
 from logitless.backends import get_backend
+from logitless.distributed import VocabParallel
 
 NO_TARGET = -1
 """Row target that backends skip: ignored, shifted out, or (vocabulary parallel) off-shard."""
@@ -30,6 +31,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     filter_eps: float | str | None = "auto",
     impl: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the logits `e @ c.T + bias` against `targets`, without forming them.
 
@@ -51,6 +53,9 @@ def linear_cross_entropy(
         filter_eps: skip gradient tiles whose softmax entries all lie below this: "auto"
             (2**-12 for 16-bit inputs, exact for float32), a float, or None (exact).
         impl: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
+        vocab_parallel: this rank's vocabulary shard (`logitless.VocabParallel`): `c` and `bias`
+            hold its rows only, `e` and `targets` are the same on every rank, and every rank
+            gets the full loss and grad_e (see docs/vocab_parallel.md).
 
     Returns:
         The loss (a scalar, or the shape of `targets[..., shift:]` for reduction="none", ignored
@@ -66,6 +71,7 @@ def linear_cross_entropy(
         return_lse=return_lse,
         filter_eps=filter_eps,
         impl=impl,
+        vocab_parallel=vocab_parallel,
     )
     return linear_cross_entropy_with_options(e, c, targets, bias, options)
 
@@ -83,13 +89,15 @@ def linear_cross_entropy_with_options(
     rows = e.reshape(-1, e.shape[-1])
     row_targets = _row_targets(targets, options)
     valid = row_targets != NO_TARGET
-    vocab = c.shape[0]
+    shard = options.vocab_parallel
+    vocab = c.shape[0] if shard is None else shard.vocab_size
     token_loss = TokenLoss(options.label_smoothing, options.z_loss, vocab)
     plan = Plan(
         backend=backend,
         softcap=options.softcap,
         with_sum=options.label_smoothing > 0,
         filter_eps=_filter_eps(options, e.dtype),
+        vocab_parallel=shard,
     )
 
     if _fuses(options, backend, e, c, bias):
@@ -98,7 +106,8 @@ def linear_cross_entropy_with_options(
             weights = weights / valid.sum().clamp(min=1)
         return FusedLinearCrossEntropy.apply(rows, c, bias, row_targets, weights, plan, token_loss)
 
-    lse, target_logit, logit_sum = LinearLogitStats.apply(rows, c, bias, row_targets, plan)
+    backend_targets = row_targets if shard is None else shard.localize(row_targets)
+    lse, target_logit, logit_sum = LinearLogitStats.apply(rows, c, bias, backend_targets, plan)
     losses = torch.where(valid, token_loss(lse, target_logit, logit_sum), 0.0)
     if options.reduction == "mean":
         loss = losses.sum() / valid.sum().clamp(min=1)
@@ -133,9 +142,11 @@ def _filter_eps(options: LossOptions, dtype: torch.dtype) -> float | None:
 
 
 def _fuses(options: LossOptions, backend, *inputs: torch.Tensor | None) -> bool:
-    """Whether the gradients can be computed in the forward pass (a reduced loss alone)."""
+    """Whether the gradients can be computed in the forward pass (a reduced loss alone, on one
+    process: the fused pass needs each row's lse, which vocabulary shards only know combined)."""
     return (
-        hasattr(backend, "stats_and_grads")
+        options.vocab_parallel is None
+        and hasattr(backend, "stats_and_grads")
         and torch.is_grad_enabled()
         and any(x is not None and x.requires_grad for x in inputs)
         and options.reduction != "none"

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from logitless._validation import LossOptions
+from logitless.distributed import VocabParallel
 from logitless.functional import linear_cross_entropy_with_options
 
 
@@ -25,6 +26,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return_lse: bool = False,
         filter_eps: float | str | None = "auto",
         impl: str = "auto",
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         self.options = LossOptions(
@@ -37,6 +39,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             return_lse=return_lse,
             filter_eps=filter_eps,
             impl=impl,
+            vocab_parallel=vocab_parallel,
         )
 
     def forward(

@@ -1,0 +1,161 @@
+"""Vocabulary parallelism: the loss of a classifier sharded by vocabulary rows across ranks.
+
+Every loss logitless computes is an elementwise function of three per-row statistics of the
+logits (see `logitless._autograd`): their log-sum-exp, the target logit and their sum. Each rank
+computes them over its own rows `c[start:stop]`, and combining them costs O(N) values: one
+all-reduce (max) of the partial lse, then one all-reduce (sum) of exp(lse_r - max), of the target
+logits and, with label smoothing, of the logit sums. In backward each rank's share of grad_e is
+summed (N x D values, as for any vocabulary-parallel output layer); grad_c and grad_bias stay on
+their shard. Nothing of size N x V is ever communicated.
+
+Per call that is, in bytes, with N rows, D hidden and fp32 statistics:
+    56 (argument agreement) + 4N (max) + 8N, or 12N with label smoothing (sum) + 4ND (grad_e).
+
+The backends know nothing of this: they see a classifier of stop - start rows and targets already
+translated to those rows (-1 where the target lives on another rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class VocabParallel:
+    """This rank's contiguous slice [start, stop) of the vocabulary, within a process group.
+
+    Constructing it is collective: every rank of `group` (default: the world) constructs it at
+    the same point with its own slice, and the slices must tile [0, V) exactly, in any order of
+    ranks. Then every rank calls the loss with `vocab_parallel=` this object, the same `e`,
+    `targets` and options, its own rows `c[start:stop]` (and `bias[start:stop]`), and
+    backpropagates the same loss. Each rank gets the full loss and grad_e, and the gradients of
+    its own rows of c and bias.
+    """
+
+    def __init__(self, start: int, stop: int, group: dist.ProcessGroup | None = None) -> None:
+        _require_initialized()
+        self.group = group
+        self.start, self.stop = start, stop
+        ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, stop))
+        mine = torch.tensor([start, stop] if ints else [-1, -1], device=self._control_device())
+        shards = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(shards, mine, group=group)
+        if not ints:
+            raise TypeError(f"start and stop must be ints, got {start!r} and {stop!r}")
+        self.vocab_size = _tiled_vocab_size([tuple(shard.tolist()) for shard in shards])
+
+    @classmethod
+    def from_vocab(cls, vocab_size: int, group: dist.ProcessGroup | None = None) -> VocabParallel:
+        """Contiguous shards in rank order, as even as possible (the first V % world ranks hold
+        one more row). Collective, like the constructor."""
+        _require_initialized()
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        base, extra = divmod(vocab_size, world)
+        start = rank * base + min(rank, extra)
+        return cls(start, start + base + (rank < extra), group)
+
+    def __repr__(self) -> str:
+        return f"VocabParallel(start={self.start}, stop={self.stop}, vocab_size={self.vocab_size})"
+
+    def check_ranks_agree(
+        self, e: torch.Tensor, targets: torch.Tensor, local_error: Exception | None
+    ) -> None:
+        """Raise on every rank if any rank's arguments failed their checks (`local_error` on
+        that rank) or if the ranks differ in row count, hidden size or targets.
+
+        One all-reduce of 7 integers: a failure flag and the maximum of (n, d, checksum) and of
+        their complements, whose negation is the minimum, so equality is max == min.
+        """
+        facts = [0, 0, 0]
+        if local_error is None:
+            facts = [targets.numel(), e.shape[-1], _checksum(targets)]
+        summary = [local_error is not None, *facts, *(~x for x in facts)]
+        summary = torch.tensor(summary, dtype=torch.int64, device=self._control_device())
+        dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=self.group)
+        if local_error is not None:
+            raise local_error
+        failed, *highest = summary.tolist()
+        highest, lowest = highest[:3], [~x for x in highest[3:]]
+        if failed:
+            raise ValueError(
+                "vocab_parallel: another rank failed its argument checks (its error says which)"
+            )
+        if highest[0] != lowest[0]:
+            raise ValueError(
+                "targets must have the same number of rows on every rank of vocab_parallel, "
+                f"got between {lowest[0]} and {highest[0]}"
+            )
+        if highest[1] != lowest[1]:
+            raise ValueError(
+                "e must have the same hidden size on every rank of vocab_parallel, "
+                f"got between {lowest[1]} and {highest[1]}"
+            )
+        if highest[2] != lowest[2]:
+            raise ValueError("targets must be the same on every rank of vocab_parallel")
+
+    def localize(self, row_targets: torch.Tensor) -> torch.Tensor:
+        """Global row targets as indices into this rank's rows; -1 (the backends' "no target")
+        where the target lives on another rank, and where it was -1 already."""
+        on_shard = (row_targets >= self.start) & (row_targets < self.stop)
+        return torch.where(on_shard, row_targets - self.start, -1)
+
+    def combine_stats(
+        self,
+        lse: torch.Tensor,
+        target_logit: torch.Tensor,
+        logit_sum: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The global (lse, target logit, logit sum) per row from every rank's partial ones."""
+        peak = lse.clone()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
+        partials = [torch.exp(lse - peak), target_logit]
+        if logit_sum is not None:
+            partials.append(logit_sum)
+        sums = torch.stack(partials)
+        dist.all_reduce(sums, group=self.group)
+        total_lse = peak + sums[0].log()
+        return total_lse, sums[1], sums[2] if logit_sum is not None else None
+
+    def reduce_grad_e(self, grad_e: torch.Tensor) -> torch.Tensor:
+        """The full gradient of e from every rank's share (its own vocabulary rows)."""
+        grad_e = grad_e.contiguous()
+        dist.all_reduce(grad_e, group=self.group)
+        return grad_e
+
+    def _control_device(self) -> torch.device:
+        """Where the small agreement tensors live: the CPU if the group's backend takes CPU
+        tensors (gloo, mpi, or a mixed "cpu:gloo,cuda:nccl" group), else the current GPU."""
+        backend = str(dist.get_backend(self.group))
+        if "gloo" in backend or backend == "mpi":
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+
+
+def _require_initialized() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "VocabParallel needs torch.distributed: call torch.distributed.init_process_group first"
+        )
+
+
+def _tiled_vocab_size(shards: list[tuple[int, int]]) -> int:
+    """V, if the shards (one per rank) are non-empty and tile [0, V) with no gap or overlap."""
+    edge = 0
+    for start, stop in sorted(shards):
+        if start != edge or stop <= start:
+            held = ", ".join(f"rank {rank}: [{a}, {b})" for rank, (a, b) in enumerate(shards))
+            raise ValueError(
+                "vocab_parallel shards must be non-empty and tile [0, V) with no gap or overlap, "
+                f"got {held}"
+            )
+        edge = stop
+    return edge
+
+
+def _checksum(targets: torch.Tensor) -> int:
+    """An order-sensitive checksum of the targets (a position-weighted sum, wrapping in int64)."""
+    flat = targets.reshape(-1).long()
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device)
+    return int((flat * weights).sum())

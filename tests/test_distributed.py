@@ -1,0 +1,252 @@
+"""Vocabulary parallelism: gloo ranks on the CPU against one process and the float64 reference.
+
+Each world size is one spawn of processes (importing torch dominates the cost): every rank
+computes every case on its uneven shard and saves its results, and the tests here compare them
+with the single-process computation and, by the project's criterion, with float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import check_results, make_inputs, outputs_and_grads, rel_error
+from test_functional import OPTION_SETS
+from torch.multiprocessing import start_processes
+
+from logitless import LinearCrossEntropyLoss, VocabParallel, linear_cross_entropy
+from logitless.backends.torch_backend import BLOCK_MB_ENV
+
+ROWS, DIM, VOCAB = 45, 37, 1031
+SHARDS = {2: [(0, 300), (300, VOCAB)], 3: [(600, VOCAB), (0, 517), (517, 600)]}
+"""Each rank's [start, stop): uneven, and for 3 ranks not in rank order."""
+GRAD_SEED = 1
+TIMEOUT_S = 60
+"""A spawn that takes longer has a hung collective: fail instead of stalling CI."""
+AGREEMENT = {torch.float32: 2e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+"""Allowed relative difference from one process: summation order and shard-wise filtering
+change fp32 results by a few ulps and 16-bit results by under one rounding."""
+
+
+@dataclass
+class Case:
+    options: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    bias: bool = False
+    lead: tuple[int, ...] = (ROWS,)
+    ignore_fraction: float = 0.2
+    module: bool = False
+    from_vocab: bool = False
+
+    def inputs(self):
+        ignore_index = self.options.get("ignore_index", -100)
+        return make_inputs(
+            self.lead, DIM, VOCAB, self.dtype, bias=self.bias,
+            ignore_fraction=self.ignore_fraction, ignore_index=ignore_index, seed=3,
+        )  # fmt: skip
+
+
+CASES = {
+    **{
+        f"fp32-{'bias' if bias else 'nobias'}-{options!r}": Case(options, bias=bias)
+        for options in OPTION_SETS
+        for bias in (False, True)
+    },
+    "bf16-bias": Case({}, torch.bfloat16, bias=True),
+    "bf16-smoothing-softcap-lse": Case(
+        {"label_smoothing": 0.1, "softcap": 4.0, "return_lse": True}, torch.bfloat16
+    ),
+    "bf16-zloss-sum": Case({"z_loss": 1e-3, "reduction": "sum"}, torch.bfloat16, bias=True),
+    "fp16-smoothing": Case({"label_smoothing": 0.1}, torch.float16, bias=True),
+    "module-shift1": Case(
+        {"shift": 1, "label_smoothing": 0.1, "reduction": "none"},
+        lead=(3, 11),
+        bias=True,
+        module=True,
+    ),
+    "from_vocab-shift3": Case({"shift": 3, "return_lse": True}, lead=(3, 11), from_vocab=True),
+    "all-ignored": Case({}, bias=True, ignore_fraction=1.0),
+}
+
+
+def _error_calls(rank: int, world: int, vp: VocabParallel):
+    """Calls that must raise on every rank; some get bad arguments on one rank only."""
+    e, c, targets, bias = Case({}, bias=True).inputs()
+    rows = slice(vp.start, vp.stop)
+    call = functools.partial(linear_cross_entropy, vocab_parallel=vp)
+    out_of_range = targets.clone()
+    out_of_range[5] = VOCAB
+    first, last = rank == 0, rank == world - 1
+    return {
+        "targets differ": lambda: call(e, c[rows], targets.flip(0) if last else targets),
+        "rows differ": lambda: call(e[first:], c[rows], targets[first:]),
+        "hidden size differs": lambda: call(e[:, first:], c[rows, first:], targets),
+        "target out of range": lambda: call(e, c[rows], out_of_range),
+        "c rows": lambda: call(e, c[vp.start : vp.stop - first], targets),
+        "bias length": lambda: call(e, c[rows], targets, bias[vp.start : vp.stop - last]),
+        "shards overlap": lambda: VocabParallel(0, vp.stop),
+        "shards leave a gap": lambda: VocabParallel(vp.start, vp.stop - 1),
+        "vocabulary smaller than world": lambda: VocabParallel.from_vocab(world - 1),
+        "start not an int": lambda: VocabParallel(float(vp.start) if first else vp.start, vp.stop),
+    }
+
+
+ANY_RANK = "another rank failed its argument checks"
+EXPECTED_ERRORS = {
+    # name: (rank with the bad argument or None, its error, the error of the other ranks)
+    "targets differ": (None, None, ("ValueError", "targets must be the same on every rank")),
+    "rows differ": (None, None, ("ValueError", "same number of rows on every rank")),
+    "hidden size differs": (None, None, ("ValueError", "same hidden size on every rank")),
+    "target out of range": (None, None, ("ValueError", r"targets must lie in \[0, 1031\)")),
+    "c rows": (0, ("ValueError", "c must hold the"), ("ValueError", ANY_RANK)),
+    "bias length": (-1, ("ValueError", "bias must have shape"), ("ValueError", ANY_RANK)),
+    "shards overlap": (None, None, ("ValueError", r"tile \[0, V\)")),
+    "shards leave a gap": (None, None, ("ValueError", r"tile \[0, V\)")),
+    "vocabulary smaller than world": (None, None, ("ValueError", r"tile \[0, V\)")),
+    "start not an int": (0, ("TypeError", "must be ints"), ("ValueError", r"tile \[0, V\)")),
+}
+
+
+def _outcome(call) -> tuple[str, str] | None:
+    try:
+        call()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+def _communicated_bytes(vp: VocabParallel) -> tuple[int, int]:
+    """Bytes this rank sends into collectives for one loss with smoothing: forward, backward."""
+    e, c, targets, _ = Case({}).inputs()
+    e.requires_grad_()
+    shard = c[vp.start : vp.stop].clone().requires_grad_()
+
+    def sent() -> int:
+        calls = all_reduce.call_args_list + all_gather.call_args_list
+        return sum(call.args[-1].numel() * call.args[-1].element_size() for call in calls)
+
+    with (
+        mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce,
+        mock.patch.object(dist, "all_gather", wraps=dist.all_gather) as all_gather,
+    ):
+        loss = linear_cross_entropy(e, shard, targets, label_smoothing=0.1, vocab_parallel=vp)
+        forward = sent()
+        loss.backward()
+        return forward, sent() - forward
+
+
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    """One rank: every case on its shard, the error calls, the bytes sent; saved to out_dir."""
+    os.environ[BLOCK_MB_ENV] = "0.01"  # as conftest's small_blocks: cross block boundaries
+    torch.set_num_threads(1)  # ranks share the cores; spinning thread pools would fight
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
+        timeout=timedelta(seconds=TIMEOUT_S),
+    )  # fmt: skip
+    try:
+        vp = VocabParallel(*SHARDS[world][rank])
+        # Errors first: the cases after them show that a failed call leaves the group usable.
+        results = {
+            "errors": {name: _outcome(call) for name, call in _error_calls(rank, world, vp).items()}
+        }
+        even = VocabParallel.from_vocab(VOCAB)
+        for name, case in CASES.items():
+            shard = even if case.from_vocab else vp
+            e, c, targets, bias = case.inputs()
+            rows = slice(shard.start, shard.stop)
+            inputs = (e, c[rows], targets, None if bias is None else bias[rows])
+            if case.module:
+                loss = LinearCrossEntropyLoss(vocab_parallel=shard, **case.options)
+                outs, grads = outputs_and_grads(loss, inputs, GRAD_SEED)
+            else:
+                loss = functools.partial(linear_cross_entropy, vocab_parallel=shard)
+                outs, grads = outputs_and_grads(loss, inputs, GRAD_SEED, **case.options)
+            results[name] = ((shard.start, shard.stop), outs, grads)
+        results["bytes"] = _communicated_bytes(vp)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=sorted(SHARDS), ids=lambda world: f"world{world}")
+def ranks(request, tmp_path_factory) -> list[dict]:
+    """Every rank's results, from one spawn of that many gloo processes."""
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"world{world}")
+    context = start_processes(_worker, args=(world, str(out_dir)), nprocs=world, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s: a collective hung")
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world)]
+
+
+@functools.cache
+def _one_process(name: str):
+    """A case's outputs and gradients computed by one process (shared by the world sizes)."""
+    case = CASES[name]
+    return outputs_and_grads(linear_cross_entropy, case.inputs(), GRAD_SEED, **case.options)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_rank_matches_one_process(ranks, name):
+    """Loss, lse and grad_e on every rank, and the grad_c / grad_bias shards put together."""
+    case = CASES[name]
+    single_outs, single_grads = _one_process(name)
+    results = [rank[name] for rank in ranks]
+    by_start = sorted(results, key=lambda result: result[0])
+    grad_e = results[0][2][0]
+    shard_grads = [torch.cat([r[2][i] for r in by_start]) for i in range(1, len(single_grads))]
+    ours = (results[0][1], [grad_e, *shard_grads])
+    check_results(ours, case.inputs(), grad_seed=GRAD_SEED, **case.options)
+    out_names = ["loss", "lse"][: len(single_outs)]
+    names = out_names + ["grad_e", "grad_c", "grad_bias"][: len(single_grads)]
+    for what, x, expected in zip(names, ours[0] + ours[1], single_outs + single_grads, strict=True):
+        assert x.shape == expected.shape and x.dtype == expected.dtype, what
+        error = rel_error(x, expected)
+        assert error <= AGREEMENT[case.dtype], f"{what}: {error:.3g} from one process"
+    for rank, (_, outs, grads) in enumerate(results[1:], start=1):
+        for what, x, first in zip(
+            [*out_names, "grad_e"], [*outs, grads[0]], [*ours[0], grad_e], strict=True
+        ):
+            assert torch.equal(x, first), f"rank {rank}'s {what} differs from rank 0's"
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_ERRORS))
+def test_bad_arguments_raise_on_every_rank(ranks, name):
+    culprit, culprit_error, others_error = EXPECTED_ERRORS[name]
+    culprit = None if culprit is None else range(len(ranks))[culprit]
+    for rank, results in enumerate(ranks):
+        outcome = results["errors"][name]
+        expected_type, pattern = culprit_error if rank == culprit else others_error
+        assert outcome is not None, f"rank {rank} did not raise"
+        assert outcome[0] == expected_type, f"rank {rank}: {outcome}"
+        assert re.search(pattern, outcome[1]), f"rank {rank}: {outcome}"
+
+
+def test_communication_is_linear_in_rows_not_in_vocabulary(ranks):
+    """4N (max) + 12N (sums, with smoothing) + 56 (agreement) forward, 4ND (grad_e) backward."""
+    for forward, backward in (rank["bytes"] for rank in ranks):
+        assert forward == 56 + 4 * ROWS + 12 * ROWS
+        assert backward == 4 * ROWS * DIM
+
+
+def test_needs_an_initialized_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        VocabParallel(0, VOCAB)
+
+
+def test_vocab_parallel_must_be_a_vocab_parallel():
+    e, c, targets, _ = Case({}).inputs()
+    with pytest.raises(TypeError, match=r"vocab_parallel must be a logitless\.VocabParallel"):
+        linear_cross_entropy(e, c, targets, vocab_parallel=(0, VOCAB))

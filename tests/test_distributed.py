@@ -18,10 +18,10 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import check_results, make_inputs, outputs_and_grads, rel_error
 from test_functional import OPTION_SETS
 from torch.multiprocessing import start_processes
 
+from helpers import check_results, make_inputs, outputs_and_grads, rel_error
 from logitless import LinearCrossEntropyLoss, VocabParallel, linear_cross_entropy
 from logitless.backends.torch_backend import BLOCK_MB_ENV
 

@@ -13,6 +13,7 @@ from logitless.distributed import VocabParallel
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
+ASYNC_CHECKS_ENV = "LOGITLESS_ASYNC_CHECKS"
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,23 @@ def _check_local_inputs(
                 f"{targets.shape[-1]}"
             )
 
-    outside = (targets != options.ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(outside.any()):
-        bad = targets[outside][0].item()
-        raise ValueError(
-            f"targets must lie in [0, {vocab}) or equal ignore_index={options.ignore_index}, "
-            f"found {bad}"
-        )
+    _check_target_range(targets, vocab, options.ignore_index)
+
+
+def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """A ValueError for a target outside [0, vocab) that is not ignore_index.
+
+    That needs the values on the host: one synchronization on an accelerator. Under
+    torch.compile, or with LOGITLESS_ASYNC_CHECKS=1 off the CPU, a device-side assertion runs
+    instead, with no synchronization; it fails the next synchronizing call.
+    """
+    outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
+    asynchronous = targets.device.type != "cpu" and os.environ.get(ASYNC_CHECKS_ENV) == "1"
+    if torch.compiler.is_compiling() or asynchronous:
+        torch._assert_async(~outside.any(), message)
+    elif bool(outside.any()):
+        raise ValueError(f"{message}, found {targets[outside][0].item()}")
 
 
 def check_impl(impl: str, device: torch.device) -> str:

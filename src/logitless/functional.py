@@ -85,7 +85,7 @@ def linear_cross_entropy_with_options(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`linear_cross_entropy` with its options already checked into a `LossOptions`."""
     check_inputs(e, c, targets, bias, options)
-    backend = get_backend(check_impl(options.impl, e.device))
+    impl = check_impl(options.impl, e.device)
     rows = e.reshape(-1, e.shape[-1])
     row_targets = _row_targets(targets, options)
     valid = row_targets != NO_TARGET
@@ -93,14 +93,14 @@ def linear_cross_entropy_with_options(
     vocab = c.shape[0] if shard is None else shard.vocab_size
     token_loss = TokenLoss(options.label_smoothing, options.z_loss, vocab)
     plan = Plan(
-        backend=backend,
+        impl=impl,
         softcap=options.softcap,
         with_sum=options.label_smoothing > 0,
         filter_eps=_filter_eps(options, e.dtype),
         vocab_parallel=shard,
     )
 
-    if _fuses(options, backend, e, c, bias):
+    if _fuses(options, get_backend(impl), e, c, bias):
         weights = valid.float()
         if options.reduction == "mean":
             weights = weights / valid.sum().clamp(min=1)

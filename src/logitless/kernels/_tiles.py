@@ -12,6 +12,9 @@ import triton.language as tl
 
 from logitless._validation import triton_interpreter_on
 
+INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16}
+"""Fixed blocks under the interpreter: small, so that tests cross them with partial tiles."""
+
 
 def dot_options(dtype: torch.dtype) -> dict[str, object]:
     """The constexprs of `mma` for inputs of `dtype`.
@@ -26,18 +29,37 @@ def dot_options(dtype: torch.dtype) -> dict[str, object]:
     }
 
 
-def launch(kernel, tuned, grid, interpreter_blocks: dict[str, int], *args, **kwargs) -> None:
-    """Run `kernel` with fixed small blocks under the interpreter, else its autotuned version."""
+def launch(kernel, tuned, grid, *args, **kwargs) -> None:
+    """Run `kernel` with INTERPRETER_BLOCKS under the interpreter, else its autotuned version."""
     if triton_interpreter_on():
-        kernel[grid](*args, **kwargs, **interpreter_blocks)
+        kernel[grid](*args, **kwargs, **INTERPRETER_BLOCKS)
     else:
         tuned[grid](*args, **kwargs)
+
+
+def autotune_by_dtype(
+    half_configs: list[triton.Config], float32_configs: list[triton.Config], **autotune_kwargs
+):
+    """`triton.autotune` over the configs written for the dtype of `e_ptr`.
+
+    16-bit inputs run on tensor cores with large tiles; float32 multiplies in IEEE precision on
+    the FMA units, where large tiles spill registers.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        return float32_configs if named_args["e_ptr"].dtype == torch.float32 else half_configs
+
+    return triton.autotune(
+        half_configs + float32_configs,
+        prune_configs_by={"early_config_prune": prune},
+        **autotune_kwargs,
+    )
 
 
 @triton.jit
 def offsets(indices, stride):
     """64-bit element offsets `indices * stride`: N x V and V x D can pass 2**31."""
-    return indices.to(tl.int64) * stride
+    return tl.cast(indices, tl.int64) * stride
 
 
 @triton.jit
@@ -70,21 +92,27 @@ def logit_tile(
     `row_offsets` and `vocab_offsets` are the int64 offsets of the rows of e and c; masked rows
     and columns read zeros.
     """
+    dims = tl.arange(0, BLOCK_D)
+    e_columns = offsets(dims, stride_ed)
+    c_columns = offsets(dims, stride_cd)
+    e_step = offsets(BLOCK_D, stride_ed)
+    c_step = offsets(BLOCK_D, stride_cd)
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
-        dims = start + tl.arange(0, BLOCK_D)
-        dim_mask = dims < D
+        dim_mask = dims < D - start
         e_block = tl.load(
-            e_ptr + row_offsets[:, None] + offsets(dims, stride_ed)[None, :],
+            e_ptr + row_offsets[:, None] + e_columns[None, :],
             mask=row_mask[:, None] & dim_mask[None, :],
             other=0.0,
         )
         c_block_t = tl.load(
-            c_ptr + offsets(dims, stride_cd)[:, None] + vocab_offsets[None, :],
+            c_ptr + c_columns[:, None] + vocab_offsets[None, :],
             mask=dim_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
         acc = mma(e_block, c_block_t, acc, DOT_PRECISION, DOT_UPCAST)
+        e_columns += e_step
+        c_columns += c_step
     if HAS_BIAS:
         acc += tl.load(bias_ptr + vocab, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:

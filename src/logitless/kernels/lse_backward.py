@@ -19,15 +19,26 @@ import triton
 import triton.language as tl
 
 from logitless._validation import triton_interpreter_on
-from logitless.kernels._tiles import dot_options, launch, logit_tile, mma, offsets
+from logitless.kernels._tiles import (
+    INTERPRETER_BLOCKS,
+    autotune_by_dtype,
+    dot_options,
+    launch,
+    logit_tile,
+    mma,
+    offsets,
+)
 
-INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}
-
-CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+HALF_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+]
+"""Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on)."""
+
+FLOAT32_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2),
 ]
 
 
@@ -35,7 +46,7 @@ def vocabulary_alignment() -> int:
     """A multiple of every BLOCK_V in use: chunks of positions that start at one tile evenly."""
     if triton_interpreter_on():
         return INTERPRETER_BLOCKS["BLOCK_V"]
-    return max(config.kwargs["BLOCK_V"] for config in CONFIGS)
+    return max(config.kwargs["BLOCK_V"] for config in HALF_CONFIGS + FLOAT32_CONFIGS)
 
 
 @triton.jit
@@ -71,7 +82,7 @@ def lse_backward_kernel(
     in_tile = row_mask[:, None] & col_mask[None, :]
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     probs = tl.where(in_tile, tl.exp(z - lse[:, None]), 0.0)
-    target_positions = tl.load(target_positions_ptr + rows, mask=row_mask, other=-1)
+    target_positions = tl.load(target_positions_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
     is_target = in_tile & (positions[None, :] == target_positions[:, None])
 
     keep = True
@@ -94,14 +105,18 @@ def lse_backward_kernel(
         if NEED_BIAS:
             tl.atomic_add(grad_bias_ptr + vocab, tl.sum(d, axis=0), mask=col_mask, sem="relaxed")
         d_input = d.to(e_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        dims = tl.arange(0, BLOCK_D)
+        c_columns = offsets(dims, stride_cd)
+        e_columns = offsets(dims, stride_ed)
+        c_step = offsets(BLOCK_D, stride_cd)
+        e_step = offsets(BLOCK_D, stride_ed)
         grad_e_rows = offsets(rows, D)
         grad_c_rows = offsets(positions - position_begin, D)
         for start in range(0, D, BLOCK_D):
-            dims = start + tl.arange(0, BLOCK_D)
-            dim_mask = dims < D
+            dim_mask = dims < D - start
             if NEED_E:
                 c_block = tl.load(
-                    c_ptr + vocab_offsets[:, None] + offsets(dims, stride_cd)[None, :],
+                    c_ptr + vocab_offsets[:, None] + c_columns[None, :],
                     mask=col_mask[:, None] & dim_mask[None, :],
                     other=0.0,
                 )
@@ -110,14 +125,14 @@ def lse_backward_kernel(
                     DOT_PRECISION, DOT_UPCAST,
                 )  # fmt: skip
                 tl.atomic_add(
-                    grad_e_ptr + grad_e_rows[:, None] + dims[None, :],
+                    grad_e_ptr + grad_e_rows[:, None] + (start + dims)[None, :],
                     grad_e_block,
                     mask=row_mask[:, None] & dim_mask[None, :],
                     sem="relaxed",
                 )
             if NEED_C:
                 e_block = tl.load(
-                    e_ptr + row_offsets[:, None] + offsets(dims, stride_ed)[None, :],
+                    e_ptr + row_offsets[:, None] + e_columns[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :],
                     other=0.0,
                 )
@@ -126,15 +141,18 @@ def lse_backward_kernel(
                     DOT_PRECISION, DOT_UPCAST,
                 )  # fmt: skip
                 tl.atomic_add(
-                    grad_c_ptr + grad_c_rows[:, None] + dims[None, :],
+                    grad_c_ptr + grad_c_rows[:, None] + (start + dims)[None, :],
                     grad_c_block,
                     mask=col_mask[:, None] & dim_mask[None, :],
                     sem="relaxed",
                 )
+            c_columns += c_step
+            e_columns += e_step
 
 
-lse_backward_tuned = triton.autotune(
-    CONFIGS,
+lse_backward_tuned = autotune_by_dtype(
+    HALF_CONFIGS,
+    FLOAT32_CONFIGS,
     key=["D", "vocab_bucket", "NEED_E", "NEED_C", "FILTER"],
     restore_value=["grad_e_ptr", "grad_c_ptr", "grad_bias_ptr", "counts_ptr"],
 )(lse_backward_kernel)
@@ -174,7 +192,6 @@ def lse_backward(
         lse_backward_kernel,
         lse_backward_tuned,
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(end - begin, meta["BLOCK_V"])),
-        INTERPRETER_BLOCKS,
         e, c, placeholder if bias is None else bias.contiguous(),
         placeholder if order is None else order, target_positions, lse,
         grad_lse, grad_target, placeholder if grad_sum is None else grad_sum,

@@ -13,25 +13,36 @@ import triton
 import triton.language as tl
 
 from logitless._validation import triton_interpreter_on
-from logitless.kernels._tiles import dot_options, launch, logit_tile, offsets
+from logitless.kernels._tiles import (
+    INTERPRETER_BLOCKS,
+    autotune_by_dtype,
+    dot_options,
+    launch,
+    logit_tile,
+    offsets,
+)
 
 PROGRAMS_PER_SM = 16
 """Programs launched per streaming multiprocessor: many short waves keep the tail small."""
 
-INTERPRETER_PROGRAMS = 16
-"""Programs aimed at on the CPU interpreter: enough for several splits at test shapes."""
+INTERPRETER_PROGRAMS = 8
+"""Programs aimed at under the interpreter: at test shapes, splits of several tiles and an empty
+one."""
 
 PLANNED_TILE = (128, 128)
 """(BLOCK_N, BLOCK_V) the split count is planned for; the tuned tile may differ."""
 
-INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}
-INTERPRETER_TILE = (INTERPRETER_BLOCKS["BLOCK_N"], INTERPRETER_BLOCKS["BLOCK_V"])
-
-CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+HALF_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
+]
+"""Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on)."""
+
+FLOAT32_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
 ]
 
 
@@ -53,7 +64,7 @@ def lse_forward_kernel(
     rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     row_offsets = offsets(rows, stride_en)
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
 
     tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), splits)
     vocab_begin = split * tiles_per_split * BLOCK_V
@@ -90,7 +101,9 @@ def lse_forward_kernel(
         tl.store(out + 3 * plane, logit_sum, mask=row_mask)
 
 
-lse_forward_tuned = triton.autotune(CONFIGS, key=["D", "vocab_bucket"])(lse_forward_kernel)
+lse_forward_tuned = autotune_by_dtype(HALF_CONFIGS, FLOAT32_CONFIGS, key=["D", "vocab_bucket"])(
+    lse_forward_kernel
+)
 
 
 def lse_forward(
@@ -112,8 +125,7 @@ def lse_forward(
             lse_forward_kernel,
             lse_forward_tuned,
             lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits),
-            INTERPRETER_BLOCKS,
-            e, c, e if bias is None else bias.contiguous(), targets, partials,
+                e, c, e if bias is None else bias.contiguous(), targets, partials,
             n, vocab, dim, *e.stride(), *c.stride(), float(softcap or 1.0),
             triton.next_power_of_2(vocab),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum,
@@ -129,7 +141,8 @@ def lse_forward(
 def vocabulary_splits(n: int, vocab: int, device: torch.device) -> int:
     """How many vocabulary splits fill the device at this row count (at least one)."""
     if triton_interpreter_on():
-        programs, block_n, block_v = INTERPRETER_PROGRAMS, *INTERPRETER_TILE
+        programs = INTERPRETER_PROGRAMS
+        block_n, block_v = INTERPRETER_BLOCKS["BLOCK_N"], INTERPRETER_BLOCKS["BLOCK_V"]
     else:
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         programs, block_n, block_v = PROGRAMS_PER_SM * sm_count, *PLANNED_TILE

@@ -108,14 +108,17 @@ def test_all_ignored_and_empty_batch():
     assert linear_cross_entropy(empty, c, no_targets, impl="triton").item() == 0.0
 
 
-def hot_vocabulary_inputs(dtype):
-    """A peaked softmax on 20 scattered "frequent" entries that also hold every target."""
+def hot_vocabulary_inputs(dtype, cold_targets: int = 0):
+    """A peaked softmax on 20 scattered "frequent" entries, which hold every target but the
+    first `cold_targets`: those lie where every softmax entry is negligible."""
     e, c, _, _ = inputs_for(dtype)
     gen = torch.Generator().manual_seed(21)
-    hot = torch.randperm(VOCAB, generator=gen)[:20]
+    order = torch.randperm(VOCAB, generator=gen)
+    hot, cold = order[:20], order[20:]
     bias = torch.zeros(VOCAB)
     bias[hot] = 10.0
     targets = hot[torch.randint(0, 20, (ROWS,), generator=gen)]
+    targets[:cold_targets] = cold[:cold_targets]
     return e, c, targets.to(DEVICE), bias.to(device=DEVICE, dtype=dtype)
 
 
@@ -139,11 +142,12 @@ def test_filtering_skips_tiles_and_sorting_gathers_them():
 
 
 def test_filtering_by_default_meets_the_criterion():
-    check_against_reference(hot_vocabulary_inputs(torch.bfloat16), impl="triton")
+    """Tiles without a softmax entry that matters are skipped, unless a target lies there."""
+    check_against_reference(hot_vocabulary_inputs(torch.bfloat16, cold_targets=4), impl="triton")
 
 
 def test_coarse_threshold_changes_the_result_within_its_reach():
-    inputs = hot_vocabulary_inputs(torch.float32)
+    inputs = hot_vocabulary_inputs(torch.float32, cold_targets=4)
     exact = _grads(inputs, filter_eps=None)
     filtered = _grads(inputs, filter_eps=2.0**-10)
     for x, ref in zip(filtered, exact, strict=True):

@@ -14,8 +14,9 @@ import torch
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
 from logitless.kernels.lse_forward import lse_forward
 
-GRAD_C_SCRATCH_BYTES = 256 * 2**20
-"""Most bytes of fp32 scratch for grad_c (16-bit inputs, or a sorted vocabulary)."""
+GRAD_C_SCRATCH_BYTES = 64 * 2**20
+"""Most bytes of fp32 scratch for grad_c (16-bit inputs, or a sorted vocabulary). Each chunk
+re-reads e once; at D=2304 this is 7168 vocabulary rows, 36 chunks for V=256000."""
 
 
 def stats(
@@ -90,22 +91,37 @@ def vocabulary_order(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None
 
 
 def _sweep(
-    e, c, bias, targets, lse, grad_lse, grad_target, grad_sum, *,
-    softcap, filter_eps, needs, order, counts=None,
-):  # fmt: skip
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    grad_target: torch.Tensor,
+    grad_sum: torch.Tensor | None,
+    *,
+    softcap: float | None,
+    filter_eps: float | None,
+    needs: tuple[bool, bool, bool],
+    order: torch.Tensor | None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias)."""
     n, dim = e.shape
     vocab = c.shape[0]
     fp32 = dict(device=e.device, dtype=torch.float32)
     grad_e = torch.zeros(n, dim, **fp32) if needs[0] else None
     grad_bias = torch.zeros(vocab, **fp32) if needs[2] else None
+    grad_c = scratch = None
+    chunk = vocab
     # grad_c accumulates in place when it is fp32 and in vocabulary order, else chunk by chunk.
     in_place = needs[1] and e.dtype == torch.float32 and order is None
-    grad_c = None
-    if needs[1]:
-        grad_c = torch.zeros(vocab, dim, **fp32) if in_place else torch.empty_like(c)
-    chunk = vocab if not needs[1] or in_place else _chunk_positions(vocab, dim)
-    scratch = None if in_place or not needs[1] else torch.empty(min(chunk, vocab), dim, **fp32)
+    if in_place:
+        grad_c = torch.zeros(vocab, dim, **fp32)
+    elif needs[1]:
+        grad_c = torch.empty(vocab, dim, device=c.device, dtype=c.dtype)
+        chunk = _chunk_positions(vocab, dim)
+        scratch = torch.empty(min(chunk, vocab), dim, **fp32)
     target_positions = targets.contiguous() if order is None else _positions(order, targets)
     row_vectors = [x.contiguous() for x in (lse, grad_lse, grad_target)]
     if grad_sum is not None:
@@ -113,15 +129,15 @@ def _sweep(
 
     for begin in range(0, vocab, chunk):
         end = min(vocab, begin + chunk)
-        grad_c_rows = None
-        if needs[1]:
-            grad_c_rows = grad_c[begin:end] if in_place else scratch[: end - begin].zero_()
+        grad_c_rows = grad_c if in_place else None  # in place, one chunk spans the vocabulary
+        if scratch is not None:
+            grad_c_rows = scratch[: end - begin].zero_()
         lse_backward(
             e, c, bias, target_positions, *row_vectors, grad_sum,
             grad_e=grad_e, grad_c=grad_c_rows, grad_bias=grad_bias, order=order,
             positions=(begin, end), softcap=softcap, filter_eps=filter_eps, counts=counts,
         )  # fmt: skip
-        if needs[1] and not in_place:
+        if scratch is not None:
             if order is None:
                 grad_c[begin:end] = grad_c_rows
             else:

@@ -182,14 +182,15 @@ def check_impl(impl: str, device: torch.device) -> str:
     """The backend `impl` resolves to on `device`."""
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and not _triton_interpreter_on():
+    if impl == "triton" and device.type != "cuda" and not triton_interpreter_on():
         raise ValueError(
             f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
         )
     return impl
 
 
-def _triton_interpreter_on() -> bool:
+def triton_interpreter_on() -> bool:
+    """Whether Triton kernels run through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

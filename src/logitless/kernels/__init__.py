@@ -1,0 +1,1 @@
+"""Triton kernels of the `impl="triton"` backend, one per module, with their launchers."""

@@ -1,0 +1,120 @@
+"""Device helpers shared by the kernels: 64-bit offsets, fp32 dots, and the logit tile.
+
+Both kernels build their logits with `logit_tile`, so the backward recomputes exactly the values
+whose log-sum-exp the forward took.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from logitless._validation import triton_interpreter_on
+
+INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16}
+"""Fixed blocks under the interpreter: small, so that tests cross them with partial tiles."""
+
+
+def dot_options(dtype: torch.dtype) -> dict[str, object]:
+    """The constexprs of `mma` for inputs of `dtype`.
+
+    float32 multiplies in IEEE precision: Triton's default, tf32, would miss the accuracy
+    criterion. The interpreter's dot reads bfloat16 operands as raw integers, so there they are
+    widened first; their products are exact in fp32 either way.
+    """
+    return {
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "DOT_UPCAST": dtype == torch.bfloat16 and triton_interpreter_on(),
+    }
+
+
+def launch(kernel, tuned, grid, *args, **kwargs) -> None:
+    """Run `kernel` with INTERPRETER_BLOCKS under the interpreter, else its autotuned version."""
+    if triton_interpreter_on():
+        kernel[grid](*args, **kwargs, **INTERPRETER_BLOCKS)
+    else:
+        tuned[grid](*args, **kwargs)
+
+
+def autotune_by_dtype(
+    half_configs: list[triton.Config], float32_configs: list[triton.Config], **autotune_kwargs
+):
+    """`triton.autotune` over the configs written for the dtype of `e_ptr`.
+
+    16-bit inputs run on tensor cores with large tiles; float32 multiplies in IEEE precision on
+    the FMA units, where large tiles spill registers.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        return float32_configs if named_args["e_ptr"].dtype == torch.float32 else half_configs
+
+    return triton.autotune(
+        half_configs + float32_configs,
+        prune_configs_by={"early_config_prune": prune},
+        **autotune_kwargs,
+    )
+
+
+@triton.jit
+def offsets(indices, stride):
+    """64-bit element offsets `indices * stride`: N x V and V x D can pass 2**31."""
+    return tl.cast(indices, tl.int64) * stride
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b, accumulated in fp32."""
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp (no libdevice), without overflow for any x."""
+    decay = tl.exp(-2.0 * tl.abs(x))
+    magnitude = (1.0 - decay) / (1.0 + decay)
+    return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def logit_tile(
+    e_ptr, c_ptr, bias_ptr, row_offsets, vocab, vocab_offsets, row_mask, col_mask,
+    D, stride_ed, stride_cd, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """fp32 logits softcap(e[rows] @ c[vocab].T + bias[vocab]) of one (BLOCK_N, BLOCK_V) tile.
+
+    `row_offsets` and `vocab_offsets` are the int64 offsets of the rows of e and c; masked rows
+    and columns read zeros.
+    """
+    dims = tl.arange(0, BLOCK_D)
+    e_columns = offsets(dims, stride_ed)
+    c_columns = offsets(dims, stride_cd)
+    e_step = offsets(BLOCK_D, stride_ed)
+    c_step = offsets(BLOCK_D, stride_cd)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        dim_mask = dims < D - start
+        e_block = tl.load(
+            e_ptr + row_offsets[:, None] + e_columns[None, :],
+            mask=row_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
+        c_block_t = tl.load(
+            c_ptr + c_columns[:, None] + vocab_offsets[None, :],
+            mask=dim_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        acc = mma(e_block, c_block_t, acc, DOT_PRECISION, DOT_UPCAST)
+        e_columns += e_step
+        c_columns += c_step
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + vocab, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return acc

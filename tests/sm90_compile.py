@@ -1,0 +1,133 @@
+"""Compile every tuned config of both kernels for Hopper (sm_90a) without a GPU.
+
+The interpreter runs kernels as Python and never type-checks them the way code generation does;
+this compiles them as a GPU would, and reads register spills from ptxas. Run as a script, with
+TRITON_INTERPRET unset (tests/test_triton.py does); prints one JSON line per compiled variant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from logitless.kernels import lse_backward, lse_forward
+
+HOPPER = GPUTarget("cuda", 90, 32)
+ALIGNED = ("N", "V", "D", "stride_en", "stride_cv")
+"""Integer arguments Triton specializes as multiples of 16 at model shapes."""
+
+
+def forward_signature(dtype: str) -> dict[str, str]:
+    pointers = {"e_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "targets_ptr": "i64"}
+    return {
+        **{name: f"*{kind}" for name, kind in pointers.items()},
+        "partials_ptr": "*fp32",
+        **dict.fromkeys(("N", "V", "D", "stride_en", "stride_cv", "vocab_bucket"), "i32"),
+        "softcap": "fp32",
+    }
+
+
+def backward_signature(dtype: str) -> dict[str, str]:
+    pointers = {"e_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "order_ptr": "i64"}
+    pointers["target_positions_ptr"] = "i64"
+    for name in ("lse", "grad_lse", "grad_target", "grad_sum", "grad_e", "grad_c", "grad_bias"):
+        pointers[f"{name}_ptr"] = "fp32"
+    pointers["counts_ptr"] = "i32"
+    integers = ("N", "D", "position_begin", "position_end", "stride_en", "stride_cv")
+    return {
+        **{name: f"*{kind}" for name, kind in pointers.items()},
+        **dict.fromkeys((*integers, "vocab_bucket"), "i32"),
+        "softcap": "fp32",
+        "filter_eps": "fp32",
+    }
+
+
+FLAGS = {
+    "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM"),
+    "backward": (
+        "HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "SORTED", "FILTER", "COUNT_TILES",
+        "NEED_E", "NEED_C", "NEED_BIAS",
+    ),
+}  # fmt: skip
+ALWAYS_ON = {"NEED_E", "NEED_C"}
+"""Flags kept on in the minimal variant, which would otherwise compile to an empty kernel."""
+
+
+def flags(kernel: str, every_option: bool) -> dict[str, bool]:
+    """Every option on (the register worst case), or only what a plain loss needs."""
+    return {name: every_option or name in ALWAYS_ON for name in FLAGS[kernel]}
+
+
+def compile_variant(kernel, signature, constants, config) -> dict[str, object]:
+    """Compile one variant; its registers, spilled bytes and shared memory."""
+    constants = {**constants, **config.kwargs, "stride_ed": 1, "stride_cd": 1}
+    full_signature = {
+        name: "constexpr" if name in constants else signature[name] for name in kernel.arg_names
+    }
+    aligned = {
+        (index,): [["tt.divisibility", 16]]
+        for index, (name, kind) in enumerate(full_signature.items())
+        if kind.startswith("*") or name in ALIGNED
+    }
+    compiled = triton.compile(
+        ASTSource(kernel, full_signature, constants, aligned),
+        target=HOPPER,
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    registers, spills = ptxas_usage(compiled.asm["ptx"])
+    return {"registers": registers, "spill_bytes": spills, "shared": compiled.metadata.shared}
+
+
+def ptxas_usage(ptx: str) -> tuple[int | None, int | None]:
+    """(registers, spilled bytes) that ptxas reports, or Nones without a usable ptxas."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        for name in ("ptxas-blackwell", "ptxas"):
+            path = os.path.join(bin_dir, name)
+            if not os.path.exists(path):
+                continue
+            report = subprocess.run(
+                [path, "--gpu-name", "sm_90a", "-v", source.name, "-o", os.devnull],
+                capture_output=True,
+                text=True,
+            ).stderr
+            registers = re.search(r"Used (\d+) registers", report)
+            spills = re.search(r"(\d+) bytes spill stores", report)
+            if registers and spills:
+                return int(registers.group(1)), int(spills.group(1))
+    return None, None
+
+
+def main() -> None:
+    kernels = {
+        "forward": (lse_forward.lse_forward_kernel, forward_signature, lse_forward),
+        "backward": (lse_backward.lse_backward_kernel, backward_signature, lse_backward),
+    }
+    for name, (kernel, signature, module) in kernels.items():
+        for dtype, precision, configs in (
+            ("bf16", "tf32", module.HALF_CONFIGS),
+            ("fp32", "ieee", module.FLOAT32_CONFIGS),
+        ):
+            for index, config in enumerate(configs):
+                for every_option in (True, False) if index == 0 else (True,):
+                    constants = flags(name, every_option)
+                    constants.update(DOT_PRECISION=precision, DOT_UPCAST=False)
+                    usage = compile_variant(kernel, signature(dtype), constants, config)
+                    record = {"kernel": name, "dtype": dtype, "config": str(config)}
+                    print(json.dumps({**record, "every_option": every_option, **usage}), flush=True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: this compiles the kernels for a GPU")
+    main()

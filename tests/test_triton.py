@@ -1,0 +1,229 @@
+"""The Triton backend against the float64 reference: on the CPU through Triton's interpreter at
+small shapes (conftest turns it on), on CUDA when present, and at model shapes on a GPU.
+
+Small shapes are multiples of no block size: 37 rows, D=29, V=301 cross the interpreter's 32-row,
+64-column and 16-dim blocks with partial tiles, forward splits of several tiles (one split
+empty) and, with the grad_c scratch bound shrunk below, several vocabulary chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from helpers import DTYPES, check_against_reference, make_inputs, rel_error
+from test_functional import OPTION_SETS
+
+import logitless
+from logitless import linear_cross_entropy
+from logitless._validation import triton_interpreter_on
+from logitless.backends import triton_backend
+from logitless.kernels._tiles import INTERPRETER_BLOCKS, offsets
+from logitless.reference import reference_linear_cross_entropy
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def gpu(test):
+    """The `gpu` marker, and a clean skip without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
+
+
+pytestmark = pytest.mark.skipif(
+    not CUDA and not triton_interpreter_on(),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+
+ROWS, DIM, VOCAB = 37, 29, 301
+DEFAULT_GRAD_C_SCRATCH_BYTES = triton_backend.GRAD_C_SCRATCH_BYTES
+
+
+@pytest.fixture(autouse=True)
+def small_grad_c_scratch(monkeypatch):
+    """A grad_c scratch of about 100 rows, so the backward sweeps several vocabulary chunks."""
+    monkeypatch.setattr(triton_backend, "GRAD_C_SCRATCH_BYTES", 100 * 4 * DIM)
+
+
+def inputs_for(dtype=torch.float32, **kwargs):
+    kwargs = {"ignore_fraction": 0.2, "seed": 3, **kwargs}
+    return make_inputs((ROWS,), DIM, VOCAB, dtype, device=DEVICE, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", OPTION_SETS, ids=repr)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_options_and_dtypes(dtype, options, bias):
+    inputs = inputs_for(dtype, bias=bias, ignore_index=options.get("ignore_index", -100))
+    check_against_reference(inputs, impl="triton", **options)
+
+
+@pytest.mark.parametrize("shift", [1, 3])
+def test_shift_on_batched_sequences(shift):
+    inputs = make_inputs((2, 19), 24, 213, bias=True, ignore_fraction=0.1, seed=5, device=DEVICE)
+    check_against_reference(inputs, impl="triton", shift=shift, reduction="none", return_lse=True)
+
+
+def test_strided_inputs_are_read_in_place():
+    """Column-strided e, column-major c: the kernels follow the strides."""
+    e, c, targets, bias = inputs_for(bias=True, seed=9)
+    e_strided = torch.zeros(ROWS, 2 * DIM, device=DEVICE)[:, ::2].copy_(e)
+    c_column_major = c.T.contiguous().T
+    assert e_strided.stride() == (2 * DIM, 2) and c_column_major.stride() == (1, VOCAB)
+    check_against_reference((e_strided, c_column_major, targets, bias), impl="triton")
+
+
+def test_sorted_vocabulary_with_negligible_threshold_is_exact():
+    """fp32 with a threshold nothing falls below: the sorted, chunked path must stay exact."""
+    check_against_reference(inputs_for(bias=True), impl="triton", filter_eps=1e-30)
+
+
+def test_partial_gradients():
+    """Only e, then only c, requires a gradient (frozen classifier, frozen trunk)."""
+    inputs = inputs_for(torch.bfloat16, bias=True)
+    for trainable in (0, 1):
+        ours, exact = ([x.clone() for x in inputs] for _ in range(2))
+        for args in (ours, exact):
+            args[trainable].requires_grad_()
+        linear_cross_entropy(*ours, impl="triton").backward()
+        reference_linear_cross_entropy(*exact).backward()
+        assert rel_error(ours[trainable].grad, exact[trainable].grad) < 1e-2
+
+
+def test_all_ignored_and_empty_batch():
+    e, c, targets, _ = inputs_for()
+    e.requires_grad_()
+    loss = linear_cross_entropy(e, c, torch.full_like(targets, -100), impl="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(e.grad, torch.zeros_like(e))
+    empty = torch.zeros(0, DIM, device=DEVICE)
+    no_targets = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    assert linear_cross_entropy(empty, c, no_targets, impl="triton").item() == 0.0
+
+
+def hot_vocabulary_inputs(dtype, cold_targets: int = 0):
+    """A peaked softmax on 20 scattered "frequent" entries, which hold every target but the
+    first `cold_targets`: those lie where every softmax entry is negligible."""
+    e, c, _, _ = inputs_for(dtype)
+    gen = torch.Generator().manual_seed(21)
+    order = torch.randperm(VOCAB, generator=gen)
+    hot, cold = order[:20], order[20:]
+    bias = torch.zeros(VOCAB)
+    bias[hot] = 10.0
+    targets = hot[torch.randint(0, 20, (ROWS,), generator=gen)]
+    targets[:cold_targets] = cold[:cold_targets]
+    return e, c, targets.to(DEVICE), bias.to(device=DEVICE, dtype=dtype)
+
+
+def test_filtering_skips_tiles_and_sorting_gathers_them():
+    e, c, targets, bias = hot_vocabulary_inputs(torch.float32)
+    lse, _, _ = triton_backend.stats(e, c, bias, targets, softcap=None, with_sum=False)
+
+    def census(**options):
+        return triton_backend.tile_census(e, c, bias, targets, lse, softcap=None, **options)
+
+    tiles, kept = census(filter_eps=0.0)
+    assert kept == tiles
+    if triton_interpreter_on():
+        row_blocks = -(-ROWS // INTERPRETER_BLOCKS["BLOCK_N"])
+        assert tiles == row_blocks * -(-VOCAB // INTERPRETER_BLOCKS["BLOCK_V"])
+        # Sorted, the 20 hot entries fill the first tile of each row block.
+        assert census(filter_eps=2.0**-12) == (tiles, row_blocks)
+    _, kept_sorted = census(filter_eps=2.0**-12)
+    _, kept_unsorted = census(filter_eps=2.0**-12, sort_vocabulary=False)
+    assert kept_sorted < tiles and 2 * kept_sorted < kept_unsorted
+
+
+def test_filtering_by_default_meets_the_criterion():
+    """Tiles without a softmax entry that matters are skipped, unless a target lies there."""
+    check_against_reference(hot_vocabulary_inputs(torch.bfloat16, cold_targets=4), impl="triton")
+
+
+def test_coarse_threshold_changes_the_result_within_its_reach():
+    inputs = hot_vocabulary_inputs(torch.float32, cold_targets=4)
+    exact = _grads(inputs, filter_eps=None)
+    filtered = _grads(inputs, filter_eps=2.0**-10)
+    for x, ref in zip(filtered, exact, strict=True):
+        assert 0 < rel_error(x, ref) < 2.0**-8
+
+
+def _grads(inputs, **options):
+    e, c, targets, bias = inputs
+    e, c, bias = (x.clone().requires_grad_() for x in (e, c, bias))
+    linear_cross_entropy(e, c, targets, bias, reduction="sum", impl="triton", **options).backward()
+    return e.grad, c.grad, bias.grad
+
+
+@triton.jit
+def _offsets_probe(out_ptr, first, stride, BLOCK: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, BLOCK), offsets(first + tl.arange(0, BLOCK), stride))
+
+
+def test_offsets_are_64_bit_past_two_to_the_31():
+    """The offset helper every kernel uses, at the last rows of a 152064 x 16384 classifier."""
+    vocab, dim, block = 152064, 16384, 16
+    out = torch.empty(block, dtype=torch.int64, device=DEVICE)
+    _offsets_probe[(1,)](out, vocab - block, dim, BLOCK=block)
+    expected = [(vocab - block + i) * dim for i in range(block)]
+    assert expected[-1] > 2**31
+    assert out.tolist() == expected
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """Code generation for sm_90a, which the interpreter never exercises, in a clean process."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(logitless.__file__).parents[1])
+    script = Path(__file__).with_name("sm90_compile.py")
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    variants = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {(v["kernel"], v["dtype"]) for v in variants} == {
+        (kernel, dtype) for kernel in ("forward", "backward") for dtype in ("bf16", "fp32")
+    }
+    if any(v["spill_bytes"] is None for v in variants):
+        pytest.skip("compiled, but no ptxas here reports register spills")
+    assert [v for v in variants if v["spill_bytes"]] == []
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", OPTION_SETS, ids=repr)
+def test_criterion_at_larger_shapes(dtype, options):
+    inputs = make_inputs(
+        (1027,), 333, 20011, dtype, bias=True, ignore_fraction=0.1, seed=4, device="cuda",
+        ignore_index=options.get("ignore_index", -100),
+    )  # fmt: skip
+    check_against_reference(inputs, impl="triton", **options)
+
+
+@gpu
+@pytest.mark.parametrize(
+    ("n", "dim", "vocab"), [(8192, 2304, 256000), (8192, 4096, 128256)], ids=["gemma2", "llama3"]
+)
+@pytest.mark.parametrize("filter_eps", ["auto", None], ids=["filtered", "exact"])
+def test_model_shapes_against_blockwise_float32(monkeypatch, n, dim, vocab, filter_eps):
+    """bf16 at model shapes against the portable backend in float32 on the same values."""
+    monkeypatch.setenv("LOGITLESS_BLOCK_MB", "1024")
+    monkeypatch.setattr(triton_backend, "GRAD_C_SCRATCH_BYTES", DEFAULT_GRAD_C_SCRATCH_BYTES)
+    e, c, targets, _ = make_inputs((n,), dim, vocab, torch.bfloat16, seed=7, device="cuda")
+    ours = _loss_and_grads(e, c, targets, impl="triton", filter_eps=filter_eps)
+    ref = _loss_and_grads(e.float(), c.float(), targets, impl="torch", filter_eps=None)
+    assert rel_error(ours[0], ref[0]) < 1e-5
+    for grad, grad_ref in zip(ours[1:], ref[1:], strict=True):
+        assert rel_error(grad, grad_ref) < 1e-2
+
+
+def _loss_and_grads(e, c, targets, **options):
+    e, c = (x.clone().requires_grad_() for x in (e, c))
+    loss = linear_cross_entropy(e, c, targets, **options)
+    loss.backward()
+    return loss.detach(), e.grad, c.grad

@@ -29,8 +29,10 @@ def _loss_and_grads(fn, inputs, **options):
     [{}, {"return_lse": True}, {"reduction": "sum", "filter_eps": 1e-3}],
     ids=["fused", "recompute", "filtered"],
 )
-def test_compiled_step_matches_eager_without_graph_breaks(options):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_compiled_step_matches_eager_without_graph_breaks(options, impl):
     torch._dynamo.reset()
+    options = {**options, "impl": impl}
     inputs = make_inputs((2, 23), 16, 301, bias=True, seed=41)
     compiled = torch.compile(_step, fullgraph=True)
     expected = _loss_and_grads(_step, inputs, **options)

@@ -18,12 +18,12 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-from test_functional import OPTION_SETS
 from torch.multiprocessing import start_processes
 
 from helpers import check_results, make_inputs, outputs_and_grads, rel_error
 from logitless import LinearCrossEntropyLoss, VocabParallel, linear_cross_entropy
 from logitless.backends.torch_backend import BLOCK_MB_ENV
+from test_functional import OPTION_SETS
 
 ROWS, DIM, VOCAB = 45, 37, 1031
 SHARDS = {2: [(0, 300), (300, VOCAB)], 3: [(600, VOCAB), (0, 517), (517, 600)]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,14 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow],
     derandomize="LOGITLESS_FUZZ_EXAMPLES" not in os.environ,
 )
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
 
 
 @st.composite
@@ -68,16 +77,19 @@ def test_portable_backend_matches_reference(case):
     check_against_reference(inputs, impl=impl, **options)
 
 
-def test_portable_backend_is_deterministic():
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_deterministic_run_after_run(impl, deterministic_algorithms):
+    """The portable backend always; the Triton one under torch.use_deterministic_algorithms."""
     inputs = make_inputs((3, 37), 29, 1201, torch.bfloat16, bias=True, seed=31)
     options = {"shift": 1, "softcap": 20.0, "label_smoothing": 0.1, "z_loss": 1e-4}
 
     def run():
         e, c, bias = (x.clone().requires_grad_() for x in (inputs[0], inputs[1], inputs[3]))
-        loss = linear_cross_entropy(e, c, inputs[2], bias, **options)
+        loss = linear_cross_entropy(e, c, inputs[2], bias, impl=impl, **options)
         loss.backward()
         return loss, e.grad, c.grad, bias.grad
 
     first, second = run(), run()
+    check_against_reference(inputs, impl=impl, **options)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)

@@ -18,15 +18,15 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import DTYPES, check_against_reference, make_inputs, rel_error
-from test_functional import OPTION_SETS
 
 import logitless
+from helpers import DTYPES, check_against_reference, make_inputs, rel_error
 from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
 from logitless.backends import triton_backend
 from logitless.kernels._tiles import INTERPRETER_BLOCKS, offsets
 from logitless.reference import reference_linear_cross_entropy
+from test_functional import OPTION_SETS
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

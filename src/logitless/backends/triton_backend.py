@@ -1,16 +1,21 @@
 """Triton backend: the kernels of `logitless.kernels` behind the backend contract.
 
-`stats` is one launch of the forward kernel. `grads` sweeps the vocabulary in chunks of
+`stats` is one launch of the forward kernel, deterministic (its vocabulary splits merge in a
+fixed order). `grads` sweeps the vocabulary in chunks of
 positions: grad_e and grad_bias accumulate in fp32 over the whole sweep, grad_c of each chunk in
 an fp32 scratch of at most GRAD_C_SCRATCH_BYTES that is then cast into the output, so 16-bit
 inputs never need a V x D fp32 copy. With filtering on, the vocabulary is first ordered by
-average logit, so that the entries whose gradient matters gather into few tiles.
+average logit, so that the entries whose gradient matters gather into few tiles. Its fp32
+atomics make the last bits of the gradients vary from run to run; under
+`torch.use_deterministic_algorithms(True)` the gradients come from the portable backend instead,
+bit-identical run after run, at its speed.
 """
 
 from __future__ import annotations
 
 import torch
 
+from logitless.backends import torch_backend
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
 from logitless.kernels.lse_forward import lse_forward
 
@@ -45,6 +50,11 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    if torch.are_deterministic_algorithms_enabled():
+        return torch_backend.grads(
+            e, c, bias, targets, lse, grad_lse, grad_target, grad_sum,
+            softcap=softcap, filter_eps=filter_eps, needs=needs,
+        )  # fmt: skip
     if grad_sum is not None:
         filter_eps = None  # the smoothing gradient reaches every logit: no tile is negligible
     order = vocabulary_order(e, c, bias) if filter_eps else None

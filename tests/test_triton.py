@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 import logitless
-from helpers import DTYPES, check_against_reference, make_inputs, rel_error
+from helpers import DTYPES, check_against_reference, make_inputs, outputs_and_grads, rel_error
 from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
 from logitless.backends import triton_backend
@@ -148,17 +148,12 @@ def test_filtering_by_default_meets_the_criterion():
 
 def test_coarse_threshold_changes_the_result_within_its_reach():
     inputs = hot_vocabulary_inputs(torch.float32, cold_targets=4)
-    exact = _grads(inputs, filter_eps=None)
-    filtered = _grads(inputs, filter_eps=2.0**-10)
+    exact = outputs_and_grads(linear_cross_entropy, inputs, 0, filter_eps=None, impl="triton")[1]
+    filtered = outputs_and_grads(
+        linear_cross_entropy, inputs, 0, filter_eps=2.0**-10, impl="triton"
+    )[1]
     for x, ref in zip(filtered, exact, strict=True):
         assert 0 < rel_error(x, ref) < 2.0**-8
-
-
-def _grads(inputs, **options):
-    e, c, targets, bias = inputs
-    e, c, bias = (x.clone().requires_grad_() for x in (e, c, bias))
-    linear_cross_entropy(e, c, targets, bias, reduction="sum", impl="triton", **options).backward()
-    return e.grad, c.grad, bias.grad
 
 
 @triton.jit

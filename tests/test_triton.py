@@ -217,6 +217,20 @@ def test_model_shapes_against_blockwise_float32(monkeypatch, n, dim, vocab, filt
         assert rel_error(grad, grad_ref) < 1e-2
 
 
+@gpu
+@pytest.mark.parametrize(
+    ("n", "dim", "vocab"), [(9000, 256, 262144), (64, 4096, 600000)], ids=["NxV", "VxD"]
+)
+def test_index_arithmetic_past_two_to_the_31(n, dim, vocab):
+    """N x V, then V x D, above 2^31 elements: a 32-bit offset anywhere would corrupt results."""
+    e, c, targets, _ = make_inputs((n,), dim, vocab, torch.bfloat16, seed=8, device="cuda")
+    ours = _loss_and_grads(e, c, targets, impl="triton", filter_eps=None)
+    ref = _loss_and_grads(e.float(), c.float(), targets, impl="torch", filter_eps=None)
+    assert rel_error(ours[0], ref[0]) < 1e-5
+    for grad, grad_ref in zip(ours[1:], ref[1:], strict=True):
+        assert rel_error(grad, grad_ref) < 1e-2
+
+
 def _loss_and_grads(e, c, targets, **options):
     e, c = (x.clone().requires_grad_() for x in (e, c))
     loss = linear_cross_entropy(e, c, targets, **options)

@@ -32,6 +32,8 @@ from logitless.functional import linear_cross_entropy_with_options
 _PROBE = (-1.0, -0.5, 0.25, 0.75)
 """Per-token values the head returns instead of the logits, in units of the softcap if any."""
 
+_NO_LOSS_FUNCTION = "does not compute its loss by loss_function"
+
 Patchable = TypeVar("Patchable")
 
 
@@ -115,10 +117,10 @@ def _forward(
             outputs = forward(*args, **kwargs)
         except Exception as err:
             if interception.hidden is not None and interception.logits is None:
-                raise interception.unsupported("does not compute its loss by loss_function") from err
+                raise interception.unsupported(_NO_LOSS_FUNCTION) from err  # it used the probe
             raise
     if interception.logits is None:
-        raise interception.unsupported("does not compute its loss by loss_function")
+        raise interception.unsupported(_NO_LOSS_FUNCTION)
     return _without(outputs, (interception.logits, interception.probe))
 
 
@@ -211,15 +213,14 @@ class _HeadInterception:
 
     def _logit_scale(self, logits: torch.Tensor) -> float:
         """The factor a with `logits = softcap(a * head(hidden))` that the model applied."""
-        if logits is self.probe:
-            return 1.0
         if not (
             isinstance(logits, torch.Tensor)
             and logits.is_floating_point()
             and logits.shape == self.probe.shape
-            and logits.numel()
         ):
             raise self.unsupported("reshapes its logits before the loss")
+        if not logits.numel():
+            return 1.0  # no tokens: nothing to scale
         probe, received = self.probe.double(), logits.detach().double()
         if self.softcap is not None:
             received = self.softcap * torch.atanh(received / self.softcap)

@@ -277,3 +277,10 @@ def test_unsupported_models_are_refused():
     shifted.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
     with pytest.raises(NotImplementedError, match="transforms its logits"):
         shifted(**make_batch())
+
+
+def test_adapter_on_the_head_is_refused():
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, target_modules=["lm_head"])
+    with pytest.raises(TypeError, match=r"plain nn\.Linear"):
+        patch(peft.get_peft_model(make_model("llama"), lora))

@@ -115,6 +115,8 @@ def _forward(
     with _HeadInterception(model, head, options) as interception:
         try:
             outputs = forward(*args, **kwargs)
+        except NotImplementedError:
+            raise
         except Exception as err:
             if interception.hidden is not None and interception.logits is None:
                 raise interception.unsupported(_NO_LOSS_FUNCTION) from err  # it used the probe
@@ -125,11 +127,13 @@ def _forward(
 
 
 def _linear_head(model: transformers.PreTrainedModel) -> nn.Linear:
+    """The output layer, if a plain `nn.Linear`: a subclass (quantized, sharded, with an adapter)
+    may compute something else than `hidden @ weight.T + bias`."""
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
+    if type(head) is not nn.Linear:
         raise TypeError(
-            f"model must have an nn.Linear output layer (lm_head), {type(model).__name__} has "
-            f"{type(head).__name__}"
+            f"model must have a plain nn.Linear output layer (lm_head), {type(model).__name__} "
+            f"has {type(head).__name__}"
         )
     return head
 

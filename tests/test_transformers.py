@@ -116,7 +116,7 @@ def head_and_embedding_names(model) -> list[str]:
 def test_loss_and_gradients_match_unpatched(family, num_items_in_batch):
     reference = make_model(family)
     patched = patch(copy.deepcopy(reference))
-    extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(23)}
+    extra = {"num_items_in_batch": torch.tensor(num_items_in_batch)} if num_items_in_batch else {}
     names = head_and_embedding_names(reference)
     assert_same_loss_and_grads(patched, reference, make_batch(), names, **extra)
 

@@ -1,0 +1,286 @@
+"""logitless.transformers.patch against the unpatched transformers models it replaces.
+
+Tiny random models (no downloads) of many causal-LM families, float32: the patched loss and
+the gradients of the output layer and the input embeddings equal the model's own; calls without
+labels, `generate`, tied embeddings, LoRA adapters and the Trainer with gradient accumulation
+behave as unpatched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from logitless.reference import reference_linear_cross_entropy  # noqa: E402
+from logitless.transformers import patch  # noqa: E402
+from tests.helpers import rel_error  # noqa: E402
+
+LOSS_TOLERANCE, GRAD_TOLERANCE = 1e-5, 1e-4
+VOCAB, BATCH, LENGTH = 101, 2, 13
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    initializer_range=0.2,  # logits of order 1: a softcap or a scale changes the loss visibly
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+FAMILIES = {
+    "llama": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "gemma2-softcap": ("gemma2", {"final_logit_softcapping": 2.0}),
+    "gemma3-softcap": ("gemma3_text", {"final_logit_softcapping": 2.0}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "mistral": ("mistral", {}),
+    "phi3": ("phi3", {}),
+    "phi-head-bias": ("phi", {}),
+    "gpt2": ("gpt2", {}),
+    "cohere-logit-scale": ("cohere", {"logit_scale": 0.25}),
+    "granite-logit-scale": ("granite", {"logits_scaling": 4.0}),
+    "olmo2": ("olmo2", {}),
+    "stablelm": ("stablelm", {}),
+    "gpt-neox": ("gpt_neox", {}),
+    "opt": ("opt", {}),
+    "bloom": ("bloom", {}),
+    "glm": ("glm", {}),
+    "smollm3": ("smollm3", {}),
+    "exaone4": ("exaone4", {}),
+}
+
+
+@pytest.fixture(autouse=True)
+def quiet_transformers():
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(verbosity)
+
+
+def make_model(family: str) -> transformers.PreTrainedModel:
+    model_type, overrides = FAMILIES[family]
+    config = transformers.AutoConfig.for_model(model_type, **COMMON, **overrides)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids, a right-padded second row, and labels ignoring the padding and a few more."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, LENGTH - 4 :] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[torch.rand(labels.shape, generator=gen) < 0.15] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(model, batch, **kwargs):
+    """The loss of a forward with labels, and the gradients of the trainable parameters."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+def assert_same_loss_and_grads(patched, reference, batch, names, **kwargs):
+    ours, our_grads = loss_and_grads(patched, batch, **kwargs)
+    theirs, their_grads = loss_and_grads(reference, batch, **kwargs)
+    assert ours.logits is None
+    assert rel_error(ours.loss, theirs.loss) <= LOSS_TOLERANCE, (ours.loss, theirs.loss)
+    for name in names:
+        error = rel_error(our_grads[name], their_grads[name])
+        assert error <= GRAD_TOLERANCE, f"{name}: relative error {error:.3g}"
+
+
+def head_and_embedding_names(model) -> list[str]:
+    by_param = {p: name for name, p in model.named_parameters()}  # tied: one name
+    layers = (model.get_output_embeddings(), model.get_input_embeddings())
+    return sorted({by_param[p] for layer in layers for p in layer.parameters()})
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 23], ids=["mean", "num_items"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_and_gradients_match_unpatched(family, num_items_in_batch):
+    reference = make_model(family)
+    patched = patch(copy.deepcopy(reference))
+    extra = {"num_items_in_batch": torch.tensor(num_items_in_batch)} if num_items_in_batch else {}
+    names = head_and_embedding_names(reference)
+    assert_same_loss_and_grads(patched, reference, make_batch(), names, **extra)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2-softcap", "phi-head-bias", "gpt2"])
+def test_inference_and_generate_unchanged(family):
+    reference = make_model(family)
+    patched = patch(copy.deepcopy(reference))
+    batch = make_batch()
+    del batch["labels"]
+    torch.testing.assert_close(patched(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+    prompt = batch["input_ids"][:, :5]
+    generated = patched.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert generated.shape == (BATCH, 11)
+    assert torch.equal(generated, reference.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_tied_embeddings_share_one_gradient():
+    reference = make_model("llama-tied")
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+    patched = patch(copy.deepcopy(reference))
+    assert patched.lm_head.weight is patched.model.embed_tokens.weight
+    assert_same_loss_and_grads(patched, reference, make_batch(), ["model.embed_tokens.weight"])
+
+
+def test_loss_options_pass_through():
+    """label_smoothing and z_loss: against the float64 reference on the head's inputs."""
+    options = {"label_smoothing": 0.1, "z_loss": 1e-2}
+    reference = make_model("gemma2-softcap")
+    patched = patch(copy.deepcopy(reference), **options)
+    batch = make_batch()
+    hidden = []
+    reference.lm_head.register_forward_hook(lambda module, args, out: hidden.append(args[0]))
+    reference(**batch)
+    expected = reference_linear_cross_entropy(
+        hidden[0], reference.lm_head.weight, batch["labels"], shift=1, softcap=2.0, **options
+    )
+    expected.backward()
+    ours, grads = loss_and_grads(patched, batch)
+    assert rel_error(ours.loss, expected) <= LOSS_TOLERANCE
+    for name in head_and_embedding_names(reference):
+        their_grad = reference.get_parameter(name).grad
+        assert rel_error(grads[name], their_grad) <= GRAD_TOLERANCE, name
+
+
+def test_shift_labels_and_tuple_outputs():
+    """Pre-shifted labels (sequence parallelism) take precedence, as in transformers' loss."""
+    reference = make_model("qwen2")
+    patched = patch(copy.deepcopy(reference))
+    batch = make_batch()
+    batch["shift_labels"] = batch["labels"].flip(-1)  # targets unrelated to the labels
+    theirs = reference(**batch, return_dict=False)
+    ours = patched(**batch, return_dict=False)
+    assert len(ours) == len(theirs) - 1  # the same entries, without the logits
+    assert rel_error(ours[0], theirs[0]) <= LOSS_TOLERANCE
+
+
+def test_bfloat16_autocast_computes_the_head_in_bfloat16():
+    """Under autocast the loss takes the head's operands in bfloat16, as nn.Linear would."""
+    reference = make_model("llama")
+    patched = patch(copy.deepcopy(reference))
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, our_grads = loss_and_grads(patched, batch)
+        theirs, their_grads = loss_and_grads(reference, batch)
+    assert rel_error(ours.loss, theirs.loss) <= LOSS_TOLERANCE  # from float32 operands: 1.5e-4
+    for name in head_and_embedding_names(reference):
+        assert rel_error(our_grads[name], their_grads[name]) <= 1e-2, name  # bfloat16 rounding
+
+
+def test_patching_a_class_patches_its_instances(monkeypatch):
+    cls = transformers.MistralForCausalLM
+    monkeypatch.setattr(cls, "forward", cls.forward)  # restored after the test
+    reference = make_model("mistral")
+    patch(cls, z_loss=0.0)
+    patched = make_model("mistral")
+    assert_same_loss_and_grads(patched, reference, make_batch(), ["lm_head.weight"])
+    patch(patched)  # an instance patch on top of the class's does the work once
+    assert_same_loss_and_grads(patched, reference, make_batch(), ["lm_head.weight"])
+
+
+def test_deepcopy_of_a_patched_model_is_patched_and_independent():
+    reference = make_model("llama")
+    patched = copy.deepcopy(patch(copy.deepcopy(reference)))
+    assert_same_loss_and_grads(patched, reference, make_batch(), ["lm_head.weight"])
+
+
+@pytest.mark.parametrize("patch_first", [False, True], ids=["peft-then-patch", "patch-then-peft"])
+def test_lora_adapters(patch_first):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    base = make_model("llama")
+    reference = peft.get_peft_model(copy.deepcopy(base), lora)
+    if patch_first:
+        patched = peft.get_peft_model(patch(copy.deepcopy(base)), lora)
+    else:
+        patched = patch(peft.get_peft_model(copy.deepcopy(base), lora))
+    patched.load_state_dict(reference.state_dict())
+    adapters = [name for name, p in reference.named_parameters() if p.requires_grad]
+    assert adapters and all("lora_" in name for name in adapters)
+    assert_same_loss_and_grads(patched, reference, make_batch(), adapters)
+
+
+def test_trainer_with_gradient_accumulation(tmp_path):
+    """Micro-batches with different numbers of labelled tokens: the normalization shows."""
+    pytest.importorskip("accelerate")  # the Trainer's requirement
+
+    def train(model):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=3,
+            max_steps=3,
+            learning_rate=1e-2,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        data = [
+            {key: value[row] for key, value in make_batch(seed).items()}
+            for seed in range(9)
+            for row in range(BATCH)
+        ]
+        trainer = transformers.Trainer(model=model.train(), args=args, train_dataset=data)
+        trainer.train()
+        return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+    reference = make_model("llama")
+    patched = patch(copy.deepcopy(reference))
+    their_losses, our_losses = train(reference), train(patched)
+    assert len(our_losses) == 3
+    torch.testing.assert_close(our_losses, their_losses, rtol=1e-4, atol=0)
+    for name, param in patched.named_parameters():
+        their_param = reference.get_parameter(name)
+        assert rel_error(param.detach(), their_param.detach()) <= 1e-5, name
+
+
+def test_unsupported_models_are_refused():
+    with pytest.raises(TypeError, match="transformers model"):
+        patch(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="z_loss"):
+        patch(make_model("llama"), z_loss=-1.0)
+
+    bart = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(
+            "bart", vocab_size=VOCAB, d_model=16, decoder_layers=1, decoder_attention_heads=2
+        )
+    )
+    with pytest.raises(NotImplementedError, match="does not compute its loss by loss_function"):
+        patch(bart)(**make_batch())
+
+    shifted = patch(make_model("llama"))
+    shifted.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
+    with pytest.raises(NotImplementedError, match="transforms its logits"):
+        shifted(**make_batch())
+
+
+def test_adapter_on_the_head_is_refused():
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, target_modules=["lm_head"])
+    with pytest.raises(TypeError, match=r"plain nn\.Linear"):
+        patch(peft.get_peft_model(make_model("llama"), lora))

@@ -10,12 +10,12 @@ bench: $(STAMP)
 	$(BIN)/logitless bench $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # torch is pinned to the CPU build for development here; the package itself needs only torch>=2.4.
 $(STAMP): pyproject.toml

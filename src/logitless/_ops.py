@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from logitless._loss import TokenLoss
 from logitless.backends import get_backend
 
 
@@ -81,8 +82,6 @@ def stats_and_grads(
     vocab: int,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from logitless._autograd import TokenLoss
-
     token_loss = TokenLoss(label_smoothing, z_loss, vocab)
     sum_in_tiles = with_sum and softcap is not None
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from logitless._autograd import FusedLinearCrossEntropy, LinearLogitStats, Plan, TokenLoss
+from logitless._autograd import FusedLinearCrossEntropy, LinearLogitStats, Plan
+from logitless._loss import TokenLoss
 from logitless._validation import LossOptions, check_impl, check_inputs
 from logitless.backends import get_backend
 from logitless.distributed import VocabParallel

@@ -1,0 +1,133 @@
+"""The benchmark's data regimes: what e, c and the targets look like.
+
+`random`: e ~ randn / sqrt(D), c ~ 0.5 * randn, uniform targets. Logits have a standard deviation
+of 0.5, so the softmax is nearly uniform: the exact, unfiltered cost of every method.
+
+`trained`: the final hidden states of held-out text and the classifier of a small causal LM that
+the benchmark trains on the standard library's sources (`logitless.bench.lm`), with next tokens as
+targets. Its softmax is peaked like a real model's, the only fair ground for gradient filtering.
+A shape wider or with a larger vocabulary than the model is reached in two documented steps that
+keep the model's statistics (see `extend`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from logitless.bench import lm
+
+REGIMES = ("random", "trained")
+SEED = 0
+RARE_FRACTION = 0.5
+"""Extra vocabulary rows imitate the classifier rows of this rarest fraction of the tokens."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int
+    d: int
+    v: int
+
+    def __str__(self) -> str:
+        return f"N={self.n} D={self.d} V={self.v}"
+
+
+@dataclass
+class Inputs:
+    """One benchmark case: the tensors every method gets, and how they were made."""
+
+    e: torch.Tensor
+    c: torch.Tensor
+    targets: torch.Tensor
+    regime: str
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(*self.e.shape, self.c.shape[0])
+
+
+def make_inputs(
+    regime: str,
+    shape: Shape,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    lm_config: lm.LMConfig | None = None,
+) -> Inputs:
+    """The inputs of `regime` at `shape`, in `dtype` on `device`, the same on every call."""
+    if regime == "random":
+        inputs = _random(shape)
+    elif regime == "trained":
+        inputs = _trained(shape, lm_config or lm.DEFAULT_CONFIG, device)
+    else:
+        raise ValueError(f"data regime must be one of {REGIMES}, got {regime!r}")
+    inputs.e = inputs.e.to(device=device, dtype=dtype).contiguous()
+    inputs.c = inputs.c.to(device=device, dtype=dtype).contiguous()
+    inputs.targets = inputs.targets.to(device)
+    return inputs
+
+
+def _random(shape: Shape) -> Inputs:
+    gen = torch.Generator().manual_seed(SEED)
+    e = torch.randn(shape.n, shape.d, generator=gen) / shape.d**0.5
+    c = 0.5 * torch.randn(shape.v, shape.d, generator=gen)
+    targets = torch.randint(0, shape.v, (shape.n,), generator=gen)
+    return Inputs(e, c, targets, "random", ["e ~ randn/sqrt(D), c ~ 0.5*randn, uniform targets"])
+
+
+def _trained(shape: Shape, config: lm.LMConfig, device: str | torch.device) -> Inputs:
+    if shape.d < config.width or shape.v < config.vocab_size:
+        raise ValueError(
+            f"the trained regime needs D >= {config.width} and V >= {config.vocab_size} (the "
+            f"trained model's width and vocabulary), got {shape}"
+        )
+    model = lm.trained_lm(config, device)
+    e, targets = lm.hidden_states_and_targets(model, shape.n)
+    c = model.model.head.weight.detach().float()
+    notes = [
+        f"hidden states of {shape.n} held-out stdlib tokens and the classifier of a "
+        f"{config.layers}-layer, width-{config.width} causal LM trained {config.steps} steps "
+        f"on the stdlib with a {config.vocab_size}-token BPE; targets = next tokens"
+    ]
+    e, c, extension = extend(e.cpu(), c.cpu(), model.target_counts(), shape)
+    return Inputs(e, c, targets, "trained", notes + extension)
+
+
+def extend(
+    e: torch.Tensor, c: torch.Tensor, target_counts: torch.Tensor, shape: Shape
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Grow a model's (e, c) to `shape`, keeping its softmax statistics; notes say how.
+
+    Vocabulary: the extra rows are drawn from a Gaussian fitted (mean and covariance) to the
+    classifier rows of the model's rarest tokens, so they behave as more rare tokens; they are
+    never targets, as rare tokens almost never are. Width: e and c are both mapped by one
+    matrix with orthonormal columns Q (D x width), so e Q^T (c Q^T)^T = e c^T: every logit is
+    kept exactly and the model's subspace is spread over all D coordinates.
+    """
+    gen = torch.Generator().manual_seed(SEED)
+    vocab, width = c.shape
+    notes = []
+    if shape.v > vocab:
+        rare = target_counts.argsort()[: int(vocab * RARE_FRACTION)]
+        rows = c[rare].double()
+        mean = rows.mean(0)
+        cov = torch.cov(rows.T) + 1e-8 * torch.eye(width, dtype=torch.float64)
+        draws = torch.randn(shape.v - vocab, width, generator=gen, dtype=torch.float64)
+        extra = mean + draws @ torch.linalg.cholesky(cov).T
+        c = torch.cat([c, extra.float()])
+        notes.append(
+            f"vocabulary {vocab} -> {shape.v}: {shape.v - vocab} extra classifier rows drawn "
+            f"from a Gaussian fitted to the rows of the {len(rare)} rarest tokens (never targets)"
+        )
+    if shape.d > width:
+        lift, _ = torch.linalg.qr(torch.randn(shape.d, width, generator=gen, dtype=torch.float64))
+        e = (e.double() @ lift.T).float()
+        c = (c.double() @ lift.T).float()
+        notes.append(
+            f"width {width} -> {shape.d}: e and c mapped by one orthonormal {shape.d}x{width} "
+            "matrix, which keeps every logit"
+        )
+    return e, c, notes

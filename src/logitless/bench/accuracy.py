@@ -58,7 +58,7 @@ class Reference:
     def errors(self, loss: float, grad_e: torch.Tensor | None, grad_c: torch.Tensor | None):
         """Relative errors of a method's results (None where it gave no gradient)."""
         return {
-            "loss": relative_error(torch.tensor(loss), torch.tensor(self.loss)),
+            "loss": relative_error(_float64(loss), _float64(self.loss)),
             "grad_e": None if grad_e is None else relative_error(grad_e, self.grad_e),
             "grad_c": None if grad_c is None else relative_error(grad_c, self.grad_c),
         }
@@ -105,6 +105,10 @@ def softmax_statistics(inputs: Inputs, tokens: torch.Tensor) -> SoftmaxStatistic
         mean_entropy=-(probs * log_probs).sum(-1).mean().item(),
         max_entropy=math.log(inputs.c.shape[0]),
     )
+
+
+def _float64(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64)
 
 
 def _spread(size: int, count: int, device: torch.device) -> torch.Tensor:

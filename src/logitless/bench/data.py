@@ -7,12 +7,13 @@ of 0.5, so the softmax is nearly uniform: the exact, unfiltered cost of every me
 the benchmark trains on the standard library's sources (`logitless.bench.lm`), with next tokens as
 targets. Its softmax is peaked like a real model's, the only fair ground for gradient filtering.
 A shape wider or with a larger vocabulary than the model is reached in two documented steps that
-keep the model's statistics (see `extend`).
+keep the model's statistics (see `extend`); the runner reports the statistics before and after.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,33 +102,49 @@ def extend(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Grow a model's (e, c) to `shape`, keeping its softmax statistics; notes say how.
 
-    Vocabulary: the extra rows are drawn from a Gaussian fitted (mean and covariance) to the
-    classifier rows of the model's rarest tokens, so they behave as more rare tokens; they are
-    never targets, as rare tokens almost never are. Width: e and c are both mapped by one
-    matrix with orthonormal columns Q (D x width), so e Q^T (c Q^T)^T = e c^T: every logit is
-    kept exactly and the model's subspace is spread over all D coordinates.
+    Vocabulary: a larger vocabulary splits the same rare tail more finely. The extra rows are
+    drawn from a Gaussian fitted (mean and covariance) to the classifier rows of the model's
+    rarest tokens, and their logits are lowered by log(extra / rare) so that together they hold
+    about the probability mass the rare tokens hold; they are never targets. That offset is a
+    bias folded into the classifier (e gains a constant coordinate, c the matching one), so it
+    needs D > width.
+
+    Width: e and c are mapped by one matrix with orthonormal columns Q (D x k), so that
+    (e Q^T)(c Q^T)^T = e c^T: every logit is kept, and the model's k-dimensional subspace is
+    spread over all D coordinates.
     """
     gen = torch.Generator().manual_seed(SEED)
     vocab, width = c.shape
+    e, c = e.double(), c.double()
     notes = []
     if shape.v > vocab:
+        if shape.d <= width:
+            raise ValueError(
+                f"the trained regime grows the vocabulary only with D > {width} (the model's "
+                f"width, plus one coordinate for the extra rows' offset), got {shape}"
+            )
         rare = target_counts.argsort()[: int(vocab * RARE_FRACTION)]
-        rows = c[rare].double()
-        mean = rows.mean(0)
-        cov = torch.cov(rows.T) + 1e-8 * torch.eye(width, dtype=torch.float64)
-        draws = torch.randn(shape.v - vocab, width, generator=gen, dtype=torch.float64)
-        extra = mean + draws @ torch.linalg.cholesky(cov).T
-        c = torch.cat([c, extra.float()])
+        n_extra = shape.v - vocab
+        cov = torch.cov(c[rare].T) + 1e-8 * torch.eye(width, dtype=torch.float64)
+        draws = torch.randn(n_extra, width, generator=gen, dtype=torch.float64)
+        extra = c[rare].mean(0) + draws @ torch.linalg.cholesky(cov).T
+        offset = -math.log(n_extra / len(rare))
+        scale = e.square().mean().sqrt().item()  # the constant coordinate looks like the others
+        e = torch.cat([e, torch.full((len(e), 1), scale, dtype=torch.float64)], 1)
+        bias = torch.cat([torch.zeros(vocab), torch.full((n_extra,), offset / scale)])
+        c = torch.cat([torch.cat([c, extra]), bias[:, None].double()], 1)
         notes.append(
-            f"vocabulary {vocab} -> {shape.v}: {shape.v - vocab} extra classifier rows drawn "
-            f"from a Gaussian fitted to the rows of the {len(rare)} rarest tokens (never targets)"
+            f"vocabulary {vocab} -> {shape.v}: {n_extra} extra classifier rows drawn from a "
+            f"Gaussian fitted to the rows of the {len(rare)} rarest tokens, logits offset by "
+            f"{offset:+.2f} = -log({n_extra}/{len(rare)}) so that together they hold about the "
+            "rare tokens' probability mass; never targets"
         )
-    if shape.d > width:
-        lift, _ = torch.linalg.qr(torch.randn(shape.d, width, generator=gen, dtype=torch.float64))
-        e = (e.double() @ lift.T).float()
-        c = (c.double() @ lift.T).float()
+    if shape.d > e.shape[1]:
+        k = e.shape[1]
+        lift, _ = torch.linalg.qr(torch.randn(shape.d, k, generator=gen, dtype=torch.float64))
+        e, c = e @ lift.T, c @ lift.T
         notes.append(
-            f"width {width} -> {shape.d}: e and c mapped by one orthonormal {shape.d}x{width} "
-            "matrix, which keeps every logit"
+            f"width {k} -> {shape.d}: e and c mapped by one {shape.d}x{k} matrix with "
+            "orthonormal columns, which keeps every logit"
         )
-    return e, c, notes
+    return e.float(), c.float(), notes

@@ -28,12 +28,12 @@ class LMConfig:
     """The model, its training and the corpus split; every field is part of the cache key."""
 
     vocab_size: int = 32768
-    width: int = 128
+    width: int = 96
     layers: int = 2
     heads: int = 4
     context: int = 128
-    batch: int = 16
-    steps: int = 300
+    batch: int = 8
+    steps: int = 400
     lr: float = 3e-3
     seed: int = 0
     held_out: float = 0.05

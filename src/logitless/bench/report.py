@@ -164,42 +164,44 @@ def plot_sweep(out: Path, sweep: list[MethodResult], title: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     vocabs = sorted({r.v for r in sweep})
     names = list(dict.fromkeys(r.method for r in sweep))
-    failed = {r.method: r.reason for r in sweep if not r.ok}
+    missing = dict.fromkeys(f"{r.method} ({r.reason})" for r in sweep if not r.ok)
+    bound = sorted({(r.v, _in_mb(r.gradient_bytes)) for r in sweep if r.gradient_bytes})
     paths = []
     for quantity, label, value in (
         ("time", "time per call (ms)", lambda r: r.time_s and r.time_s * 1e3),
         ("memory", "peak memory over the inputs (MB)", lambda r: _in_mb(r.peak_bytes)),
     ):
         fig, ax = plt.subplots(figsize=(8, 5.5))
-        for name in names:
+        for name, marker in zip(names, "osD^v<>ph*Xd", strict=False):
             points = [(r.v, value(r)) for r in sweep if r.method == name and r.ok]
             points = [(v, y) for v, y in points if y is not None and y > 0]
             if points:
-                style = "--" if name == "matmul" else "-"
                 vocab, values = zip(*points, strict=True)
-                ax.plot(vocab, values, style, marker="o", label=name)
-        if quantity == "memory":
-            grads = sorted({(r.v, r.gradient_bytes) for r in sweep if r.gradient_bytes})
-            if grads:
-                ax.plot([v for v, _ in grads], [_in_mb(b) for _, b in grads], ":", color="black",
-                        label="dE + dC (lower bound)")  # fmt: skip
+                style = "--" if name == "matmul" else "-"
+                ax.plot(vocab, values, style, marker=marker, markerfacecolor="none", label=name)
+        if quantity == "memory" and bound:
+            vocab, values = zip(*bound, strict=True)
+            ax.plot(vocab, values, ":", color="black", label="dE + dC (lower bound)")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(vocabs, [f"{v / 1024:g}k" for v in vocabs])
         ax.set_yscale("log")
-        ax.set_xticks(vocabs, [f"{v // 1024}k" for v in vocabs])
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.minorticks_off()
         ax.set_xlabel("vocabulary size V")
         ax.set_ylabel(label)
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
-        if failed:
-            skipped = "; ".join(f"{m}: {why}" for m, why in failed.items())
-            fig.text(0.01, 0.01, f"n/a: {skipped}", fontsize=6, wrap=True)
+        if missing:
+            fig.subplots_adjust(bottom=0.2)
+            fig.text(0.02, 0.02, "not shown: " + "; ".join(missing), fontsize=7, wrap=True)
         path = out / f"sweep_{quantity}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths

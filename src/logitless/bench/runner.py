@@ -35,8 +35,10 @@ PRESETS = {
 }
 OPS = ("loss", "loss+backward")
 SWEEP_VOCABS = (32768, 65536, 131072, 262144)
-CPU_SWEEP_ND = (256, 128)
+CPU_SWEEP_ND = (128, 128)
 """(N, D) of the vocabulary sweep on CPU, small enough to be cheap; on GPUs the run's own."""
+CPU_SWEEP_REPEATS = 1
+"""Timed calls per sweep point on CPU (after the warm-up); on GPUs the run's repeats."""
 PACKAGES = ("torch", "triton", "cut-cross-entropy", "liger-kernel", "numpy", "matplotlib")
 
 
@@ -55,11 +57,24 @@ class BenchConfig:
     preset: str | None = None
     command: str = ""
 
+    @property
+    def sweep_repeats(self) -> int:
+        return CPU_SWEEP_REPEATS if self.device.type == "cpu" else self.repeats
+
     def sweep_shapes(self) -> list[Shape]:
         n, d = (self.shape.n, self.shape.d)
         if self.device.type == "cpu":
             n, d = min(n, CPU_SWEEP_ND[0]), min(d, CPU_SWEEP_ND[1])
         return [Shape(n, d, v) for v in self.sweep_vocabs]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape a worker measures: its inputs file and how many timed calls."""
+
+    shape: Shape
+    inputs: Path
+    repeats: int
 
 
 def run(config: BenchConfig) -> list[report.MethodResult]:
@@ -79,11 +94,14 @@ def run(config: BenchConfig) -> list[report.MethodResult]:
 
     with tempfile.TemporaryDirectory(prefix="logitless-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        cases = [(config.shape, _save_inputs(inputs, probe, tmp / "main.pt"))]
+        cases = [Case(config.shape, _save_inputs(inputs, probe, tmp / "main.pt"), config.repeats)]
         del inputs
         if config.sweep_vocabs:
             _progress(f"building the sweep's inputs: V = {config.sweep_vocabs}")
-            cases += [(shape, _sweep_inputs(config, shape, tmp)) for shape in config.sweep_shapes()]
+            cases += [
+                Case(shape, _sweep_inputs(config, shape, tmp), config.sweep_repeats)
+                for shape in config.sweep_shapes()
+            ]
         if config.device.type == "cuda":
             torch.cuda.empty_cache()
         main, sweep = [], []
@@ -126,7 +144,7 @@ def _sweep_inputs(config: BenchConfig, shape: Shape, tmp: Path) -> Path:
 def _measure(
     method: Method,
     config: BenchConfig,
-    cases: list[tuple[Shape, Path]],
+    cases: list[Case],
     tmp: Path,
     prefix: str,
 ) -> list[tuple[report.MethodResult, dict]]:
@@ -139,7 +157,7 @@ def _measure(
             method.name, method.kind, method.summary, shape.n, shape.d, shape.v,
             gradient_bytes=(shape.n + shape.v) * shape.d * itemsize if with_grads else 0,
         )
-        for shape, _ in cases
+        for shape in (case.shape for case in cases)
     ]  # fmt: skip
     reason = method.unavailable(config.device, config.dtype)
     if reason:
@@ -149,7 +167,7 @@ def _measure(
         return [(result, {}) for result in results]
 
     began = time.perf_counter()
-    outputs = _run_worker(method, config, [path for _, path in cases], tmp)
+    outputs = _run_worker(method, config, cases, tmp)
     for result, output in zip(results, outputs, strict=True):
         if "error" in output:
             result.reason = f"failed: {output['error']}"
@@ -162,16 +180,16 @@ def _measure(
     return list(zip(results, outputs, strict=True))
 
 
-def _run_worker(method: Method, config: BenchConfig, inputs: list[Path], tmp: Path) -> list[dict]:
-    result_files = [tmp / f"{method.name}-{path.stem}.result.pt" for path in inputs]
+def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Path) -> list[dict]:
+    result_files = [tmp / f"{method.name}-{case.inputs.stem}.result.pt" for case in cases]
     spec = {
         "method": method.name,
         "device": str(config.device),
         "op": config.op,
         "warmup": config.warmup,
-        "repeats": config.repeats,
         "cases": [
-            {"inputs": str(i), "result": str(r)} for i, r in zip(inputs, result_files, strict=True)
+            {"inputs": str(case.inputs), "result": str(result), "repeats": case.repeats}
+            for case, result in zip(cases, result_files, strict=True)
         ],
     }
     spec_file = tmp / f"{method.name}.spec.json"

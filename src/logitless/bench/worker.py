@@ -1,8 +1,8 @@
 """One method measured in a fresh process: `python -m logitless.bench.worker SPEC.json`.
 
-The spec names the method, device, op, warm-up and repeat counts, and the cases: each an inputs
-file written by the runner and the file to write the result to (figures, the loss and the probed
-gradient rows, or the error the method raised).
+The spec names the method, device, op and warm-up count, and the cases: each an inputs file
+written by the runner, its number of timed calls, and the file to write the result to (figures,
+the loss and the probed gradient rows, or the error the method raised).
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for case in spec["cases"]:
         try:
-            result = _run_case(loss_fn, method.time_only, case["inputs"], spec)
+            result = _run_case(loss_fn, method.time_only, case, spec)
         except Exception as error:
             result = {"error": _describe(error)}
         torch.save(result, case["result"])
     return 0
 
 
-def _run_case(loss_fn: LossFn, time_only: bool, inputs_path: str, spec: dict) -> dict:
+def _run_case(loss_fn: LossFn, time_only: bool, case: dict, spec: dict) -> dict:
     device = torch.device(spec["device"])
-    data = torch.load(inputs_path)
+    data = torch.load(case["inputs"])
     e, c, targets = (data[k].to(device) for k in ("e", "c", "targets"))
     with_grad = spec["op"] == "loss+backward" and not time_only
     e.requires_grad_(with_grad)
@@ -49,7 +49,7 @@ def _run_case(loss_fn: LossFn, time_only: bool, inputs_path: str, spec: dict) ->
             return loss, torch.autograd.grad(loss, (e, c)) if with_grad else None
 
     measurement, (loss, grads) = measure(
-        call, device, warmup=spec["warmup"], repeats=spec["repeats"]
+        call, device, warmup=spec["warmup"], repeats=case["repeats"]
     )
     result = {
         "times_s": measurement.times_s,

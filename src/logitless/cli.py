@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from logitless.bench.data import REGIMES, Shape
+from logitless.bench.data import REGIMES, Shape, check_shape
 from logitless.bench.methods import METHODS
 from logitless.bench.runner import OPS, PRESETS, SWEEP_VOCABS, BenchConfig, run
 
@@ -18,16 +18,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    parser, bench = _parsers()
     args = parser.parse_args(argv)
     if args.command != "bench":
         parser.print_help()
         return 2
-    run(_bench_config(args, parser, "logitless " + shlex.join(argv)))
+    run(_bench_config(args, bench, "logitless " + shlex.join(argv)))
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `logitless` parser and its `bench` subcommand's."""
     parser = argparse.ArgumentParser(prog="logitless", description=__doc__)
     commands = parser.add_subparsers(dest="command")
     bench = commands.add_parser(
@@ -35,7 +36,6 @@ def _parser() -> argparse.ArgumentParser:
         help="measure logitless against every peer on this machine",
         description="Time, memory and accuracy of logitless and its peers on identical inputs, "
         "each method in a fresh process; a table, results.csv/json and sweep plots under --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     bench.add_argument(
@@ -49,12 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     for dim in ("n", "d", "v"):
         bench.add_argument(f"--{dim}", type=_positive, help=f"{dim.upper()}, overriding the preset")
-    bench.add_argument("--data", choices=REGIMES, default="random", help="data regime")
+    bench.add_argument(
+        "--data", choices=REGIMES, default="random", help="data regime (default: random)"
+    )
     bench.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-        help="methods to measure, of: " + ", ".join(METHODS),
+        help="methods to measure (default: all): " + ", ".join(METHODS),
     )  # fmt: skip
-    bench.add_argument("--op", choices=OPS, default="loss+backward", help="what each call does")
+    bench.add_argument(
+        "--op", choices=OPS, default="loss+backward", help="each call (default: loss+backward)"
+    )
     bench.add_argument(
         "--repeats", type=_positive, help="measured calls per method (default: 3 CPU, 20 CUDA)"
     )
@@ -63,10 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--sweep-v", type=_positive, nargs="*", default=list(SWEEP_VOCABS), metavar="V",
-        help="vocabulary sizes of the plot sweep; none to skip it",
+        help="vocabulary sizes of the plot sweep (default: 32k 64k 128k 256k); none skips it",
     )  # fmt: skip
-    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
-    return parser
+    bench.add_argument(
+        "--threads", type=_positive, help="CPU threads of every process (default: PyTorch's)"
+    )
+    bench.add_argument(
+        "--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)"
+    )
+    return parser, bench
 
 
 def _bench_config(args, parser: argparse.ArgumentParser, command: str) -> BenchConfig:
@@ -78,7 +87,7 @@ def _bench_config(args, parser: argparse.ArgumentParser, command: str) -> BenchC
     base = PRESETS[preset]
     shape = Shape(args.n or base.n, args.d or base.d, args.v or base.v)
     custom = shape != base
-    return BenchConfig(
+    config = BenchConfig(
         device=device,
         dtype=DTYPES[args.dtype or ("bfloat16" if cuda else "float32")],
         shape=shape,
@@ -89,9 +98,16 @@ def _bench_config(args, parser: argparse.ArgumentParser, command: str) -> BenchC
         warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
         out=args.out,
         sweep_vocabs=tuple(args.sweep_v),
+        threads=args.threads,
         preset=None if custom else preset,
         command=command,
     )
+    for checked in (config.shape, *config.sweep_shapes()):
+        try:
+            check_shape(config.regime, checked)
+        except ValueError as error:
+            parser.error(f"--data {config.regime}{'' if checked == shape else ' (sweep)'}: {error}")
+    return config
 
 
 def _positive(text: str) -> int:

@@ -59,12 +59,11 @@ def make_inputs(
     lm_config: lm.LMConfig | None = None,
 ) -> Inputs:
     """The inputs of `regime` at `shape`, in `dtype` on `device`, the same on every call."""
+    check_shape(regime, shape, lm_config)
     if regime == "random":
         inputs = _random(shape)
-    elif regime == "trained":
-        inputs = _trained(shape, lm_config or lm.DEFAULT_CONFIG, device)
     else:
-        raise ValueError(f"data regime must be one of {REGIMES}, got {regime!r}")
+        inputs = _trained(shape, lm_config or lm.DEFAULT_CONFIG, device)
     inputs.e = inputs.e.to(device=device, dtype=dtype).contiguous()
     inputs.c = inputs.c.to(device=device, dtype=dtype).contiguous()
     inputs.targets = inputs.targets.to(device)
@@ -79,12 +78,23 @@ def _random(shape: Shape) -> Inputs:
     return Inputs(e, c, targets, "random", ["e ~ randn/sqrt(D), c ~ 0.5*randn, uniform targets"])
 
 
-def _trained(shape: Shape, config: lm.LMConfig, device: str | torch.device) -> Inputs:
-    if shape.d < config.width or shape.v < config.vocab_size:
+def check_shape(regime: str, shape: Shape, lm_config: lm.LMConfig | None = None) -> None:
+    """Raise ValueError, before any work, when `regime` cannot produce `shape`."""
+    if regime not in REGIMES:
+        raise ValueError(f"data regime must be one of {REGIMES}, got {regime!r}")
+    if regime != "trained":
+        return
+    config = lm_config or lm.DEFAULT_CONFIG
+    width, vocab = config.width, config.vocab_size
+    if shape.d < width or shape.v < vocab or (shape.v > vocab and shape.d == width):
         raise ValueError(
-            f"the trained regime needs D >= {config.width} and V >= {config.vocab_size} (the "
-            f"trained model's width and vocabulary), got {shape}"
+            f"the trained regime needs V >= {vocab} and D >= {width}, and D > {width} when "
+            f"V > {vocab} (the model's vocabulary and width, and a coordinate for the extra "
+            f"rows' offset), got {shape}"
         )
+
+
+def _trained(shape: Shape, config: lm.LMConfig, device: str | torch.device) -> Inputs:
     model = lm.trained_lm(config, device)
     e, targets = lm.hidden_states_and_targets(model, shape.n)
     c = model.model.head.weight.detach().float()

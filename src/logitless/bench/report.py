@@ -103,7 +103,8 @@ def table(results: list[MethodResult], header: list[str]) -> str:
         return "  ".join(f"{cell:{align}{width}}" for cell, (_, align), width in cells)
 
     body = [line([c[0] for c in columns]), *(line(row) for row in rows)]
-    return "\n".join([*header, *body])
+    legend = [f"  {r.method:<{widths[0]}}  {r.summary}" for r in results]
+    return "\n".join([*header, *body, "", "methods:", *legend])
 
 
 def write_json(path: Path, environment: dict, data: dict, main, sweep) -> None:

@@ -54,6 +54,7 @@ class BenchConfig:
     warmup: int
     out: Path
     sweep_vocabs: tuple[int, ...]
+    threads: int | None = None
     preset: str | None = None
     command: str = ""
 
@@ -80,6 +81,8 @@ class Case:
 def run(config: BenchConfig) -> list[report.MethodResult]:
     """Measure every method of `config`, write the report files, print the table."""
     began = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     environment = _environment(config)
     _progress(
         f"logitless bench: {config.op}, {config.shape}, {_dtype_name(config.dtype)}, "
@@ -90,14 +93,14 @@ def run(config: BenchConfig) -> list[report.MethodResult]:
     probe = accuracy.Probe.spread(config.shape.n, config.shape.v, inputs.e.device)
     reference = accuracy.float64_reference(inputs, probe)
     data = _describe_data(config, inputs, probe)
-    methods = [METHODS[name] for name in config.methods]
 
     with tempfile.TemporaryDirectory(prefix="logitless-bench-") as tmp_name:
         tmp = Path(tmp_name)
         cases = [Case(config.shape, _save_inputs(inputs, probe, tmp / "main.pt"), config.repeats)]
         del inputs
         if config.sweep_vocabs:
-            _progress(f"building the sweep's inputs: V = {config.sweep_vocabs}")
+            vocabs = ", ".join(map(str, config.sweep_vocabs))
+            _progress(f"building the sweep's inputs: V = {vocabs}")
             cases += [
                 Case(shape, _sweep_inputs(config, shape, tmp), config.sweep_repeats)
                 for shape in config.sweep_shapes()
@@ -105,8 +108,8 @@ def run(config: BenchConfig) -> list[report.MethodResult]:
         if config.device.type == "cuda":
             torch.cuda.empty_cache()
         main, sweep = [], []
-        for i, method in enumerate(methods, 1):
-            prefix = f"[{i}/{len(methods)}] {method.name}"
+        for i, method in enumerate(METHODS[name] for name in config.methods):
+            prefix = f"[{i + 1}/{len(config.methods)}] {method.name}"
             (result, output), *swept = _measure(method, config, cases, tmp, prefix)
             if result.ok and not method.time_only:
                 result.errors = reference.errors(
@@ -115,24 +118,31 @@ def run(config: BenchConfig) -> list[report.MethodResult]:
             main.append(result)
             sweep += [r for r, _ in swept]
 
-    config.out.mkdir(parents=True, exist_ok=True)
     environment["wall_time_s"] = round(time.perf_counter() - began, 1)
     environment["load_average_end"] = os.getloadavg()
-    header = _header(config, environment, data)
-    text = report.table(main, header)
+    _write_outputs(config, environment, data, main, sweep)
+    _progress(f"done in {environment['wall_time_s']:.0f} s; results in {config.out}/")
+    return main
+
+
+def _write_outputs(config: BenchConfig, environment: dict, data: dict, main, sweep) -> None:
+    """The table (stdout and table.txt), results.json, results.csv and the sweep plots."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    text = report.table(main, _header(config, environment, data))
     print(text)
     (config.out / "table.txt").write_text(text + "\n")
     report.write_json(config.out / "results.json", environment, data, main, sweep)
     report.write_csv(config.out / "results.csv", environment, main, sweep)
-    if sweep:
-        title = (
-            f"{config.op}, N={sweep[0].n} D={sweep[0].d}, {_dtype_name(config.dtype)}, "
-            f"{config.regime} data, "
-            f"{environment['device_name']}"
-        )
+    if not sweep:
+        return
+    title = (
+        f"{config.op}, N={sweep[0].n} D={sweep[0].d}, {_dtype_name(config.dtype)}, "
+        f"{config.regime} data, {environment['device_name']}"
+    )
+    try:
         report.plot_sweep(config.out, sweep, title)
-    _progress(f"done in {environment['wall_time_s']:.0f} s; results in {config.out}/")
-    return main
+    except ModuleNotFoundError as missing:
+        _progress(f"no sweep plots: {missing.name} is not installed (the CSV and JSON have it)")
 
 
 def _sweep_inputs(config: BenchConfig, shape: Shape, tmp: Path) -> Path:
@@ -187,6 +197,7 @@ def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Pat
         "device": str(config.device),
         "op": config.op,
         "warmup": config.warmup,
+        "threads": config.threads,
         "cases": [
             {"inputs": str(case.inputs), "result": str(result), "repeats": case.repeats}
             for case, result in zip(cases, result_files, strict=True)
@@ -307,6 +318,10 @@ def _environment(config: BenchConfig) -> dict:
         "repeats": config.repeats,
         "warmup": config.warmup,
         "lm": asdict(lm.DEFAULT_CONFIG) if config.regime == "trained" else None,
+        "sweep": {
+            "shapes": [asdict(shape) for shape in config.sweep_shapes()],
+            "repeats": config.sweep_repeats,
+        },
         "load_average_start": os.getloadavg(),
     }
 

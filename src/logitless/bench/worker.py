@@ -1,8 +1,8 @@
 """One method measured in a fresh process: `python -m logitless.bench.worker SPEC.json`.
 
-The spec names the method, device, op and warm-up count, and the cases: each an inputs file
-written by the runner, its number of timed calls, and the file to write the result to (figures,
-the loss and the probed gradient rows, or the error the method raised).
+The spec names the method, device, op, warm-up count and CPU threads, and the cases: each an
+inputs file written by the runner, its number of timed calls, and the file to write the result
+to (figures, the loss and the probed gradient rows, or the error the method raised).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from logitless.bench.methods import METHODS, LossFn
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     method = METHODS[spec["method"]]
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     try:
         loss_fn = method.build()
     except Exception as error:  # reported in place of every figure of the method

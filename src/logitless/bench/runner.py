@@ -28,7 +28,7 @@ from logitless.bench.measure import CPU_WORKER_ENV
 from logitless.bench.methods import METHODS, Method
 
 PRESETS = {
-    "cpu-default": Shape(2048, 256, 32768),
+    "cpu-default": Shape(2048, 512, 32768),
     "gemma2-2b": Shape(8192, 2304, 256000),
     "llama3-8b": Shape(8192, 4096, 128256),
     "qwen2.5-7b": Shape(8192, 3584, 152064),
@@ -37,7 +37,7 @@ OPS = ("loss", "loss+backward")
 SWEEP_VOCABS = (32768, 65536, 131072, 262144)
 CPU_SWEEP_ND = (128, 128)
 """(N, D) of the vocabulary sweep on CPU, small enough to be cheap; on GPUs the run's own."""
-CPU_SWEEP_REPEATS = 1
+CPU_SWEEP_REPEATS = 3
 """Timed calls per sweep point on CPU (after the warm-up); on GPUs the run's repeats."""
 PACKAGES = ("torch", "triton", "cut-cross-entropy", "liger-kernel", "numpy", "matplotlib")
 

@@ -131,6 +131,8 @@ def test_extension_keeps_every_logit_of_the_model():
 
 def test_cpu_memory_meter_sees_each_allocation(tmp_path):
     """A worker-like process measures 96 MB, then 16 MB, then 96 MB buffers (within 3 MB)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak resident memory over a call needs Linux /proc")
     script = textwrap.dedent("""
         import torch
         from logitless.bench.measure import measure
@@ -143,8 +145,6 @@ def test_cpu_memory_meter_sees_each_allocation(tmp_path):
     env = {**os.environ, **CPU_WORKER_ENV, "PYTHONPATH": src}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("peak resident memory needs Linux /proc")
     measured = [float(x) for x in done.stdout.split()]
     assert measured == pytest.approx([96, 16, 96], abs=3)
 
@@ -155,3 +155,8 @@ def test_cli_rejects_bad_options(capsys):
             cli.main(argv)
         assert exit_info.value.code == 2
     assert "invalid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--data", "trained", "--d", "8"])
+    model = lm.DEFAULT_CONFIG
+    expected = f"the trained regime needs V >= {model.vocab_size} and D >= {model.width}"
+    assert expected in capsys.readouterr().err

@@ -37,8 +37,8 @@ OPS = ("loss", "loss+backward")
 SWEEP_VOCABS = (32768, 65536, 131072, 262144)
 CPU_SWEEP_ND = (128, 128)
 """(N, D) of the vocabulary sweep on CPU, small enough to be cheap; on GPUs the run's own."""
-CPU_SWEEP_REPEATS = 3
-"""Timed calls per sweep point on CPU (after the warm-up); on GPUs the run's repeats."""
+SWEEP_REPEATS = 3
+"""Timed calls per sweep point (after the warm-up): a plot needs fewer than the table."""
 PACKAGES = ("torch", "triton", "cut-cross-entropy", "liger-kernel", "numpy", "matplotlib")
 
 
@@ -57,10 +57,6 @@ class BenchConfig:
     threads: int | None = None
     preset: str | None = None
     command: str = ""
-
-    @property
-    def sweep_repeats(self) -> int:
-        return CPU_SWEEP_REPEATS if self.device.type == "cpu" else self.repeats
 
     def sweep_shapes(self) -> list[Shape]:
         n, d = (self.shape.n, self.shape.d)
@@ -102,7 +98,7 @@ def run(config: BenchConfig) -> list[report.MethodResult]:
             vocabs = ", ".join(map(str, config.sweep_vocabs))
             _progress(f"building the sweep's inputs: V = {vocabs}")
             cases += [
-                Case(shape, _sweep_inputs(config, shape, tmp), config.sweep_repeats)
+                Case(shape, _sweep_inputs(config, shape, tmp), min(config.repeats, SWEEP_REPEATS))
                 for shape in config.sweep_shapes()
             ]
         if config.device.type == "cuda":
@@ -158,8 +154,11 @@ def _measure(
     tmp: Path,
     prefix: str,
 ) -> list[tuple[report.MethodResult, dict]]:
-    """One worker process for `method` over `cases` (the run's shape, then the sweep's): each
-    case's result and the worker's output, which holds the probed gradient rows."""
+    """Run `method` over `cases` in one worker process; n/a results where it cannot run.
+
+    Returns each case's result with the worker's raw output (which holds the probed gradient
+    rows); the cases are the run's shape first, then the sweep's.
+    """
     itemsize = torch.empty((), dtype=config.dtype).element_size()
     with_grads = config.op == "loss+backward" and not method.time_only
     results = [
@@ -320,7 +319,7 @@ def _environment(config: BenchConfig) -> dict:
         "lm": asdict(lm.DEFAULT_CONFIG) if config.regime == "trained" else None,
         "sweep": {
             "shapes": [asdict(shape) for shape in config.sweep_shapes()],
-            "repeats": config.sweep_repeats,
+            "repeats": min(config.repeats, SWEEP_REPEATS),
         },
         "load_average_start": os.getloadavg(),
     }

@@ -12,7 +12,6 @@ keep the model's statistics (see `extend`); the runner reports the statistics be
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,12 +42,7 @@ class Inputs:
     e: torch.Tensor
     c: torch.Tensor
     targets: torch.Tensor
-    regime: str
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def shape(self) -> Shape:
-        return Shape(*self.e.shape, self.c.shape[0])
+    notes: list[str]
 
 
 def make_inputs(
@@ -75,7 +69,7 @@ def _random(shape: Shape) -> Inputs:
     e = torch.randn(shape.n, shape.d, generator=gen) / shape.d**0.5
     c = 0.5 * torch.randn(shape.v, shape.d, generator=gen)
     targets = torch.randint(0, shape.v, (shape.n,), generator=gen)
-    return Inputs(e, c, targets, "random", ["e ~ randn/sqrt(D), c ~ 0.5*randn, uniform targets"])
+    return Inputs(e, c, targets, ["e ~ randn/sqrt(D), c ~ 0.5*randn, uniform targets"])
 
 
 def check_shape(regime: str, shape: Shape, lm_config: lm.LMConfig | None = None) -> None:
@@ -104,7 +98,7 @@ def _trained(shape: Shape, config: lm.LMConfig, device: str | torch.device) -> I
         f"on the stdlib with a {config.vocab_size}-token BPE; targets = next tokens"
     ]
     e, c, extension = extend(e.cpu(), c.cpu(), model.target_counts(), shape)
-    return Inputs(e, c, targets, "trained", notes + extension)
+    return Inputs(e, c, targets, notes + extension)
 
 
 def extend(

@@ -92,6 +92,8 @@ class CausalLM(nn.Module):
 
 @dataclass
 class TrainedLM:
+    """The trained model with its configuration and the corpus split it was trained on."""
+
     model: CausalLM
     config: LMConfig
     train_ids: torch.Tensor
@@ -107,7 +109,9 @@ def trained_lm(config: LMConfig = DEFAULT_CONFIG, device: str | torch.device = "
     ids = corpus.token_ids(config.vocab_size)
     split = int(len(ids) * (1.0 - config.held_out))
     train_ids, held_out_ids = ids[:split], ids[split:]
-    model = CausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every machine
+        torch.manual_seed(config.seed)
+        model = CausalLM(config)
     path = config.cache_path()
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
@@ -120,7 +124,6 @@ def trained_lm(config: LMConfig = DEFAULT_CONFIG, device: str | torch.device = "
 def _train(model: CausalLM, ids: torch.Tensor, config: LMConfig) -> None:
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps)
     windows = torch.arange(config.context + 1)

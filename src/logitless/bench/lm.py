@@ -33,7 +33,7 @@ class LMConfig:
     heads: int = 4
     context: int = 128
     batch: int = 8
-    steps: int = 400
+    steps: int = 800
     lr: float = 3e-3
     seed: int = 0
     held_out: float = 0.05

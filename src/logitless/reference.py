@@ -48,7 +48,8 @@ def reference_linear_cross_entropy(
         label_smoothing=label_smoothing,
     )
     valid = flat_targets != ignore_index
-    lse = torch.where(valid, torch.logsumexp(flat_logits, dim=-1), 0.0)
+    if z_loss or return_lse:  # only then: eager code pays for no log-sum-exp it does not use
+        lse = torch.where(valid, torch.logsumexp(flat_logits, dim=-1), 0.0)
     if z_loss:
         losses = losses + z_loss * lse.square()
     if reduction == "mean":

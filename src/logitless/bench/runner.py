@@ -1,0 +1,368 @@
+"""A benchmark run: build the inputs once, measure each method in its own process, report.
+
+Every method reads the same inputs file, so all get identical tensors; each runs in a fresh
+worker process (`logitless.bench.worker`), so one method's imports, compiled code, caches or
+crash never touch another's figures. Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import logitless
+from logitless.bench import accuracy, lm, report
+from logitless.bench.data import Inputs, Shape, make_inputs
+from logitless.bench.measure import CPU_WORKER_ENV
+from logitless.bench.methods import METHODS, Method
+
+PRESETS = {
+    "cpu-default": Shape(2048, 512, 32768),
+    "gemma2-2b": Shape(8192, 2304, 256000),
+    "llama3-8b": Shape(8192, 4096, 128256),
+    "qwen2.5-7b": Shape(8192, 3584, 152064),
+}
+OPS = ("loss", "loss+backward")
+SWEEP_VOCABS = (32768, 65536, 131072, 262144)
+CPU_SWEEP_ND = (128, 128)
+"""(N, D) of the vocabulary sweep on CPU, small enough to be cheap; on GPUs the run's own."""
+SWEEP_REPEATS = 3
+"""Timed calls per sweep point (after the warm-up): a plot needs fewer than the table."""
+PACKAGES = ("torch", "triton", "cut-cross-entropy", "liger-kernel", "numpy", "matplotlib")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: torch.device
+    dtype: torch.dtype
+    shape: Shape
+    regime: str
+    methods: tuple[str, ...]
+    op: str
+    repeats: int
+    warmup: int
+    out: Path
+    sweep_vocabs: tuple[int, ...]
+    threads: int | None = None
+    preset: str | None = None
+    command: str = ""
+
+    def sweep_shapes(self) -> list[Shape]:
+        n, d = (self.shape.n, self.shape.d)
+        if self.device.type == "cpu":
+            n, d = min(n, CPU_SWEEP_ND[0]), min(d, CPU_SWEEP_ND[1])
+        return [Shape(n, d, v) for v in self.sweep_vocabs]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape a worker measures: its inputs file and how many timed calls."""
+
+    shape: Shape
+    inputs: Path
+    repeats: int
+
+
+def run(config: BenchConfig) -> list[report.MethodResult]:
+    """Measure every method of `config`, write the report files, print the table."""
+    began = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    environment = _environment(config)
+    _progress(
+        f"logitless bench: {config.op}, {config.shape}, {_dtype_name(config.dtype)}, "
+        f"{config.regime} data, on {environment['device_name']}"
+    )
+    _progress("building the inputs and the float64 reference")
+    inputs = make_inputs(config.regime, config.shape, config.dtype, config.device)
+    probe = accuracy.Probe.spread(config.shape.n, config.shape.v, inputs.e.device)
+    reference = accuracy.float64_reference(inputs, probe)
+    data = _describe_data(config, inputs, probe)
+
+    with tempfile.TemporaryDirectory(prefix="logitless-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        cases = [Case(config.shape, _save_inputs(inputs, probe, tmp / "main.pt"), config.repeats)]
+        del inputs
+        if config.sweep_vocabs:
+            vocabs = ", ".join(map(str, config.sweep_vocabs))
+            _progress(f"building the sweep's inputs: V = {vocabs}")
+            cases += [
+                Case(shape, _sweep_inputs(config, shape, tmp), min(config.repeats, SWEEP_REPEATS))
+                for shape in config.sweep_shapes()
+            ]
+        if config.device.type == "cuda":
+            torch.cuda.empty_cache()
+        main, sweep = [], []
+        for i, method in enumerate(METHODS[name] for name in config.methods):
+            prefix = f"[{i + 1}/{len(config.methods)}] {method.name}"
+            (result, output), *swept = _measure(method, config, cases, tmp, prefix)
+            if result.ok and not method.time_only:
+                result.errors = reference.errors(
+                    result.loss, output.get("grad_e"), output.get("grad_c")
+                )
+            main.append(result)
+            sweep += [r for r, _ in swept]
+
+    environment["wall_time_s"] = round(time.perf_counter() - began, 1)
+    environment["load_average_end"] = os.getloadavg()
+    _write_outputs(config, environment, data, main, sweep)
+    _progress(f"done in {environment['wall_time_s']:.0f} s; results in {config.out}/")
+    return main
+
+
+def _write_outputs(config: BenchConfig, environment: dict, data: dict, main, sweep) -> None:
+    """The table (stdout and table.txt), results.json, results.csv and the sweep plots."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    text = report.table(main, _header(config, environment, data))
+    print(text)
+    (config.out / "table.txt").write_text(text + "\n")
+    report.write_json(config.out / "results.json", environment, data, main, sweep)
+    report.write_csv(config.out / "results.csv", environment, main, sweep)
+    if not sweep:
+        return
+    title = (
+        f"{config.op}, N={sweep[0].n} D={sweep[0].d}, {_dtype_name(config.dtype)}, "
+        f"{config.regime} data, {environment['device_name']}"
+    )
+    try:
+        report.plot_sweep(config.out, sweep, title)
+    except ModuleNotFoundError as missing:
+        _progress(f"no sweep plots: {missing.name} is not installed (the CSV and JSON have it)")
+
+
+def _sweep_inputs(config: BenchConfig, shape: Shape, tmp: Path) -> Path:
+    inputs = make_inputs(config.regime, shape, config.dtype, config.device)
+    probe = accuracy.Probe.spread(shape.n, shape.v, inputs.e.device)
+    return _save_inputs(inputs, probe, tmp / f"sweep-{shape.v}.pt")
+
+
+def _measure(
+    method: Method,
+    config: BenchConfig,
+    cases: list[Case],
+    tmp: Path,
+    prefix: str,
+) -> list[tuple[report.MethodResult, dict]]:
+    """Run `method` over `cases` in one worker process; n/a results where it cannot run.
+
+    Returns each case's result with the worker's raw output (which holds the probed gradient
+    rows); the cases are the run's shape first, then the sweep's.
+    """
+    itemsize = torch.empty((), dtype=config.dtype).element_size()
+    with_grads = config.op == "loss+backward" and not method.time_only
+    results = [
+        report.MethodResult(
+            method.name, method.kind, method.summary, shape.n, shape.d, shape.v,
+            gradient_bytes=(shape.n + shape.v) * shape.d * itemsize if with_grads else 0,
+        )
+        for shape in (case.shape for case in cases)
+    ]  # fmt: skip
+    reason = method.unavailable(config.device, config.dtype)
+    if reason:
+        _progress(f"{prefix}: n/a: {reason}")
+        for result in results:
+            result.reason = reason
+        return [(result, {}) for result in results]
+
+    began = time.perf_counter()
+    outputs = _run_worker(method, config, cases, tmp)
+    for result, output in zip(results, outputs, strict=True):
+        if "error" in output:
+            result.reason = f"failed: {output['error']}"
+            continue
+        result.times_s = output["times_s"]
+        result.peak_bytes = output["peak_bytes"]
+        result.memory_method = output["memory_method"]
+        result.loss = output.get("loss")
+    _progress(f"{prefix}: {_summary(results)} ({time.perf_counter() - began:.0f} s)")
+    return list(zip(results, outputs, strict=True))
+
+
+def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Path) -> list[dict]:
+    result_files = [tmp / f"{method.name}-{case.inputs.stem}.result.pt" for case in cases]
+    spec = {
+        "method": method.name,
+        "device": str(config.device),
+        "op": config.op,
+        "warmup": config.warmup,
+        "threads": config.threads,
+        "cases": [
+            {"inputs": str(case.inputs), "result": str(result), "repeats": case.repeats}
+            for case, result in zip(cases, result_files, strict=True)
+        ],
+    }
+    spec_file = tmp / f"{method.name}.spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    package_root = str(Path(logitless.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    if config.device.type == "cpu":
+        env.update(CPU_WORKER_ENV)
+    done = subprocess.run(
+        [sys.executable, "-m", "logitless.bench.worker", str(spec_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    crash = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return [
+        torch.load(path) if path.exists()
+        else {"error": f"worker exited with code {done.returncode}: {crash}"}
+        for path in result_files
+    ]  # fmt: skip
+
+
+def _save_inputs(inputs: Inputs, probe: accuracy.Probe, path: Path) -> Path:
+    tensors = {
+        "e": inputs.e, "c": inputs.c, "targets": inputs.targets,
+        "probe_tokens": probe.tokens, "probe_vocab": probe.vocab,
+    }  # fmt: skip
+    torch.save({k: v.cpu() for k, v in tensors.items()}, path)
+    return path
+
+
+def _describe_data(config: BenchConfig, inputs: Inputs, probe: accuracy.Probe) -> dict:
+    """The regime, how it was built, and its softmax statistics (also before any extension)."""
+    data = {
+        "regime": config.regime,
+        "notes": inputs.notes,
+        "softmax": asdict(accuracy.softmax_statistics(inputs, probe.tokens)),
+    }
+    model = lm.DEFAULT_CONFIG
+    native = Shape(config.shape.n, model.width, model.vocab_size)
+    if config.regime == "trained" and native != config.shape:
+        unextended = make_inputs("trained", native, config.dtype, config.device)
+        data["softmax_before_extension"] = {
+            "shape": str(native),
+            **asdict(accuracy.softmax_statistics(unextended, probe.tokens)),
+        }
+    return data
+
+
+def _header(config: BenchConfig, environment: dict, data: dict) -> list[str]:
+    stats = data["softmax"]
+    lines = [
+        f"logitless bench  {config.op}  {config.shape}  {_dtype_name(config.dtype)}  "
+        f"{config.regime} data  ({config.preset or 'custom shape'})",
+        f"device: {environment['device_name']} ({environment['device']}, "
+        f"{environment['threads']} threads)  torch {environment['versions']['torch']}  "
+        f"commit {environment['commit']}  {environment['date']}",
+        *(f"data: {note}" for note in data["notes"]),
+        f"softmax: {_softmax_line(stats)}",
+    ]
+    if "softmax_before_extension" in data:
+        before = data["softmax_before_extension"]
+        lines.append(f"softmax before extension ({before['shape']}): {_softmax_line(before)}")
+    lines.append(
+        "time: median of "
+        f"{config.repeats} after {config.warmup} warm-up; memory: {_memory_method(config)}; "
+        "work = peak - gradients; err = relative error vs float64 (dE, dC on a probe)"
+    )
+    return [*lines, ""]
+
+
+def _softmax_line(stats: dict) -> str:
+    return (
+        f"{100 * stats['fraction_above_threshold']:.2f}% of entries > 2^-12, mean entropy "
+        f"{stats['mean_entropy']:.2f} nats (uniform: {stats['max_entropy']:.2f})"
+    )
+
+
+def _memory_method(config: BenchConfig) -> str:
+    if config.device.type == "cuda":
+        return "rise of torch.cuda.max_memory_allocated over the call"
+    return "rise of peak resident memory over the call, each method in a fresh process"
+
+
+def _summary(results: list[report.MethodResult]) -> str:
+    """The run's figures, then the sweep's times."""
+    first, *swept = results
+    if not first.ok:
+        return first.reason
+    memory = "" if first.peak_bytes is None else f", peak {first.peak_bytes / report.MB:.0f} MB"
+    text = f"{first.time_s * 1e3:.0f} ms{memory}"
+    if swept:
+        times = [f"{r.time_s * 1e3:.0f}" if r.ok else "failed" for r in swept]
+        text += f"; sweep ms: {', '.join(times)}"
+    return text
+
+
+def _environment(config: BenchConfig) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "command": config.command,
+        "device": str(config.device),
+        "device_name": _device_name(config.device),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {"logitless": logitless.__version__, **_versions()},
+        "dtype": _dtype_name(config.dtype),
+        "op": config.op,
+        "regime": config.regime,
+        "preset": config.preset,
+        "shape": asdict(config.shape),
+        "repeats": config.repeats,
+        "warmup": config.warmup,
+        "lm": asdict(lm.DEFAULT_CONFIG) if config.regime == "trained" else None,
+        "sweep": {
+            "shapes": [asdict(shape) for shape in config.sweep_shapes()],
+            "repeats": min(config.repeats, SWEEP_REPEATS),
+        },
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def _versions() -> dict[str, str | None]:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["torch"] = torch.__version__
+    return versions
+
+
+def _git_commit() -> str:
+    source = Path(logitless.__file__).resolve().parent
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=source, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return described.stdout.strip() or "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

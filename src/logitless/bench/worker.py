@@ -1,0 +1,75 @@
+"""One method measured in a fresh process: `python -m logitless.bench.worker SPEC.json`.
+
+The spec names the method, device, op, warm-up count and CPU threads, and the cases: each an
+inputs file written by the runner, its number of timed calls, and the file to write the result
+to (figures, the loss and the probed gradient rows, or the error the method raised).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from logitless.bench.measure import measure
+from logitless.bench.methods import METHODS, LossFn
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    method = METHODS[spec["method"]]
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    try:
+        loss_fn = method.build()
+    except Exception as error:  # reported in place of every figure of the method
+        for case in spec["cases"]:
+            torch.save({"error": _describe(error)}, case["result"])
+        return 0
+    for case in spec["cases"]:
+        try:
+            result = _run_case(loss_fn, method.time_only, case, spec)
+        except Exception as error:
+            result = {"error": _describe(error)}
+        torch.save(result, case["result"])
+    return 0
+
+
+def _run_case(loss_fn: LossFn, time_only: bool, case: dict, spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    data = torch.load(case["inputs"])
+    e, c, targets = (data[k].to(device) for k in ("e", "c", "targets"))
+    with_grad = spec["op"] == "loss+backward" and not time_only
+    e.requires_grad_(with_grad)
+    c.requires_grad_(with_grad)
+
+    def call():
+        with torch.set_grad_enabled(with_grad):
+            loss = loss_fn(e, c, targets)
+            return loss, torch.autograd.grad(loss, (e, c)) if with_grad else None
+
+    measurement, (loss, grads) = measure(
+        call, device, warmup=spec["warmup"], repeats=case["repeats"]
+    )
+    result = {
+        "times_s": measurement.times_s,
+        "peak_bytes": None if time_only else measurement.peak_bytes,
+        "memory_method": measurement.memory_method,
+    }
+    if not time_only:
+        result["loss"] = loss.float().item()
+    if grads is not None:
+        result["grad_e"] = grads[0][data["probe_tokens"].to(device)].cpu()
+        result["grad_c"] = grads[1][data["probe_vocab"].to(device)].cpu()
+    return result
+
+
+def _describe(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

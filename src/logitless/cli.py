@@ -1,0 +1,124 @@
+"""The `logitless` command. `logitless bench` measures logitless against every peer, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from logitless.bench.data import REGIMES, Shape, check_shape
+from logitless.bench.methods import METHODS
+from logitless.bench.runner import OPS, PRESETS, SWEEP_VOCABS, BenchConfig, run
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, bench = _parsers()
+    args = parser.parse_args(argv)
+    if args.command != "bench":
+        parser.print_help()
+        return 2
+    run(_bench_config(args, bench, "logitless " + shlex.join(argv)))
+    return 0
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `logitless` parser and its `bench` subcommand's."""
+    parser = argparse.ArgumentParser(prog="logitless", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    bench = commands.add_parser(
+        "bench",
+        help="measure logitless against every peer on this machine",
+        description="Time, memory and accuracy of logitless and its peers on identical inputs, "
+        "each method in a fresh process; a table, results.csv/json and sweep plots under --out.",
+    )
+    bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    bench.add_argument(
+        "--dtype", choices=DTYPES, help="input dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    )
+    bench.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="shape N x D x V (default: gemma2-2b on CUDA, cpu-default elsewhere): "
+        + ", ".join(f"{k} = {s.n}x{s.d}x{s.v}" for k, s in PRESETS.items()),
+    )
+    for dim in ("n", "d", "v"):
+        bench.add_argument(f"--{dim}", type=_positive, help=f"{dim.upper()}, overriding the preset")
+    bench.add_argument(
+        "--data", choices=REGIMES, default="random", help="data regime (default: random)"
+    )
+    bench.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+        help="methods to measure (default: all): " + ", ".join(METHODS),
+    )  # fmt: skip
+    bench.add_argument(
+        "--op", choices=OPS, default="loss+backward", help="each call (default: loss+backward)"
+    )
+    bench.add_argument(
+        "--repeats", type=_positive, help="measured calls per method (default: 3 CPU, 20 CUDA)"
+    )
+    bench.add_argument(
+        "--warmup", type=_non_negative, help="unmeasured calls first (default: 1 CPU, 3 CUDA)"
+    )
+    bench.add_argument(
+        "--sweep-v", type=_positive, nargs="*", default=list(SWEEP_VOCABS), metavar="V",
+        help="vocabulary sizes of the plot sweep (default: 32k 64k 128k 256k); none skips it",
+    )  # fmt: skip
+    bench.add_argument(
+        "--threads", type=_positive, help="CPU threads of every process (default: PyTorch's)"
+    )
+    bench.add_argument(
+        "--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)"
+    )
+    return parser, bench
+
+
+def _bench_config(args, parser: argparse.ArgumentParser, command: str) -> BenchConfig:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    cuda = device.type == "cuda"
+    preset = args.preset or ("gemma2-2b" if cuda else "cpu-default")
+    base = PRESETS[preset]
+    shape = Shape(args.n or base.n, args.d or base.d, args.v or base.v)
+    custom = shape != base
+    config = BenchConfig(
+        device=device,
+        dtype=DTYPES[args.dtype or ("bfloat16" if cuda else "float32")],
+        shape=shape,
+        regime=args.data,
+        methods=tuple(dict.fromkeys(args.methods)),
+        op=args.op,
+        repeats=args.repeats or (20 if cuda else 3),
+        warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
+        out=args.out,
+        sweep_vocabs=tuple(args.sweep_v),
+        threads=args.threads,
+        preset=None if custom else preset,
+        command=command,
+    )
+    for checked in (config.shape, *config.sweep_shapes()):
+        try:
+            check_shape(config.regime, checked)
+        except ValueError as error:
+            parser.error(f"--data {config.regime}{'' if checked == shape else ' (sweep)'}: {error}")
+    return config
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value

@@ -1,0 +1,162 @@
+"""The benchmark end to end at a tiny shape, and the parts its honesty rests on.
+
+The figures of a benchmark are not asserted here (performance is judged by running it); what is
+asserted: every output file exists and parses, n/a methods carry their reason, errors against
+float64 are columns, the float64 probe is the reference's gradient, the trained regime's
+extension keeps every logit, and the memory meter sees an allocation of known size.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from logitless import cli
+from logitless.bench import accuracy, corpus, data, lm, runner
+from logitless.bench.measure import CPU_WORKER_ENV
+from logitless.bench.methods import METHODS
+from logitless.reference import reference_linear_cross_entropy
+
+TINY_LM = lm.LMConfig(vocab_size=256, width=16, layers=1, heads=2, context=32, batch=4, steps=20)
+
+
+@pytest.fixture
+def tiny_trained_regime(monkeypatch, tmp_path):
+    """A byte-level LM (vocabulary 256) trained for a few steps on stdlib text, cached in tmp."""
+    monkeypatch.setenv("LOGITLESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lm, "DEFAULT_CONFIG", TINY_LM)
+    text = "".join(corpus.texts(max_bytes=200_000)).encode("utf-8")
+    monkeypatch.setattr(corpus, "token_ids", lambda vocab_size: torch.tensor(list(text)))
+
+
+@pytest.mark.parametrize(
+    ("regime", "methods"),
+    [("random", ["logitless", "eager", "liger", "matmul"]), ("trained", ["eager", "liger"])],
+)
+def test_bench_end_to_end(regime, methods, tiny_trained_regime, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["bench", "--device", "cpu", "--n", "70", "--d", "40", "--v", "300", "--data", regime,
+            "--methods", *methods, "--repeats", "2", "--sweep-v", "260", "520",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+
+    table = capsys.readouterr().out
+    assert "x eager" in table and "x best peer" in table and "loss err" in table
+    results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["shape"] == {"n": 70, "d": 40, "v": 300}
+    assert results["environment"]["versions"]["torch"] == torch.__version__
+    rows = {r["method"]: r for r in results["results"]}
+    assert list(rows) == methods
+
+    for name in {"logitless", "eager"} & set(methods):
+        row = rows[name]
+        assert row["reason"] == "", row["reason"]
+        assert len(row["times_s"]) == 2 and row["peak_bytes"] is not None
+        assert row["errors"]["loss"] < 1e-5
+        assert row["errors"]["grad_e"] < 1e-4 and row["errors"]["grad_c"] < 1e-4
+        assert f"{row['errors']['loss']:.1e}" in table
+    assert rows["eager"]["time_vs_eager"] == 1.0
+    if "matmul" in rows:
+        assert rows["matmul"]["peak_bytes"] is None and rows["matmul"]["errors"] == {}
+    if not torch.cuda.is_available():
+        assert rows["liger"]["reason"] == "needs CUDA"
+        assert "liger" in table and "n/a: needs CUDA" in table
+
+    stats = results["data"]["softmax"]
+    assert 0 < stats["fraction_above_threshold"] <= 1
+    assert 0 < stats["mean_entropy"] <= stats["max_entropy"]
+    if regime == "trained":
+        notes = " ".join(results["data"]["notes"])
+        assert "vocabulary 256 -> 300" in notes and "width 17 -> 40" in notes
+        assert "softmax_before_extension" in results["data"]
+
+    with (out / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(methods) * 3  # the run's shape and two sweep points
+    assert {r["v"] for r in csv_rows} == {"300", "260", "520"}
+    assert all(r["commit"] and r["device"] == "cpu" for r in csv_rows)
+    for plot in ("sweep_time.png", "sweep_memory.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failing_method_reports_its_error(tmp_path):
+    shape = data.Shape(8, 4, 16)
+    config = runner.BenchConfig(
+        device=torch.device("cpu"), dtype=torch.float32, shape=shape, regime="random",
+        methods=("eager",), op="loss+backward", repeats=1, warmup=0, out=tmp_path,
+        sweep_vocabs=(),
+    )  # fmt: skip
+    case = runner.Case(shape, tmp_path / "missing.pt", repeats=1)
+    [(result, _)] = runner._measure(METHODS["eager"], config, [case], tmp_path, "test")
+    assert result.reason.startswith("failed: FileNotFoundError"), result.reason
+    assert not result.ok and result.time_s is None
+
+
+def test_float64_probe_is_the_reference_gradient():
+    inputs = data.make_inputs("random", data.Shape(37, 11, 53), torch.float32)
+    probe = accuracy.Probe(torch.tensor([0, 5, 36]), torch.tensor([1, 7, 52]))
+    e = inputs.e.double().requires_grad_()
+    c = inputs.c.double().requires_grad_()
+    loss = reference_linear_cross_entropy(e, c, inputs.targets)
+    grad_e, grad_c = torch.autograd.grad(loss, (e, c))
+
+    ref = accuracy.float64_reference(inputs, probe)
+    assert ref.loss == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(ref.grad_e, grad_e[probe.tokens], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ref.grad_c, grad_c[probe.vocab], rtol=1e-10, atol=1e-14)
+    errors = ref.errors(loss.item() * 1.01, grad_e[probe.tokens], None)
+    assert errors["loss"] == pytest.approx(0.01) and errors["grad_e"] < 1e-12
+    assert errors["grad_c"] is None
+
+
+def test_extension_keeps_every_logit_of_the_model():
+    gen = torch.Generator().manual_seed(3)
+    e, c = torch.randn(29, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    counts = torch.randint(0, 100, (50,), generator=gen)
+    wide_e, wide_c, notes = data.extend(e, c, counts, data.Shape(29, 24, 90))
+    assert wide_e.shape == (29, 24) and wide_c.shape == (90, 24) and len(notes) == 2
+    logits = wide_e.double() @ wide_c.double().T
+    torch.testing.assert_close(logits[:, :50], e.double() @ c.double().T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="D > 8"):
+        data.extend(e, c, counts, data.Shape(29, 8, 90))
+
+
+def test_cpu_memory_meter_sees_each_allocation(tmp_path):
+    """A worker-like process measures 96 MB, then 16 MB, then 96 MB buffers (within 3 MB)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak resident memory over a call needs Linux /proc")
+    script = textwrap.dedent("""
+        import torch
+        from logitless.bench.measure import measure
+        for mb in (96, 16, 96):
+            m, _ = measure(lambda: torch.ones(mb * 2**18).add_(1), torch.device("cpu"),
+                           warmup=1, repeats=2)
+            print(m.peak_bytes / 2**20)
+    """)
+    src = str(Path(runner.__file__).resolve().parents[2])
+    env = {**os.environ, **CPU_WORKER_ENV, "PYTHONPATH": src}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    measured = [float(x) for x in done.stdout.split()]
+    assert measured == pytest.approx([96, 16, 96], abs=3)
+
+
+def test_cli_rejects_bad_options(capsys):
+    for argv in (["bench", "--n", "0"], ["bench", "--methods", "nope"], ["bench", "--op", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+    assert "invalid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--data", "trained", "--d", "8"])
+    model = lm.DEFAULT_CONFIG
+    expected = f"the trained regime needs V >= {model.vocab_size} and D >= {model.width}"
+    assert expected in capsys.readouterr().err

@@ -46,7 +46,7 @@ def backward_signature(dtype: str) -> dict[str, str]:
         **{name: f"*{kind}" for name, kind in pointers.items()},
         **dict.fromkeys((*integers, "vocab_bucket"), "i32"),
         "softcap": "fp32",
-        "filter_eps": "fp32",
+        "filter_mass_per_entry": "fp32",
     }
 
 

@@ -135,9 +135,9 @@ def test_filtering_skips_tiles_and_sorting_gathers_them():
         row_blocks = -(-ROWS // INTERPRETER_BLOCKS["BLOCK_N"])
         assert tiles == row_blocks * -(-VOCAB // INTERPRETER_BLOCKS["BLOCK_V"])
         # Sorted, the 20 hot entries fill the first tile of each row block.
-        assert census(filter_eps=2.0**-12) == (tiles, row_blocks)
-    _, kept_sorted = census(filter_eps=2.0**-12)
-    _, kept_unsorted = census(filter_eps=2.0**-12, sort_vocabulary=False)
+        assert census(filter_eps=2.0**-8) == (tiles, row_blocks)
+    _, kept_sorted = census(filter_eps=2.0**-8)
+    _, kept_unsorted = census(filter_eps=2.0**-8, sort_vocabulary=False)
     assert kept_sorted < tiles and 2 * kept_sorted < kept_unsorted
 
 

@@ -14,6 +14,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
 ASYNC_CHECKS_ENV = "LOGITLESS_ASYNC_CHECKS"
+AUTO_FILTER_EPS = {torch.bfloat16: 2.0**-10, torch.float16: 2.0**-13}
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,14 @@ class LossOptions:
             )
 
     def resolved_filter_eps(self, dtype: torch.dtype) -> float | None:
-        """The gradient-filtering threshold for inputs of `dtype`; None means exact.
+        """The gradient-filtering budget for inputs of `dtype`; None means exact.
 
-        "auto" filters softmax entries below 2**-12 for 16-bit inputs, where they cannot change
-        a rounded result, and keeps float32 exact.
+        The budget is the most softmax probability per token that skipped tiles may hold in
+        all. "auto" keeps it a quarter of the dtype's rounding unit (2**-10 for bfloat16,
+        2**-13 for float16), where it cannot change a rounded gradient, and float32 exact.
         """
         if self.filter_eps == "auto":
-            return None if dtype == torch.float32 else 2.0**-12
+            return AUTO_FILTER_EPS.get(dtype)
         return self.filter_eps or None
 
 

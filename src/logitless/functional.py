@@ -51,8 +51,9 @@ def linear_cross_entropy(
         label_smoothing: as in `F.cross_entropy`.
         z_loss: adds `z_loss * lse**2` per token (PaLM), reduced like the loss.
         return_lse: also return the per-token log-sum-exp (differentiable).
-        filter_eps: skip gradient tiles whose softmax entries all lie below this: "auto"
-            (2**-12 for 16-bit inputs, exact for float32), a float, or None (exact).
+        filter_eps: gradient filtering: the most softmax probability per token that skipped
+            backward tiles may hold in all; "auto" (2**-10 for bfloat16, 2**-13 for float16,
+            exact for float32), a float, or None (exact).
         impl: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
         vocab_parallel: this rank's vocabulary shard (`logitless.VocabParallel`): `c` and `bias`
             hold its rows only, `e` and `targets` are the same on every rank, and every rank

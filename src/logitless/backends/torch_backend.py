@@ -11,7 +11,6 @@ import os
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 BLOCK_MB_ENV = "LOGITLESS_BLOCK_MB"
 DEFAULT_BLOCK_MB = 20.0
@@ -209,11 +208,19 @@ def _softmax_to_grad(
 
 
 def _kept_ranges(p: torch.Tensor, t: torch.Tensor, eps: float) -> list[tuple[int, int]]:
-    """Column ranges holding a softmax entry >= eps or a target; the rest is skipped."""
+    """Column ranges to compute; the rest is skipped.
+
+    A chunk of columns that holds no target is skipped when, in every row, its softmax mass is
+    at most its share eps * width / V of the budget, so no row loses more than eps in all.
+    """
     vocab = p.shape[1]
-    n_chunks = -(-vocab // FILTER_CHUNK)
-    column_max = F.pad(p.amax(0), (0, n_chunks * FILTER_CHUNK - vocab))
-    keep = column_max.view(n_chunks, FILTER_CHUNK).amax(1) >= eps
+    whole = vocab // FILTER_CHUNK * FILTER_CHUNK
+    masses = [p[:, :whole].unflatten(1, (-1, FILTER_CHUNK)).sum(2)] if whole else []
+    if whole < vocab:
+        masses.append(p[:, whole:].sum(1, keepdim=True))
+    widths = torch.full((len(range(0, vocab, FILTER_CHUNK)),), FILTER_CHUNK, device=p.device)
+    widths[-1] = vocab - (widths.numel() - 1) * FILTER_CHUNK
+    keep = torch.cat(masses, 1).amax(0) > widths * (eps / vocab)
     keep[t[t >= 0] // FILTER_CHUNK] = True
     ranges: list[tuple[int, int]] = []
     for chunk, kept in enumerate(keep.tolist()):

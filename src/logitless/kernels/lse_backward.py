@@ -8,8 +8,9 @@ tile on chip, forms the fp32 gradient of the logits
 and adds d @ c into grad_e, d.T @ e into grad_c and the column sums of d into grad_bias with
 atomics, one BLOCK_D slice of D at a time. Vocabulary positions map to vocabulary rows through
 an optional order (rows of c are read through it, never copied), so that sorting the vocabulary
-by average logit gathers the entries that matter into few tiles; with filtering on, a tile whose
-softmax entries all lie below `filter_eps` and that holds no target is skipped.
+by average logit gathers the entries that matter into few tiles. With filtering on, a tile that
+holds no target is skipped when, in every row, its softmax mass is at most its share
+`filter_eps * BLOCK_V / V` of the budget: no row then loses more than `filter_eps` in all.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def lse_backward_kernel(
     e_ptr, c_ptr, bias_ptr, order_ptr, target_positions_ptr, lse_ptr,
     grad_lse_ptr, grad_target_ptr, grad_sum_ptr, grad_e_ptr, grad_c_ptr, grad_bias_ptr, counts_ptr,
     N, D, position_begin, position_end, stride_en, stride_ed, stride_cv, stride_cd,
-    softcap, filter_eps, vocab_bucket,
+    softcap, filter_mass_per_entry, vocab_bucket,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SUM: tl.constexpr,
     SORTED: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr,
     NEED_E: tl.constexpr, NEED_C: tl.constexpr, NEED_BIAS: tl.constexpr,
@@ -87,7 +88,8 @@ def lse_backward_kernel(
 
     keep = True
     if FILTER:
-        keep = (tl.max(probs) >= filter_eps) | (tl.max(is_target.to(tl.int32)) > 0)
+        tile_mass = tl.max(tl.sum(probs, axis=1))
+        keep = (tile_mass > filter_mass_per_entry * BLOCK_V) | (tl.max(is_target.to(tl.int32)) > 0)
     if COUNT_TILES:
         tl.atomic_add(counts_ptr, 1, sem="relaxed")
     if keep:
@@ -197,7 +199,7 @@ def lse_backward(
         grad_lse, grad_target, placeholder if grad_sum is None else grad_sum,
         *(placeholder if x is None else x for x in (grad_e, grad_c, grad_bias, counts)),
         n, dim, begin, end, *e.stride(), *c.stride(),
-        float(softcap or 1.0), float(filter_eps or 0.0), triton.next_power_of_2(c.shape[0]),
+        float(softcap or 1.0), (filter_eps or 0.0) / c.shape[0], triton.next_power_of_2(c.shape[0]),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SUM=grad_sum is not None,
         SORTED=order is not None, FILTER=filter_eps is not None, COUNT_TILES=counts is not None,
         NEED_E=grad_e is not None, NEED_C=grad_c is not None, NEED_BIAS=grad_bias is not None,

@@ -43,9 +43,10 @@ class LinearLogitStats(torch.autograd.Function):
             e, c, bias, targets, plan.impl, plan.softcap, plan.with_sum
         )
         if plan.vocab_parallel is not None:
-            lse, target_logit, logit_sum = plan.vocab_parallel.combine_stats(
-                lse, target_logit, logit_sum
+            lse, target_logit, summed = plan.vocab_parallel.combine_stats(
+                lse, target_logit, logit_sum if plan.with_sum else None
             )
+            logit_sum = logit_sum if summed is None else summed  # zeros without smoothing
         ctx.plan = plan
         ctx.save_for_backward(e, c, bias, targets, lse)
         ctx.mark_non_differentiable(targets)

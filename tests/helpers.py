@@ -10,6 +10,7 @@ import torch
 
 from logitless import linear_cross_entropy
 from logitless.reference import reference_linear_cross_entropy
+from logitless.reference import relative_error as rel_error
 
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 """Allowed relative error beyond eager PyTorch's own: two roundings of a 16-bit dtype (a gradient
@@ -42,16 +43,6 @@ def make_inputs(
     b = torch.randn(vocab, generator=gen) * 0.5 if bias else None
     move = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
     return move(e), move(c), targets.to(device), move(b)
-
-
-def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref||, and 0 when both are 0; NaN anywhere is an infinite error."""
-    x, ref = x.double(), ref.double()
-    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
-        return float("inf")
-    diff = (x - ref).norm().item()
-    norm = ref.norm().item()
-    return diff / norm if norm else diff
 
 
 def outputs_and_grads(fn, inputs, grad_seed: int, **options):

@@ -6,6 +6,8 @@ it is eager PyTorch as users write it (logits in the input dtype, upcast to floa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +63,12 @@ def reference_linear_cross_entropy(
     if return_lse:
         return loss, lse.view(targets.shape)
     return loss
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64 (the plain difference when ref is 0; inf on NaN or Inf)."""
+    x, ref = x.double().cpu(), ref.double().cpu()
+    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
+        return math.inf
+    diff, norm = (x - ref).norm().item(), ref.norm().item()
+    return diff / norm if norm else diff

@@ -23,7 +23,7 @@ import logitless
 from helpers import DTYPES, check_against_reference, make_inputs, outputs_and_grads, rel_error
 from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
-from logitless.backends import triton_backend
+from logitless.backends import Logits, triton_backend
 from logitless.kernels._tiles import INTERPRETER_BLOCKS, offsets
 from logitless.reference import reference_linear_cross_entropy
 from test_functional import OPTION_SETS
@@ -124,7 +124,7 @@ def hot_vocabulary_inputs(dtype, cold_targets: int = 0):
 
 def test_filtering_skips_tiles_and_sorting_gathers_them():
     e, c, targets, bias = hot_vocabulary_inputs(torch.float32)
-    lse, _, _ = triton_backend.stats(e, c, bias, targets, softcap=None, with_sum=False)
+    lse = triton_backend.stats(e, c, bias, targets, logits=Logits(), names=("lse",))[0]
 
     def census(**options):
         return triton_backend.tile_census(e, c, bias, targets, lse, softcap=None, **options)
@@ -186,7 +186,9 @@ def test_kernels_compile_for_hopper_without_spills():
     }
     if any(v["spill_bytes"] is None for v in variants):
         pytest.skip("compiled, but no ptxas here reports register spills")
-    assert [v for v in variants if v["spill_bytes"]] == []
+    spilled = [v for v in variants if v["spill_bytes"]]
+    tolerated = {("backward", "bf16", "class_weights")}  # see sm90_compile.TOLERATED_SPILLS
+    assert [v for v in spilled if (v["kernel"], v["dtype"], v["variant"]) not in tolerated] == []
 
 
 @gpu

@@ -3,7 +3,8 @@
 Backends loop over blocks, sync on filter decisions and launch Triton kernels: nothing
 torch.compile should trace into. Registered as `torch.library.custom_op`s with fake (meta)
 implementations, a compiled training step keeps them in its graph without a break. Ops cannot
-return None, so a gradient that is not needed comes back as an empty tensor.
+return None, so a gradient that is not needed comes back as an empty tensor, and ops take the
+backend contract's `Logits` and `Teacher` as their fields.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from logitless._loss import TokenLoss
-from logitless.backends import get_backend
+from logitless.backends import Logits, Teacher, get_backend
 
 
 @torch.library.custom_op("logitless::stats", mutates_args=())
@@ -23,17 +24,37 @@ def stats(
     targets: Tensor,
     impl: str,
     softcap: float | None,
-    with_sum: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    lse, target_logit, logit_sum = get_backend(impl).stats(
-        e, c, bias, targets, softcap=softcap, with_sum=with_sum
-    )
-    return lse, target_logit, torch.zeros_like(lse) if logit_sum is None else logit_sum
+    scale: float,
+    column_weight: Tensor | None,
+    names: str,
+    teacher_e: Tensor | None,
+    teacher_c: Tensor | None,
+    teacher_bias: Tensor | None,
+    teacher_softcap: float | None,
+    beta: float,
+    teacher_lse: Tensor | None,
+    lse: Tensor | None,
+    top_k: int,
+) -> tuple[Tensor, Tensor]:
+    """(statistics (len(names), N), top-k indices (N, top_k)) of `backends.stats`; `names` is
+    comma-separated (custom ops take no list of strings)."""
+    teacher = _teacher(teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse)
+    out = get_backend(impl).stats(
+        e, c, bias, targets, logits=Logits(softcap, scale, column_weight), names=_split(names),
+        teacher=teacher, lse=lse, top_k=top_k,
+    )  # fmt: skip
+    if top_k:
+        return out
+    return out, targets.new_empty(e.shape[0], 0, dtype=torch.int64)
 
 
 @stats.register_fake
-def _(e, c, bias, targets, impl, softcap, with_sum):
-    return tuple(e.new_empty(e.shape[0], dtype=torch.float32) for _ in range(3))
+def _(e, c, bias, targets, impl, softcap, scale, column_weight, names, teacher_e, teacher_c,
+      teacher_bias, teacher_softcap, beta, teacher_lse, lse, top_k):  # fmt: skip
+    return (
+        e.new_empty(len(_split(names)), e.shape[0], dtype=torch.float32),
+        e.new_empty(e.shape[0], top_k, dtype=torch.int64),
+    )
 
 
 @torch.library.custom_op("logitless::grads", mutates_args=())
@@ -43,26 +64,42 @@ def grads(
     bias: Tensor | None,
     targets: Tensor,
     lse: Tensor,
-    grad_lse: Tensor,
-    grad_target: Tensor,
-    grad_sum: Tensor | None,
+    coefficients: Tensor,
+    terms: str,
     impl: str,
     softcap: float | None,
+    scale: float,
+    column_weight: Tensor | None,
+    teacher_e: Tensor | None,
+    teacher_c: Tensor | None,
+    teacher_bias: Tensor | None,
+    teacher_softcap: float | None,
+    beta: float,
+    teacher_lse: Tensor | None,
     filter_eps: float | None,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    in_tiles = grad_sum if softcap is not None else None
+    """The gradients of `backends.grads` (`terms` comma-separated), the rank-one `sum` term
+    added here without softcap."""
+    terms = _split(terms)
+    uniform = "sum" in terms and softcap is None
+    in_tiles = [i for i, term in enumerate(terms) if not (uniform and term == "sum")]
+    teacher = _teacher(teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse)
     out = get_backend(impl).grads(
-        e, c, bias, targets, lse, grad_lse, grad_target, in_tiles,
-        softcap=softcap, filter_eps=filter_eps, needs=tuple(needs),
+        e, c, bias, targets, lse, coefficients[in_tiles], tuple(terms[i] for i in in_tiles),
+        logits=Logits(softcap, scale, column_weight), teacher=teacher, filter_eps=filter_eps,
+        needs=tuple(needs),
     )  # fmt: skip
-    if grad_sum is not None and in_tiles is None:
-        add_uniform_gradient(*out, e, c, grad_sum)
+    if uniform:
+        grad_sum = coefficients[terms.index("sum")]
+        add_uniform_gradient(*out, e, c, grad_sum * scale, column_weight)
     return _finish(out, e, c, bias)
 
 
 @grads.register_fake
-def _(e, c, bias, targets, lse, grad_lse, grad_target, grad_sum, impl, softcap, filter_eps, needs):
+def _(e, c, bias, targets, lse, coefficients, terms, impl, softcap, scale, column_weight,
+      teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse, filter_eps,
+      needs):  # fmt: skip
     return _fake_grads(e, c, bias, needs)
 
 
@@ -73,51 +110,72 @@ def stats_and_grads(
     bias: Tensor | None,
     targets: Tensor,
     token_weights: Tensor,
+    target_weights: Tensor | None,
     impl: str,
     softcap: float | None,
+    column_weight: Tensor | None,
     with_sum: bool,
     filter_eps: float | None,
     label_smoothing: float,
     z_loss: float,
     vocab: int,
     needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    token_loss = TokenLoss(label_smoothing, z_loss, vocab)
-    sum_in_tiles = with_sum and softcap is not None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lse, target logit, sum) statistics (3, N) of a cross-entropy and the gradients of
+    sum_n token_weights[n] * loss[n], in one sweep."""
+    weight_total = 0.0 if column_weight is None else column_weight.float().sum()
+    token_loss = TokenLoss(label_smoothing, z_loss, vocab, weight_total)
+    names = ("lse", "target", "sum") if with_sum else ("lse", "target")
+    terms = ("p", "target", "sum") if with_sum and softcap is not None else ("p", "target")
 
-    def coefficients(rows: slice, lse_rows: Tensor):
-        grad_lse, grad_target, grad_sum = token_loss.coefficients(lse_rows, token_weights[rows])
-        return grad_lse, grad_target, grad_sum if sum_in_tiles else None
+    def coefficients(rows: slice, row_stats: Tensor) -> Tensor:
+        row_target_weights = None if target_weights is None else target_weights[rows]
+        found = token_loss.coefficients(row_stats[0], token_weights[rows], row_target_weights)
+        return torch.stack(found[: len(terms)])
 
-    lse, target_logit, logit_sum, *out = get_backend(impl).stats_and_grads(
-        e, c, bias, targets, coefficients, softcap=softcap, with_sum=with_sum,
-        filter_eps=filter_eps, needs=tuple(needs),
+    out, *grads_out = get_backend(impl).stats_and_grads(
+        e, c, bias, targets, coefficients, logits=Logits(softcap, 1.0, column_weight),
+        names=names, terms=terms, filter_eps=filter_eps, needs=tuple(needs),
     )  # fmt: skip
-    if with_sum and not sum_in_tiles:
-        add_uniform_gradient(*out, e, c, token_loss.coefficients(lse, token_weights)[2])
-    logit_sum = torch.zeros_like(lse) if logit_sum is None else logit_sum
-    return lse, target_logit, logit_sum, *_finish(out, e, c, bias)
+    if with_sum and softcap is None:
+        grad_sum = token_loss.coefficients(out[0], token_weights, target_weights)[2]
+        add_uniform_gradient(*grads_out, e, c, grad_sum, column_weight)
+    if not with_sum:
+        out = torch.cat((out, torch.zeros_like(out[:1])))
+    return out, *_finish(grads_out, e, c, bias)
 
 
 @stats_and_grads.register_fake
-def _(e, c, bias, targets, token_weights, impl, softcap, with_sum, filter_eps, label_smoothing,
-      z_loss, vocab, needs):  # fmt: skip
-    row = tuple(e.new_empty(e.shape[0], dtype=torch.float32) for _ in range(3))
-    return *row, *_fake_grads(e, c, bias, needs)
+def _(e, c, bias, targets, token_weights, target_weights, impl, softcap, column_weight, with_sum,
+      filter_eps, label_smoothing, z_loss, vocab, needs):  # fmt: skip
+    return e.new_empty(3, e.shape[0], dtype=torch.float32), *_fake_grads(e, c, bias, needs)
 
 
-def add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum) -> None:
-    """Add, in place, the gradient of sum_n grad_sum[n] * sum_v z[n, v] for z = e @ c.T + bias.
+def add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum, column_weight=None) -> None:
+    """Add, in place, the gradient of sum_n grad_sum[n] * sum_v w[v] z[n, v] for
+    z = e @ c.T + bias (w = `column_weight`, 1 if None).
 
-    It is rank one: every logit of row n gets grad_sum[n], so it never needs a logit tile, and
+    It is rank one: logit (n, v) gets grad_sum[n] * w[v], so it never needs a logit tile, and
     gradient filtering can never drop it.
     """
+    weight = None if column_weight is None else column_weight.float()
     if grad_e is not None:
-        grad_e.add_(torch.outer(grad_sum, c.sum(0, dtype=torch.float32)).to(grad_e.dtype))
+        weighted_c = c.sum(0, dtype=torch.float32) if weight is None else weight @ c.float()
+        grad_e.add_(torch.outer(grad_sum, weighted_c).to(grad_e.dtype))
     if grad_c is not None:
-        grad_c.add_((grad_sum.unsqueeze(0) @ e.float()).to(grad_c.dtype))
+        row = (grad_sum.unsqueeze(0) @ e.float()).to(grad_c.dtype)
+        grad_c.add_(row if weight is None else torch.outer(weight, row[0]).to(grad_c.dtype))
     if grad_bias is not None:
-        grad_bias.add_(grad_sum.sum().to(grad_bias.dtype))
+        total = grad_sum.sum()
+        grad_bias.add_((total if weight is None else total * weight).to(grad_bias.dtype))
+
+
+def _split(names: str) -> tuple[str, ...]:
+    return tuple(names.split(",")) if names else ()
+
+
+def _teacher(e, c, bias, softcap, beta, lse) -> Teacher | None:
+    return None if e is None else Teacher(e, c, bias, softcap, beta, lse)
 
 
 def _finish(grads_out, e: Tensor, c: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

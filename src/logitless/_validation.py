@@ -180,6 +180,41 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
         raise ValueError(f"{message}, found {targets[outside][0].item()}")
 
 
+def check_weight(
+    weight: torch.Tensor | None, e: torch.Tensor, c: torch.Tensor, options: LossOptions
+) -> None:
+    """Class weights: None, or a floating (V,) tensor on the device of e (V the full
+    vocabulary under vocabulary parallelism)."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != e.device:
+        raise ValueError(f"weight must be on the device of e ({e.device}), got {weight.device}")
+    shard = options.vocab_parallel
+    vocab = c.shape[0] if shard is None else shard.vocab_size
+    if weight.shape != (vocab,):
+        where = "" if shard is None else " (the full vocabulary, on every rank of vocab_parallel)"
+        raise ValueError(f"weight must have shape ({vocab},){where}, got {tuple(weight.shape)}")
+
+
+def temperature_scale(temperature: float) -> float:
+    """1 / temperature, for a finite temperature > 0."""
+    _check_real("temperature", temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return 1.0 / temperature
+
+
+def check_top_k(k: int, vocab: int) -> None:
+    """k in [1, V]."""
+    _check_int("k", k)
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}] (the vocabulary of c), got {k}")
+
+
 def check_impl(impl: str, device: torch.device) -> str:
     """The backend `impl` resolves to on `device`."""
     if impl == "auto":

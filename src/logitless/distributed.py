@@ -101,22 +101,45 @@ class VocabParallel:
         on_shard = (row_targets >= self.start) & (row_targets < self.stop)
         return torch.where(on_shard, row_targets - self.start, -1)
 
-    def combine_stats(
-        self,
-        lse: torch.Tensor,
-        target_logit: torch.Tensor,
-        logit_sum: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The global (lse, target logit, logit sum) per row from every rank's partial ones."""
-        peak = lse.clone()
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
-        partials = [torch.exp(lse - peak), target_logit]
-        if logit_sum is not None:
-            partials.append(logit_sum)
+    def combine_stats(self, stats: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The global statistics `names` (rows of `stats`) from every rank's partial ones.
+
+        Log-sum-exps combine by one all-reduce (max) and one (sum) of exp(lse_r - max); sums by
+        the sum; softmax-weighted means (`mean`, `teacher_under_student` under p, and
+        `teacher_mean`, `cross_mean` under q) by the sum of exp(lse_r - max) * mean_r, divided by
+        the global sum of exponentials. All sums go in the one all-reduce.
+        """
+        normalizers = [name for name in names if name in _NORMALIZER_OF.values()]
+        peaks = torch.stack([stats[names.index(name)] for name in normalizers])
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=self.group)
+        peak = dict(zip(normalizers, peaks, strict=True))
+        weight = {name: torch.exp(stats[names.index(name)] - peak[name]) for name in normalizers}
+        partials = []
+        for name, row in zip(names, stats, strict=True):
+            if name in peak:
+                partials.append(weight[name])
+            elif name in _NORMALIZER_OF:
+                partials.append(weight[_NORMALIZER_OF[name]] * row)
+            else:
+                partials.append(row)
         sums = torch.stack(partials)
         dist.all_reduce(sums, group=self.group)
-        total_lse = peak + sums[0].log()
-        return total_lse, sums[1], sums[2] if logit_sum is not None else None
+        total = {name: sums[names.index(name)] for name in normalizers}
+        combined = []
+        for name, row in zip(names, sums, strict=True):
+            if name in peak:
+                combined.append(peak[name] + row.log())
+            elif name in _NORMALIZER_OF:
+                combined.append(row / total[_NORMALIZER_OF[name]])
+            else:
+                combined.append(row)
+        return torch.stack(combined)
+
+    def sum_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Statistics that are plain sums over the vocabulary, summed over the ranks."""
+        stats = stats.contiguous()
+        dist.all_reduce(stats, group=self.group)
+        return stats
 
     def reduce_grad_e(self, grad_e: torch.Tensor) -> torch.Tensor:
         """The full gradient of e from every rank's share (its own vocabulary rows)."""
@@ -131,6 +154,17 @@ class VocabParallel:
         if "gloo" in backend or backend == "mpi":
             return torch.device("cpu")
         return torch.device("cuda", torch.cuda.current_device())
+
+
+_NORMALIZER_OF = {
+    "lse": "lse",
+    "teacher_lse": "teacher_lse",
+    "mean": "lse",
+    "teacher_under_student": "lse",
+    "teacher_mean": "teacher_lse",
+    "cross_mean": "teacher_lse",
+}
+"""Each softmax-weighted statistic's log-sum-exp (a log-sum-exp is its own)."""
 
 
 def _require_initialized() -> None:

@@ -9,7 +9,14 @@ import torch
 
 from logitless._autograd import FusedLinearCrossEntropy, LinearLogitStats, Plan
 from logitless._loss import TokenLoss
-from logitless._validation import LossOptions, check_impl, check_inputs
+from logitless._validation import (
+    LossOptions,
+    check_impl,
+    check_inputs,
+    check_top_k,
+    check_weight,
+    temperature_scale,
+)
 from logitless.backends import get_backend
 from logitless.distributed import VocabParallel
 
@@ -33,6 +40,7 @@ def linear_cross_entropy(
     filter_eps: float | str | None = "auto",
     impl: str = "auto",
     vocab_parallel: VocabParallel | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the logits `e @ c.T + bias` against `targets`, without forming them.
 
@@ -58,6 +66,10 @@ def linear_cross_entropy(
         vocab_parallel: this rank's vocabulary shard (`logitless.VocabParallel`): `c` and `bias`
             hold its rows only, `e` and `targets` are the same on every rank, and every rank
             gets the full loss and grad_e (see docs/vocab_parallel.md).
+        weight: optional (V,) class weights, as `F.cross_entropy(weight=)`: a token's loss is
+            scaled by its target's weight, label smoothing weighs each class by its weight, and
+            "mean" divides by the sum of the non-ignored targets' weights. Under
+            `vocab_parallel`, the full (V,) weights on every rank.
 
     Returns:
         The loss (a scalar, or the shape of `targets[..., shift:]` for reduction="none", ignored
@@ -75,7 +87,7 @@ def linear_cross_entropy(
         impl=impl,
         vocab_parallel=vocab_parallel,
     )
-    return linear_cross_entropy_with_options(e, c, targets, bias, options)
+    return linear_cross_entropy_with_options(e, c, targets, bias, options, weight)
 
 
 def linear_cross_entropy_with_options(
@@ -84,35 +96,51 @@ def linear_cross_entropy_with_options(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     options: LossOptions,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`linear_cross_entropy` with its options already checked into a `LossOptions`."""
     check_inputs(e, c, targets, bias, options)
+    check_weight(weight, e, c, options)
     impl = check_impl(options.impl, e.device)
     rows = e.reshape(-1, e.shape[-1])
     row_targets = _row_targets(targets, options)
     valid = row_targets != NO_TARGET
     shard = options.vocab_parallel
     vocab = c.shape[0] if shard is None else shard.vocab_size
-    token_loss = TokenLoss(options.label_smoothing, options.z_loss, vocab)
+    target_weights = column_weight = weight_total = None
+    normalizer = valid.sum().clamp(min=1)
+    if weight is not None:
+        weight32 = weight.float()
+        target_weights = torch.where(valid, weight32[row_targets.clamp(min=0)], 0.0)
+        total = target_weights.sum()
+        normalizer = torch.where(total == 0, 1.0, total)
+        column_weight = weight32 if shard is None else weight32[shard.start : shard.stop]
+        weight_total = weight32.sum()
+    token_loss = TokenLoss(options.label_smoothing, options.z_loss, vocab, weight_total)
     plan = Plan(
         impl=impl,
         softcap=options.softcap,
-        with_sum=options.label_smoothing > 0,
         filter_eps=_filter_eps(options, e.dtype),
         vocab_parallel=shard,
+        column_weight=column_weight,
     )
 
     if _fuses(options, get_backend(impl), e, c, bias):
-        weights = valid.float()
+        token_weights = valid.float()
         if options.reduction == "mean":
-            weights = weights / valid.sum().clamp(min=1)
-        return FusedLinearCrossEntropy.apply(rows, c, bias, row_targets, weights, plan, token_loss)
+            token_weights = token_weights / normalizer
+        return FusedLinearCrossEntropy.apply(
+            rows, c, bias, row_targets, token_weights, target_weights, plan, token_loss
+        )
 
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
-    lse, target_logit, logit_sum = LinearLogitStats.apply(rows, c, bias, backend_targets, plan)
-    losses = torch.where(valid, token_loss(lse, target_logit, logit_sum), 0.0)
+    names = ("lse", "target", "sum") if options.label_smoothing > 0 else ("lse", "target")
+    found = _stats(rows, c, bias, backend_targets, plan, names)
+    lse = found[0]
+    logit_sum = found[2] if options.label_smoothing > 0 else None
+    losses = torch.where(valid, token_loss(lse, found[1], logit_sum, target_weights), 0.0)
     if options.reduction == "mean":
-        loss = losses.sum() / valid.sum().clamp(min=1)
+        loss = losses.sum() / normalizer
     elif options.reduction == "sum":
         loss = losses.sum()
     else:
@@ -120,6 +148,134 @@ def linear_cross_entropy_with_options(
     if options.return_lse:
         return loss, _per_token(torch.where(valid, lse, 0.0), targets, options.shift)
     return loss
+
+
+def linear_log_probs(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    shift: int = 0,
+    softcap: float | None = None,
+    filter_eps: float | str | None = None,
+    impl: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of `targets` (and the entropy) under
+    `softmax(softcap(e @ c.T + bias) / temperature)`, without forming the logits.
+
+    Both outputs are differentiable with any upstream gradient (policy-gradient losses weight
+    each token differently). The values are never filtered: `filter_eps` only lets the backward
+    skip negligible tiles, and its default here is None (exact gradients), because RL compares
+    these log-probs and their gradients with an inference engine's and the entropy's gradient
+    p (z - mean) is not bounded by a skipped mass; with `return_entropy` filtering is off anyway.
+
+    Args:
+        e, c, targets, bias, ignore_index, shift, softcap, impl, vocab_parallel: as in
+            `linear_cross_entropy`.
+        temperature: T > 0 divides the (softcapped) logits.
+        return_entropy: also return each token's entropy, `lse - sum_v p_v z_v`.
+        filter_eps: as in `linear_cross_entropy`; None (exact) by default.
+
+    Returns:
+        float32 log-probs shaped like `targets[..., shift:]` (0 at ignored positions), and with
+        `return_entropy` the entropies of that shape (0 at ignored positions).
+    """
+    options = LossOptions(
+        ignore_index=ignore_index, shift=shift, softcap=softcap, filter_eps=filter_eps,
+        impl=impl, vocab_parallel=vocab_parallel,
+    )  # fmt: skip
+    scale = temperature_scale(temperature)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    check_inputs(e, c, targets, bias, options)
+    rows = e.reshape(-1, e.shape[-1])
+    row_targets = _row_targets(targets, options)
+    valid = row_targets != NO_TARGET
+    shard = options.vocab_parallel
+    backend_targets = row_targets if shard is None else shard.localize(row_targets)
+    plan = Plan(
+        impl=check_impl(impl, e.device),
+        softcap=softcap,
+        filter_eps=options.resolved_filter_eps(e.dtype),
+        vocab_parallel=shard,
+        scale=scale,
+    )
+    names = ("lse", "target", "mean") if return_entropy else ("lse", "target")
+    found = _stats(rows, c, bias, backend_targets, plan, names)
+    log_probs = _per_token(torch.where(valid, found[1] - found[0], 0.0), targets, shift)
+    if not return_entropy:
+        return log_probs
+    return log_probs, _per_token(torch.where(valid, found[0] - found[2], 0.0), targets, shift)
+
+
+def linear_top_k(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely classes of each row of `e` under
+    `softmax(softcap(e @ c.T + bias) / temperature)`, without forming the logits.
+
+    One sweep over the vocabulary keeps a running top-k of the logits and their log-sum-exp.
+    The values are recomputed from the k selected rows of `c` (N x k x D floats, which autograd
+    keeps), so they are differentiable in e, c and bias; the log-sum-exp's gradient is one
+    more sweep. k = 1 gives argmax predictions (and accuracy) without logits.
+
+    Returns:
+        (values, indices), both (..., k): float32 log-probabilities in descending order and
+        their int64 class indices.
+    """
+    options = LossOptions(softcap=softcap, impl=impl)
+    scale = temperature_scale(temperature)
+    no_targets = torch.full(e.shape[:-1], NO_TARGET, dtype=torch.long, device=e.device)
+    check_inputs(e, c, no_targets, bias, options)
+    check_top_k(k, c.shape[0])
+    rows = e.reshape(-1, e.shape[-1])
+    plan = Plan(impl=check_impl(impl, e.device), softcap=softcap, filter_eps=None, scale=scale)
+    found, indices = LinearLogitStats.apply(
+        rows, c, bias, no_targets.reshape(-1), None, None, None, plan, ("lse",), k
+    )
+    logits = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
+    values = logits - found[0].unsqueeze(1)
+    lead = e.shape[:-1]
+    return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def gathered_logits(
+    rows: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    *,
+    softcap: float | None,
+    scale: float,
+) -> torch.Tensor:
+    """Differentiable float32 logits `scale * softcap(rows @ c[indices].T + bias[indices])` at
+    (N, k) indices: N x k dot products, with autograd's gather and scatter for the gradients."""
+    x = (c[indices].float() @ rows.float().unsqueeze(2)).squeeze(2)
+    if bias is not None:
+        x = x + bias.float()[indices]
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x * scale if scale != 1.0 else x
+
+
+def _stats(rows, c, bias, backend_targets, plan: Plan, names: tuple[str, ...]) -> torch.Tensor:
+    """The statistics `names` of the student alone, (len(names), N), differentiable."""
+    found, _ = LinearLogitStats.apply(
+        rows, c, bias, backend_targets, None, None, None, plan, names, 0
+    )
+    return found
 
 
 def _row_targets(targets: torch.Tensor, options: LossOptions) -> torch.Tensor:

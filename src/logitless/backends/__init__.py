@@ -1,31 +1,91 @@
-"""Backends: the computation of per-token logit statistics and of their gradients.
+"""Backends: the computation of per-row logit statistics and of their gradients.
 
 A backend works on flat rows: `e` (N, D), `c` (V, D), `bias` (V,) or None, and `targets` (N,)
 int64 where -1 marks a row without target (ignored, shifted out, or held by another vocabulary
-shard). It checks nothing: `logitless.functional` has done that. With `z = softcap(e @ c.T + bias)`
-it provides
+shard). It checks nothing: `logitless.functional` has done that. With
 
-    stats(e, c, bias, targets, *, softcap, with_sum) -> (lse, target_logit, logit_sum | None)
+    z = scale * softcap(e @ c.T + bias),  p = softmax(z)
+    y = scale * softcap_t(e_t @ c_t.T + bias_t),  q = softmax(y)   (an optional teacher)
+    m = beta * q + (1 - beta) * p                                 (the JSD mixture)
 
-        the fp32 per-row log-sum-exp of z, z[n, targets[n]] (0 without target) and, when
-        `with_sum`, the sum of z over the vocabulary;
+and `w` the optional (V,) column weight (1 without), it provides
 
-    grads(e, c, bias, targets, lse, grad_lse, grad_target, grad_sum, *,
-          softcap, filter_eps, needs) -> (grad_e, grad_c, grad_bias)
+    stats(e, c, bias, targets, *, logits, names, teacher=None, top_k=0)
+        -> (len(names), N) float32 [, (N, top_k) int64 indices of the largest z]
 
-        the gradients of sum_n grad_lse[n] * lse[n] + grad_target[n] * target_logit[n]
-        + grad_sum[n] * logit_sum[n], for the inputs flagged in `needs` (None for the others).
-        `grad_sum` is None unless softcap is set: without softcap the caller adds that
-        rank-one term itself. With `filter_eps`, tiles whose softmax entries all lie below it and
-        that hold no target are skipped. Gradients may come back in float32.
+        the per-row statistics in `names` (see `STATISTICS`);
 
-A backend may also provide `stats_and_grads`, which computes both in one pass when the gradient
-coefficients are known during the forward pass (see `logitless._autograd`).
+    grads(e, c, bias, targets, lse, coefficients, terms, *, logits, teacher=None,
+          filter_eps, needs) -> (grad_e, grad_c, grad_bias)
+
+        the gradients, for the inputs flagged in `needs` (None for the others), of the function
+        whose derivative with respect to the logits is, per entry,
+
+            dL/dz = p * (a + b * z + b_y * y + b_m * log m) + g * q + t * [v = target] + s * w
+
+        `coefficients` is (len(terms), N): the rows of the coefficients named in `terms`
+        (from `TERMS`; absent ones are 0). The caller adds the `sum` term itself when there is
+        no softcap (it is rank one, see `logitless._ops.add_uniform_gradient`). With
+        `filter_eps`, tiles whose softmax entries are all negligible and that hold no target
+        are skipped; the caller passes it only for the terms `p` and `target`.
+        Gradients may come back in float32;
+
+    stats_and_grads(e, c, bias, targets, coefficients_of, *, logits, names, terms,
+                    filter_eps, needs) -> (stats, grad_e, grad_c, grad_bias)   [optional]
+
+        both in one sweep, when the coefficients of a block of rows are a function
+        `coefficients_of(rows, stats of those rows)` known during the forward pass.
+
+See docs/statistics.md for why these statistics and this one gradient formula cover every loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
+
+import torch
+
+STATISTICS = (
+    "lse",  # log sum_v exp z
+    "target",  # z[target], 0 without target
+    "sum",  # sum_v w[v] z[v]
+    "mean",  # sum_v p z
+    "teacher_lse",  # log sum_v exp y
+    "teacher_mean",  # sum_v q y
+    "cross_mean",  # sum_v q z
+    "teacher_under_student",  # sum_v p y
+    "mixture",  # sum_v m log m (needs the teacher's and the student's lse: a second sweep)
+    "p_log_m",  # sum_v p log m (idem; the mixture's gradient needs it)
+)
+TERMS = ("p", "pz", "target", "sum", "q", "py", "plogm")
+"""The coefficient rows of the gradient formula: a, b, t, s, g, b_y, b_m."""
+
+
+@dataclass(frozen=True)
+class Logits:
+    """How the logits are formed from `e @ c.T + bias`: softcap, then `scale` (1 / temperature);
+    `column_weight` (V,) weighs the `sum` statistic and term (class weights), None for 1."""
+
+    softcap: float | None = None
+    scale: float = 1.0
+    column_weight: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A second head over the same vocabulary, whose statistics come with the student's.
+
+    Its logits y use the student's `scale`; `lse` (N,) is its log-sum-exp once known (the
+    mixture statistics and the `q` terms need it), `beta` weighs the JSD mixture.
+    """
+
+    e: torch.Tensor
+    c: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    beta: float = 0.5
+    lse: torch.Tensor | None = None
 
 
 def get_backend(impl: str) -> ModuleType:

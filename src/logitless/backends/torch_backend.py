@@ -12,14 +12,19 @@ from collections.abc import Callable
 
 import torch
 
+from logitless.backends import Logits, Teacher
+
 BLOCK_MB_ENV = "LOGITLESS_BLOCK_MB"
 DEFAULT_BLOCK_MB = 20.0
 FILTER_CHUNK = 512
 """Vocabulary columns per gradient-filtering decision."""
 
-RowGrads = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-Coefficients = Callable[[slice, torch.Tensor], RowGrads]
-"""(rows, lse of those rows) -> (grad_lse, grad_target, grad_sum or None) of those rows."""
+Coefficients = Callable[[slice, torch.Tensor], torch.Tensor]
+"""(rows, their statistics (len(names), rows)) -> their coefficients (len(terms), rows)."""
+
+TEACHER_STATISTICS = ("teacher_lse", "teacher_mean", "cross_mean", "teacher_under_student")
+MIXTURE_STATISTICS = ("mixture", "p_log_m")
+"""Second-sweep statistics: they need both log-sum-exps (`lse` and `teacher.lse`) given."""
 
 
 def stats(
@@ -28,13 +33,21 @@ def stats(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     *,
-    softcap: float | None,
-    with_sum: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    lse, target_logit, logit_sum, *_ = _sweep(
-        e, c, bias, targets, softcap=softcap, with_sum=with_sum
+    logits: Logits,
+    names: tuple[str, ...],
+    teacher: Teacher | None = None,
+    lse: torch.Tensor | None = None,
+    top_k: int = 0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The statistics `names` per row, (len(names), N) fp32 (see `logitless.backends`).
+
+    `lse`, the student's, is given for the second sweep (`mixture`, `p_log_m`). With `top_k`,
+    also the (N, top_k) indices of each row's largest logits, in descending order.
+    """
+    out, *_, top = _sweep(
+        e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse, top_k=top_k
     )
-    return lse, target_logit, logit_sum
+    return (out, top) if top_k else out
 
 
 def grads(
@@ -43,20 +56,18 @@ def grads(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     lse: torch.Tensor,
-    grad_lse: torch.Tensor,
-    grad_target: torch.Tensor,
-    grad_sum: torch.Tensor | None,
+    coefficients: torch.Tensor,
+    terms: tuple[str, ...],
     *,
-    softcap: float | None,
+    logits: Logits,
+    teacher: Teacher | None = None,
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    def coefficients(rows: slice, _: torch.Tensor):
-        return grad_lse[rows], grad_target[rows], None if grad_sum is None else grad_sum[rows]
-
-    *_, grad_e, grad_c, grad_bias = _sweep(
-        e, c, bias, targets, softcap=softcap, with_sum=False, lse=lse,
-        coefficients=coefficients, filter_eps=filter_eps, needs=needs,
+    _, grad_e, grad_c, grad_bias, _ = _sweep(
+        e, c, bias, targets, logits=logits, names=(), teacher=teacher, lse=lse,
+        coefficients=lambda rows, _: coefficients[:, rows], terms=terms,
+        filter_eps=filter_eps, needs=needs,
     )  # fmt: skip
     return grad_e, grad_c, grad_bias
 
@@ -66,18 +77,20 @@ def stats_and_grads(
     c: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    coefficients: Coefficients,
+    coefficients_of: Coefficients,
     *,
-    softcap: float | None,
-    with_sum: bool,
+    logits: Logits,
+    names: tuple[str, ...],
+    terms: tuple[str, ...],
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor, ...]:
-    """`stats` and `grads` in one pass, the coefficients given per block from its lse."""
-    return _sweep(
-        e, c, bias, targets, softcap=softcap, with_sum=with_sum,
-        coefficients=coefficients, filter_eps=filter_eps, needs=needs,
+) -> tuple[torch.Tensor | None, ...]:
+    """`stats` and `grads` in one pass, the coefficients given per block from its statistics."""
+    out, grad_e, grad_c, grad_bias, _ = _sweep(
+        e, c, bias, targets, logits=logits, names=names, coefficients=coefficients_of,
+        terms=terms, filter_eps=filter_eps, needs=needs,
     )  # fmt: skip
+    return out, grad_e, grad_c, grad_bias
 
 
 def rows_per_block(n_rows: int, vocab: int, bytes_per_logit: int) -> int:
@@ -92,59 +105,111 @@ def _sweep(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     *,
-    softcap: float | None,
-    with_sum: bool,
+    logits: Logits,
+    names: tuple[str, ...],
+    teacher: Teacher | None = None,
     lse: torch.Tensor | None = None,
     coefficients: Coefficients | None = None,
+    terms: tuple[str, ...] = (),
     filter_eps: float | None = None,
     needs: tuple[bool, bool, bool] = (False, False, False),
+    top_k: int = 0,
 ) -> tuple[torch.Tensor | None, ...]:
-    """One pass over row blocks: the statistics when `lse` is None, gradients when asked."""
+    """One pass over row blocks: the statistics `names` (the forward sweep when `lse` is None),
+    and gradients when `coefficients` are given. Returns (stats, grad_e, grad_c, grad_bias,
+    top-k indices)."""
     n, dim = e.shape
     vocab = c.shape[0]
     forward = lse is None
     backward = coefficients is not None and any(needs)
     half = e.dtype != torch.float32
     fp32 = dict(device=e.device, dtype=torch.float32)
+    softcap, scale = logits.softcap, logits.scale
+    weight32 = None if logits.column_weight is None else logits.column_weight.float()
 
-    bytes_per_logit = 4 + (4 if softcap and backward else 0) + (e.element_size() if half else 0)
+    # Block-sized buffers besides the logits, which become the softmax in place:
+    need_log_m = any(x in names for x in MIXTURE_STATISTICS) or "plogm" in terms
+    need_z = "mean" in names or "cross_mean" in names or "pz" in terms
+    need_y = "teacher_mean" in names or "teacher_under_student" in names or "py" in terms
+    need_q = need_log_m or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
+    need_p = "mean" in names or "teacher_under_student" in names or need_log_m
+    sizes = (need_z, need_y, need_q, need_log_m, softcap is not None and backward)
+    bytes_per_logit = 4 * (1 + sum(sizes)) + (e.element_size() if half else 0)
     block = rows_per_block(n, vocab, bytes_per_logit)
-    logits_buffer = torch.empty(block, vocab, **fp32)
-    deriv_buffer = torch.empty(block, vocab, **fp32) if softcap and backward else None
+    buffer = lambda needed: torch.empty(block, vocab, **fp32) if needed else None  # noqa: E731
+    logits_buffer, z_buffer, y_buffer, q_buffer, log_m_buffer, deriv_buffer = map(
+        buffer, (True, *sizes)
+    )
     bias32 = None if bias is None else bias.float()
 
-    target_logit = logit_sum = None
-    if forward:
-        lse = torch.empty(n, **fp32)
-        target_logit = torch.empty(n, **fp32)
-        logit_sum = torch.empty(n, **fp32) if with_sum else None
+    out = torch.empty(len(names), n, **fp32)
     grad_e = torch.zeros(n, dim, **fp32) if backward and needs[0] else None
     grad_c = torch.zeros(vocab, dim, **fp32) if backward and needs[1] else None
     grad_bias = torch.zeros(vocab, **fp32) if backward and needs[2] else None
+    top = torch.empty(n, top_k, device=e.device, dtype=torch.int64) if top_k else None
 
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
+        size = rows.stop - start
         e_rows, t = e[rows], targets[rows]
-        z = _logits(e_rows, c, bias32, logits_buffer[: rows.stop - start])
+        z = _logits(e_rows, c, bias32, logits_buffer[:size])
         deriv = None
         if softcap:
             z.div_(softcap).tanh_()
             if deriv_buffer is not None:
-                deriv = torch.mul(z, z, out=deriv_buffer[: z.shape[0]]).neg_().add_(1)
+                deriv = torch.mul(z, z, out=deriv_buffer[:size]).neg_().add_(1)
             z.mul_(softcap)
+        if scale != 1.0:
+            z.mul_(scale)
+        if top is not None:
+            top[rows] = z.topk(top_k, dim=1).indices
+        found: dict[str, torch.Tensor] = {}
+        z_kept = z_buffer[:size].copy_(z) if need_z else None
         if forward:
-            target_logit[rows] = _gather_targets(z, t)
-            if with_sum:
-                logit_sum[rows] = z.sum(1)
-            lse[rows] = _exp_in_place(z, normalize=backward)
+            found["target"] = _gather_targets(z, t)
+            if "sum" in names:
+                found["sum"] = z.sum(1) if weight32 is None else z @ weight32
+            found["lse"] = _exp_in_place(z, normalize=backward or need_p)
         else:
             z.sub_(lse[rows, None]).exp_()
+        p = z  # the softmax from here on (unnormalized when nothing needs it)
+        if "mean" in names:
+            found["mean"] = _row_dot(p, z_kept)
+        y = q = log_m = None
+        if need_y or need_q:
+            y_out = (y_buffer if need_y else q_buffer)[:size]
+            y = _logits(teacher.e[rows], teacher.c, _float(teacher.bias), y_out)
+            if teacher.softcap:
+                y.div_(teacher.softcap).tanh_().mul_(teacher.softcap)
+            if scale != 1.0:
+                y.mul_(scale)
+        if need_q:
+            q = q_buffer[:size].copy_(y) if need_y else y
+            if teacher.lse is None:
+                found["teacher_lse"] = _exp_in_place(q, normalize=True)
+            else:
+                q.sub_(teacher.lse[rows, None]).exp_()
+        if "teacher_mean" in names:
+            found["teacher_mean"] = _row_dot(q, y)
+        if "cross_mean" in names:
+            found["cross_mean"] = _row_dot(q, z_kept)
+        if "teacher_under_student" in names:
+            found["teacher_under_student"] = _row_dot(p, y)
+        if need_log_m:
+            beta = teacher.beta
+            log_m = torch.mul(q, beta, out=log_m_buffer[:size]).add_(p, alpha=1.0 - beta)
+            log_m.clamp_(min=torch.finfo(torch.float32).tiny).log_()
+            if names:
+                found["p_log_m"] = _row_dot(p, log_m)
+                found["mixture"] = beta * _row_dot(q, log_m) + (1.0 - beta) * found["p_log_m"]
+        for i, name in enumerate(names):
+            out[i, rows] = found[name]
         if not backward:
             continue
 
-        ranges = _kept_ranges(z, t, filter_eps) if filter_eps else [(0, vocab)]
-        grad_lse, grad_target, grad_sum = coefficients(rows, lse[rows])
-        d = _softmax_to_grad(z, t, grad_lse, grad_target, grad_sum, deriv)
+        ranges = _kept_ranges(p, t, filter_eps) if filter_eps else [(0, vocab)]
+        coefs = dict(zip(terms, coefficients(rows, out[:, rows]), strict=True))
+        d = _softmax_to_grad(p, t, coefs, z_kept, y, q, log_m, weight32, deriv, scale)
         e_rows32 = e_rows.float() if half and needs[1] else e_rows
         for lo, hi in ranges:
             d_part = d[:, lo:hi]
@@ -157,7 +222,16 @@ def _sweep(
                 grad_c[lo:hi].addmm_(d_part.T, e_rows32)
             if grad_bias is not None:
                 grad_bias[lo:hi] += d_part.sum(0)
-    return lse, target_logit, logit_sum, grad_e, grad_c, grad_bias
+    return out, grad_e, grad_c, grad_bias, top
+
+
+def _float(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.float()
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[n, v] * b[n, v] per row, without a block-sized temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 def _logits(
@@ -191,19 +265,45 @@ def _exp_in_place(z: torch.Tensor, *, normalize: bool) -> torch.Tensor:
 def _softmax_to_grad(
     p: torch.Tensor,
     t: torch.Tensor,
-    grad_lse: torch.Tensor,
-    grad_target: torch.Tensor,
-    grad_sum: torch.Tensor | None,
+    coefs: dict[str, torch.Tensor],
+    z: torch.Tensor | None,
+    y: torch.Tensor | None,
+    q: torch.Tensor | None,
+    log_m: torch.Tensor | None,
+    weight32: torch.Tensor | None,
     deriv: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
-    """In place: softmax p -> gradient of the pre-softcap logits."""
-    d = p.mul_(grad_lse.unsqueeze(1))
-    at_target = torch.where(t >= 0, grad_target, 0.0).unsqueeze(1)
-    d.scatter_add_(1, t.clamp(min=0).unsqueeze(1), at_target)
-    if grad_sum is not None:
-        d.add_(grad_sum.unsqueeze(1))
+    """In place: softmax p -> the gradient of the pre-softcap logits,
+
+        (p (a + b z + b_y y + b_m log m) + g q + t onehot + s w) * scale * softcap'
+
+    with the coefficient rows present in `coefs` (the other buffers are overwritten)."""
+    column = lambda name: coefs[name].unsqueeze(1)  # noqa: E731
+    inner = None
+    for name, values in (("pz", z), ("py", y), ("plogm", log_m)):
+        if name in coefs:
+            if inner is None:
+                inner = values.mul_(column(name))
+            else:
+                inner.addcmul_(values, column(name))
+    if "p" in coefs:
+        inner = column("p") if inner is None else inner.add_(column("p"))
+    d = p.zero_() if inner is None else p.mul_(inner)
+    if "q" in coefs:
+        d.addcmul_(q, column("q"))
+    if "target" in coefs:
+        at_target = torch.where(t >= 0, coefs["target"], 0.0).unsqueeze(1)
+        d.scatter_add_(1, t.clamp(min=0).unsqueeze(1), at_target)
+    if "sum" in coefs:
+        if weight32 is None:
+            d.add_(column("sum"))
+        else:
+            d.addcmul_(column("sum"), weight32.unsqueeze(0))
     if deriv is not None:
         d.mul_(deriv)
+    if scale != 1.0:
+        d.mul_(scale)
     return d
 
 

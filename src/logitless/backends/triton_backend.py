@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from logitless.backends import torch_backend
+from logitless.backends import Logits, Teacher, torch_backend
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
 from logitless.kernels.lse_forward import lse_forward
+
+KERNEL_STATISTICS = ("lse", "target", "sum", "mean")
+KERNEL_TERMS = ("p", "pz", "target", "sum")
+"""What the kernels compute; the rest of the contract (a teacher's statistics and terms, a
+running top-k) comes from the portable backend on the same device."""
 
 GRAD_C_SCRATCH_BYTES = 64 * 2**20
 """Most bytes of fp32 scratch for grad_c (16-bit inputs, or a sorted vocabulary). Each chunk
@@ -30,10 +35,25 @@ def stats(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     *,
-    softcap: float | None,
-    with_sum: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return lse_forward(e, c, bias, targets.contiguous(), softcap=softcap, with_sum=with_sum)
+    logits: Logits,
+    names: tuple[str, ...],
+    teacher: Teacher | None = None,
+    lse: torch.Tensor | None = None,
+    top_k: int = 0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The student's statistics (`lse`, `target`, `sum`, `mean`) from the forward kernel; a
+    teacher's, the JSD mixture's and a running top-k from the portable backend (on the same
+    device), which has them."""
+    if teacher is not None or lse is not None or top_k or set(names) - set(KERNEL_STATISTICS):
+        return torch_backend.stats(
+            e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse,
+            top_k=top_k,
+        )  # fmt: skip
+    found = lse_forward(
+        e, c, bias, targets.contiguous(), softcap=logits.softcap, with_sum="sum" in names,
+        scale=logits.scale, weight=logits.column_weight, with_mean="mean" in names,
+    )  # fmt: skip
+    return torch.stack([found[name] for name in names])
 
 
 def grads(
@@ -42,25 +62,30 @@ def grads(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     lse: torch.Tensor,
-    grad_lse: torch.Tensor,
-    grad_target: torch.Tensor,
-    grad_sum: torch.Tensor | None,
+    coefficients: torch.Tensor,
+    terms: tuple[str, ...],
     *,
-    softcap: float | None,
+    logits: Logits,
+    teacher: Teacher | None = None,
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    if torch.are_deterministic_algorithms_enabled():
+    """The gradients of the student's terms (`p`, `pz`, `target`, `sum`) from the backward
+    kernel; the teacher's terms from the portable backend."""
+    if torch.are_deterministic_algorithms_enabled() or set(terms) - set(KERNEL_TERMS):
         return torch_backend.grads(
-            e, c, bias, targets, lse, grad_lse, grad_target, grad_sum,
-            softcap=softcap, filter_eps=filter_eps, needs=needs,
+            e, c, bias, targets, lse, coefficients, terms, logits=logits, teacher=teacher,
+            filter_eps=filter_eps, needs=needs,
         )  # fmt: skip
-    if grad_sum is not None:
-        filter_eps = None  # the smoothing gradient reaches every logit: no tile is negligible
+    rows = dict(zip(terms, coefficients, strict=True))
+    zeros = torch.zeros_like(lse)
+    if "sum" in rows or "pz" in rows:
+        filter_eps = None  # these gradients reach every logit: no tile is negligible
     order = vocabulary_order(e, c, bias) if filter_eps else None
     return _sweep(
-        e, c, bias, targets, lse, grad_lse, grad_target, grad_sum,
-        softcap=softcap, filter_eps=filter_eps, needs=needs, order=order,
+        e, c, bias, targets, lse, rows.get("p", zeros), rows.get("target", zeros),
+        rows.get("sum"), softcap=logits.softcap, filter_eps=filter_eps, needs=needs, order=order,
+        scale=logits.scale, grad_pz=rows.get("pz"), weight=logits.column_weight,
     )  # fmt: skip
 
 
@@ -115,6 +140,9 @@ def _sweep(
     needs: tuple[bool, bool, bool],
     order: torch.Tensor | None,
     counts: torch.Tensor | None = None,
+    scale: float = 1.0,
+    grad_pz: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias)."""
     n, dim = e.shape
@@ -134,8 +162,7 @@ def _sweep(
         scratch = torch.empty(min(chunk, vocab), dim, **fp32)
     target_positions = targets.contiguous() if order is None else _positions(order, targets)
     row_vectors = [x.contiguous() for x in (lse, grad_lse, grad_target)]
-    if grad_sum is not None:
-        grad_sum = grad_sum.contiguous()
+    grad_sum, grad_pz = (None if x is None else x.contiguous() for x in (grad_sum, grad_pz))
 
     for begin in range(0, vocab, chunk):
         end = min(vocab, begin + chunk)
@@ -146,6 +173,7 @@ def _sweep(
             e, c, bias, target_positions, *row_vectors, grad_sum,
             grad_e=grad_e, grad_c=grad_c_rows, grad_bias=grad_bias, order=order,
             positions=(begin, end), softcap=softcap, filter_eps=filter_eps, counts=counts,
+            scale=scale, grad_pz=grad_pz, weight=weight,
         )  # fmt: skip
         if scratch is not None:
             if order is None:

@@ -82,12 +82,13 @@ def tanh(x):
 @triton.jit
 def logit_tile(
     e_ptr, c_ptr, bias_ptr, row_offsets, vocab, vocab_offsets, row_mask, col_mask,
-    D, stride_ed, stride_cd, softcap,
+    D, stride_ed, stride_cd, softcap, scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """fp32 logits softcap(e[rows] @ c[vocab].T + bias[vocab]) of one (BLOCK_N, BLOCK_V) tile.
+    """fp32 logits scale * softcap(e[rows] @ c[vocab].T + bias[vocab]) of one (BLOCK_N, BLOCK_V)
+    tile (`scale` is 1 / temperature).
 
     `row_offsets` and `vocab_offsets` are the int64 offsets of the rows of e and c; masked rows
     and columns read zeros.
@@ -117,4 +118,4 @@ def logit_tile(
         acc += tl.load(bias_ptr + vocab, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
-    return acc
+    return acc * scale

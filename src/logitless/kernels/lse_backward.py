@@ -3,8 +3,11 @@
 Grid: (row blocks, vocabulary blocks of one chunk of positions). A program recomputes its logit
 tile on chip, forms the fp32 gradient of the logits
 
-    d = (grad_lse * softmax + grad_target * onehot(target) + grad_sum) * softcap'(z)
+    d = (softmax * (grad_lse + grad_pz * z) + grad_target * onehot(target) + grad_sum * w)
+        * scale * softcap'(x)
 
+(the backend contract's gradient formula with the student's terms; z is the scaled logit, x
+the one before softcap and scale, w the optional column weight)
 and adds d @ c into grad_e, d.T @ e into grad_c and the column sums of d into grad_bias with
 atomics, one BLOCK_D slice of D at a time. Vocabulary positions map to vocabulary rows through
 an optional order (rows of c are read through it, never copied), so that sorting the vocabulary
@@ -53,10 +56,12 @@ def vocabulary_alignment() -> int:
 @triton.jit
 def lse_backward_kernel(
     e_ptr, c_ptr, bias_ptr, order_ptr, target_positions_ptr, lse_ptr,
-    grad_lse_ptr, grad_target_ptr, grad_sum_ptr, grad_e_ptr, grad_c_ptr, grad_bias_ptr, counts_ptr,
+    grad_lse_ptr, grad_pz_ptr, grad_target_ptr, grad_sum_ptr, weight_ptr,
+    grad_e_ptr, grad_c_ptr, grad_bias_ptr, counts_ptr,
     N, D, position_begin, position_end, stride_en, stride_ed, stride_cv, stride_cd,
-    softcap, filter_mass_per_entry, vocab_bucket,
+    softcap, scale, filter_mass_per_entry, vocab_bucket,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SUM: tl.constexpr,
+    HAS_PZ: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     SORTED: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr,
     NEED_E: tl.constexpr, NEED_C: tl.constexpr, NEED_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -77,7 +82,7 @@ def lse_backward_kernel(
     vocab_offsets = offsets(vocab, stride_cv)
     z = logit_tile(
         e_ptr, c_ptr, bias_ptr, row_offsets, vocab, vocab_offsets, row_mask, col_mask,
-        D, stride_ed, stride_cd, softcap,
+        D, stride_ed, stride_cd, softcap, scale,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
     )  # fmt: skip
     in_tile = row_mask[:, None] & col_mask[None, :]
@@ -97,12 +102,24 @@ def lse_backward_kernel(
             tl.atomic_add(counts_ptr + 1, 1, sem="relaxed")
         grad_lse = tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0)
         grad_target = tl.load(grad_target_ptr + rows, mask=row_mask, other=0.0)
-        d = grad_lse[:, None] * probs + tl.where(is_target, grad_target[:, None], 0.0)
+        if HAS_PZ:
+            grad_pz = tl.load(grad_pz_ptr + rows, mask=row_mask, other=0.0)
+            probs *= grad_lse[:, None] + grad_pz[:, None] * z
+        else:
+            probs *= grad_lse[:, None]
         if HAS_SUM:
-            d += tl.load(grad_sum_ptr + rows, mask=row_mask, other=0.0)[:, None]
+            grad_sum = tl.load(grad_sum_ptr + rows, mask=row_mask, other=0.0)
+            if HAS_WEIGHT:
+                column_weight = tl.load(weight_ptr + vocab, mask=col_mask, other=0.0)
+                probs += grad_sum[:, None] * column_weight[None, :]
+            else:
+                probs += grad_sum[:, None]
+        d = tl.where(is_target, probs + grad_target[:, None], probs)
         if HAS_SOFTCAP:
-            scaled = z / softcap
-            d *= 1.0 - scaled * scaled
+            capped = z * (1.0 / (softcap * scale))
+            d *= (1.0 - capped * capped) * scale
+        elif scale != 1.0:
+            d *= scale
         d = tl.where(in_tile, d, 0.0)
         if NEED_BIAS:
             tl.atomic_add(grad_bias_ptr + vocab, tl.sum(d, axis=0), mask=col_mask, sem="relaxed")
@@ -178,11 +195,16 @@ def lse_backward(
     softcap: float | None,
     filter_eps: float | None,
     counts: torch.Tensor | None = None,
+    scale: float = 1.0,
+    grad_pz: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> None:
     """Add the gradients from vocabulary positions [begin, end) into the fp32 buffers given.
 
     Position p is vocabulary row `order[p]` (p itself without order); `target_positions` holds
     each row's target as a position, -1 for none; grad_c row r is position begin + r.
+    `grad_lse`, `grad_pz`, `grad_target` and `grad_sum` are the coefficients a, b, t and s of
+    the gradient formula, `weight` the column weight of the s term (by vocabulary row).
     `counts`, an int32 pair, receives (tiles, tiles kept) for diagnostics.
     """
     n, dim = e.shape
@@ -190,17 +212,20 @@ def lse_backward(
     if n == 0 or end <= begin:
         return
     placeholder = lse
+    optional = lambda x: placeholder if x is None else x  # noqa: E731
     launch(
         lse_backward_kernel,
         lse_backward_tuned,
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(end - begin, meta["BLOCK_V"])),
         e, c, placeholder if bias is None else bias.contiguous(),
-        placeholder if order is None else order, target_positions, lse,
-        grad_lse, grad_target, placeholder if grad_sum is None else grad_sum,
-        *(placeholder if x is None else x for x in (grad_e, grad_c, grad_bias, counts)),
+        optional(order), target_positions, lse,
+        grad_lse, optional(grad_pz), grad_target, optional(grad_sum), optional(weight),
+        *(optional(x) for x in (grad_e, grad_c, grad_bias, counts)),
         n, dim, begin, end, *e.stride(), *c.stride(),
-        float(softcap or 1.0), (filter_eps or 0.0) / c.shape[0], triton.next_power_of_2(c.shape[0]),
+        float(softcap or 1.0), float(scale), (filter_eps or 0.0) / c.shape[0],
+        triton.next_power_of_2(c.shape[0]),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SUM=grad_sum is not None,
+        HAS_PZ=grad_pz is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None, COUNT_TILES=counts is not None,
         NEED_E=grad_e is not None, NEED_C=grad_c is not None, NEED_BIAS=grad_bias is not None,
         **dot_options(e.dtype),

@@ -1,9 +1,12 @@
-"""Forward kernel: per-row log-sum-exp, target logit and logit sum, split over the vocabulary.
+"""Forward kernel: per-row log-sum-exp, target logit, (weighted) logit sum and softmax-weighted
+mean logit, split over the vocabulary.
 
 Grid: (row blocks, vocabulary splits). Each program sweeps its split in BLOCK_V tiles, each tile
 a dot loop over D with fp32 accumulation, and keeps an online max / rescaled sum of exponentials
-per row. It writes one partial result per (split, row); `lse_forward` merges the splits in
-PyTorch, in a fixed order, so the result is deterministic and needs neither atomics nor locks.
+per row, and with it the rescaled sum of exp(z - max) * z whose ratio to the sum of
+exponentials is the softmax-weighted mean. It writes one partial result per (split, row);
+`lse_forward` merges the splits in PyTorch, in a fixed order, so the result is deterministic and
+needs neither atomics nor locks.
 """
 
 from __future__ import annotations
@@ -48,15 +51,18 @@ FLOAT32_CONFIGS = [
 
 @triton.jit
 def lse_forward_kernel(
-    e_ptr, c_ptr, bias_ptr, targets_ptr, partials_ptr,
-    N, V, D, stride_en, stride_ed, stride_cv, stride_cd, softcap, vocab_bucket,
+    e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr, partials_ptr,
+    N, V, D, stride_en, stride_ed, stride_cv, stride_cd, softcap, scale, vocab_bucket,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_SUM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, WITH_MEAN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Partials (max, sum of exp(z - max), target logit, logit sum) of a row block on a split.
+    """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max) z])
+    of a row block on a split; the logit sum weighs column v by weight[v] when HAS_WEIGHT.
 
-    `partials_ptr` is (3 or 4, splits, N) fp32; `vocab_bucket` only keys the autotuner.
+    `partials_ptr` is (3 + WITH_SUM + WITH_MEAN, splits, N) fp32; `vocab_bucket` only keys the
+    autotuner.
     """
     row_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -74,22 +80,30 @@ def lse_forward_kernel(
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    weighted_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for tile_begin in range(vocab_begin, vocab_end, BLOCK_V):
         vocab = tile_begin + tl.arange(0, BLOCK_V)
         col_mask = vocab < vocab_end
         z = logit_tile(
             e_ptr, c_ptr, bias_ptr, row_offsets, vocab, offsets(vocab, stride_cv),
-            row_mask, col_mask, D, stride_ed, stride_cd, softcap,
+            row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
         target_logit += tl.sum(tl.where(vocab[None, :] == targets[:, None], z, 0.0), axis=1)
         if WITH_SUM:
-            logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
-            tl.exp(z - new_max[:, None]), axis=1
-        )
+            summand = tl.where(col_mask[None, :], z, 0.0)
+            if HAS_WEIGHT:
+                column_weight = tl.load(weight_ptr + vocab, mask=col_mask, other=0.0)
+                summand *= column_weight.to(tl.float32)[None, :]
+            logit_sum += tl.sum(summand, axis=1)
+        masked = tl.where(col_mask[None, :], z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(masked, axis=1))
+        rescale = tl.exp(running_max - new_max)
+        exps = tl.exp(masked - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(exps, axis=1)
+        if WITH_MEAN:
+            weighted = tl.where(col_mask[None, :], exps * z, 0.0)
+            weighted_sum = weighted_sum * rescale + tl.sum(weighted, axis=1)
         running_max = new_max
 
     plane = splits.to(tl.int64) * N
@@ -99,6 +113,8 @@ def lse_forward_kernel(
     tl.store(out + 2 * plane, target_logit, mask=row_mask)
     if WITH_SUM:
         tl.store(out + 3 * plane, logit_sum, mask=row_mask)
+    if WITH_MEAN:
+        tl.store(out + (3 + WITH_SUM) * plane, weighted_sum, mask=row_mask)
 
 
 lse_forward_tuned = autotune_by_dtype(HALF_CONFIGS, FLOAT32_CONFIGS, key=["D", "vocab_bucket"])(
@@ -114,28 +130,41 @@ def lse_forward(
     *,
     softcap: float | None,
     with_sum: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """fp32 (lse, target logit, logit sum or None) per row of e; see `logitless.backends`."""
+    scale: float = 1.0,
+    weight: torch.Tensor | None = None,
+    with_mean: bool = False,
+) -> dict[str, torch.Tensor]:
+    """fp32 per-row `lse`, `target` and, if asked, `sum` (weighted by `weight`) and `mean`
+    (the softmax-weighted mean logit) of e; see `logitless.backends`."""
     n, dim = e.shape
     vocab = c.shape[0]
     splits = vocabulary_splits(n, vocab, e.device)
-    partials = torch.empty(3 + with_sum, splits, n, device=e.device, dtype=torch.float32)
+    partials = torch.empty(
+        3 + with_sum + with_mean, splits, n, device=e.device, dtype=torch.float32
+    )
     if n:
         launch(
             lse_forward_kernel,
             lse_forward_tuned,
             lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits),
-                e, c, e if bias is None else bias.contiguous(), targets, partials,
-            n, vocab, dim, *e.stride(), *c.stride(), float(softcap or 1.0),
+            e, c, e if bias is None else bias.contiguous(),
+            e if weight is None else weight.contiguous(), targets, partials,
+            n, vocab, dim, *e.stride(), *c.stride(), float(softcap or 1.0), float(scale),
             triton.next_power_of_2(vocab),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum,
+            HAS_WEIGHT=weight is not None, WITH_MEAN=with_mean,
             **dot_options(e.dtype),
         )  # fmt: skip
     split_max, split_sum = partials[0], partials[1]
     peak = split_max.amax(0)
-    lse = peak + (split_sum * torch.exp(split_max - peak)).sum(0).log()
-    logit_sum = partials[3].sum(0) if with_sum else None
-    return lse, partials[2].sum(0), logit_sum
+    rescale = torch.exp(split_max - peak)
+    total = (split_sum * rescale).sum(0)
+    found = {"lse": peak + total.log(), "target": partials[2].sum(0)}
+    if with_sum:
+        found["sum"] = partials[3].sum(0)
+    if with_mean:
+        found["mean"] = (partials[3 + with_sum] * rescale).sum(0) / total
+    return found
 
 
 def vocabulary_splits(n: int, vocab: int, device: torch.device) -> int:

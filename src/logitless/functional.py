@@ -5,6 +5,8 @@ Backends only compute (see `logitless.backends`); everything a call means is dec
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from logitless._autograd import FusedLinearCrossEntropy, LinearLogitStats, Plan
@@ -238,7 +240,7 @@ def linear_top_k(
     options = LossOptions(softcap=softcap, impl=impl)
     scale = temperature_scale(temperature)
     no_targets = torch.full(e.shape[:-1], NO_TARGET, dtype=torch.long, device=e.device)
-    check_inputs(e, c, no_targets, bias, options)
+    check_inputs(e, c, no_targets, bias, dataclasses.replace(options, ignore_index=NO_TARGET))
     check_top_k(k, c.shape[0])
     rows = e.reshape(-1, e.shape[-1])
     plan = Plan(impl=check_impl(impl, e.device), softcap=softcap, filter_eps=None, scale=scale)

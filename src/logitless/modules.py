@@ -12,7 +12,8 @@ from logitless.functional import linear_cross_entropy_with_options
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
-    """Module form of `logitless.linear_cross_entropy`; takes the same keyword options."""
+    """Module form of `logitless.linear_cross_entropy`; takes the same keyword options, the
+    class weights `weight` as a buffer (as `torch.nn.CrossEntropyLoss`)."""
 
     def __init__(
         self,
@@ -27,8 +28,10 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         filter_eps: float | str | None = "auto",
         impl: str = "auto",
         vocab_parallel: VocabParallel | None = None,
+        weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        self.register_buffer("weight", weight)
         self.options = LossOptions(
             ignore_index=ignore_index,
             reduction=reduction,
@@ -49,7 +52,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         targets: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return linear_cross_entropy_with_options(e, c, targets, bias, self.options)
+        return linear_cross_entropy_with_options(e, c, targets, bias, self.options, self.weight)
 
     def extra_repr(self) -> str:
         defaults = LossOptions()

@@ -25,6 +25,7 @@ def reference_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_lse: bool = False,
+    weight: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`linear_cross_entropy` through the full N x V logits and `F.cross_entropy`.
@@ -32,19 +33,13 @@ def reference_linear_cross_entropy(
     The logits are formed in `dtype` (e, c and bias are converted to it, differentiably) and
     the loss is taken in float32 or better, as eager training code does.
     """
-    logits = e.to(dtype) @ c.to(dtype).T
-    if bias is not None:
-        logits = logits + bias.to(dtype)
-    if shift:
-        logits, targets = logits[..., :-shift, :], targets[..., shift:]
-    logits = logits.float() if dtype.itemsize < 4 else logits
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_targets = targets.reshape(-1)
+    flat_logits, flat_targets = reference_logits(e, c, targets, bias, shift, softcap, dtype)
+    if weight is not None:
+        weight = weight.to(flat_logits.dtype)
     losses = F.cross_entropy(
         flat_logits,
         flat_targets,
+        weight=weight,
         ignore_index=ignore_index,
         reduction="none",
         label_smoothing=label_smoothing,
@@ -54,15 +49,86 @@ def reference_linear_cross_entropy(
         lse = torch.where(valid, torch.logsumexp(flat_logits, dim=-1), 0.0)
     if z_loss:
         losses = losses + z_loss * lse.square()
+    shape = targets[..., shift:].shape
     if reduction == "mean":
-        loss = losses.sum() / valid.sum().clamp(min=1)
+        if weight is None:
+            loss = losses.sum() / valid.sum().clamp(min=1)
+        else:  # F.cross_entropy's weighted mean: over the weights of the targets (0 if none)
+            total = weight[flat_targets.clamp(min=0)][valid].sum()
+            loss = losses.sum() / torch.where(total == 0, 1.0, total)
     elif reduction == "sum":
         loss = losses.sum()
     else:
-        loss = losses.view(targets.shape)
+        loss = losses.view(shape)
     if return_lse:
-        return loss, lse.view(targets.shape)
+        return loss, lse.view(shape)
     return loss
+
+
+def reference_linear_log_probs(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    shift: int = 0,
+    softcap: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`linear_log_probs` through the full logits: log_softmax(logits / T) at the targets and
+    the entropy, as RL frameworks compute them (logits in `dtype`, then float32 or better)."""
+    flat_logits, flat_targets = reference_logits(e, c, targets, bias, shift, softcap, dtype)
+    log_p = torch.log_softmax(flat_logits / temperature, dim=-1)
+    valid = flat_targets != ignore_index
+    picked = log_p.gather(1, flat_targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    shape = targets[..., shift:].shape
+    log_probs = torch.where(valid, picked, 0.0).view(shape)
+    if not return_entropy:
+        return log_probs
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return log_probs, torch.where(valid, entropy, 0.0).view(shape)
+
+
+def reference_linear_top_k(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear_top_k` through the full logits: the top k of log_softmax(logits / T)."""
+    targets = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+    flat_logits, _ = reference_logits(e, c, targets, bias, 0, softcap, dtype)
+    values, indices = torch.log_softmax(flat_logits / temperature, dim=-1).topk(k, dim=-1)
+    return values.view(*e.shape[:-1], k), indices.view(*e.shape[:-1], k)
+
+
+def reference_logits(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    shift: int,
+    softcap: float | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (rows, V) logits formed in `dtype` (then float32 or better, softcapped) and the flat
+    targets they predict under `shift`."""
+    logits = e.to(dtype) @ c.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if shift:
+        logits, targets = logits[..., :-shift, :], targets[..., shift:]
+    logits = logits.float() if dtype.itemsize < 4 else logits
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,0 +1,204 @@
+"""Log-probs, entropy, top-k and class weights against the float64 reference, on both backends
+(Triton through its interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import DTYPES, check_against_reference, check_results, make_inputs, outputs_and_grads
+from logitless import (
+    LinearCrossEntropyLoss,
+    linear_cross_entropy,
+    linear_log_probs,
+    linear_top_k,
+)
+from logitless._validation import triton_interpreter_on
+from logitless.reference import reference_linear_top_k
+
+IMPLS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() or triton_interpreter_on()),
+            reason="needs CUDA or TRITON_INTERPRET=1",
+        ),
+    ),
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+LOG_PROB_OPTIONS = [
+    {"temperature": 0.7, "return_entropy": True},
+    {"temperature": 1.3, "return_entropy": True, "softcap": 4.0},
+    {"temperature": 1.3},
+    {"return_entropy": True, "ignore_index": 5},
+    {"temperature": 0.7, "return_entropy": True, "filter_eps": "auto"},
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", LOG_PROB_OPTIONS, ids=repr)
+def test_log_probs_and_entropy(impl, dtype, options):
+    """Values and gradients under random per-token upstream weights, ragged shapes."""
+    inputs = make_inputs(
+        (37,), 29, 301, dtype, bias=True, ignore_fraction=0.2, seed=3, device=DEVICE,
+        ignore_index=options.get("ignore_index", -100),
+    )  # fmt: skip
+    check_against_reference(inputs, impl=impl, function=linear_log_probs, **options)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shift", [1, 3])
+def test_log_probs_shift_on_batched_sequences(impl, shift):
+    inputs = make_inputs((2, 19), 24, 213, bias=True, ignore_fraction=0.1, seed=5, device=DEVICE)
+    check_against_reference(
+        inputs, impl=impl, function=linear_log_probs, shift=shift, temperature=0.7,
+        return_entropy=True, softcap=3.0,
+    )  # fmt: skip
+
+
+def test_log_probs_are_minus_the_unreduced_loss():
+    """At T = 1 the log-probs are the negated per-token cross-entropy, bit for bit in float32."""
+    e, c, targets, bias = make_inputs((3, 17), 16, 257, bias=True, ignore_fraction=0.2, seed=7)
+    log_probs = linear_log_probs(e, c, targets, bias, shift=1)
+    losses = linear_cross_entropy(e, c, targets, bias, shift=1, reduction="none")
+    assert torch.equal(log_probs, -losses)
+
+
+def test_entropy_of_a_uniform_softmax_is_log_v():
+    e = torch.randn(5, 8)
+    c = torch.zeros(97, 8)
+    _, entropy = linear_log_probs(e, c, torch.zeros(5, dtype=torch.long), return_entropy=True)
+    torch.testing.assert_close(entropy, torch.full((5,), torch.tensor(97.0).log().item()))
+
+
+def _top_k(k):
+    def top_k(e, c, targets, bias, **options):
+        return linear_top_k(e, c, k, bias, **options)
+
+    return top_k
+
+
+def _reference_top_k(k):
+    def top_k(e, c, targets, bias, **options):
+        return reference_linear_top_k(e, c, k, bias, **options)
+
+    return top_k
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("k", "options"),
+    [(1, {}), (5, {"temperature": 0.7}), (3, {"temperature": 1.3, "softcap": 3.0})],
+    ids=["argmax", "k5-T0.7", "k3-T1.3-softcap"],
+)
+def test_top_k(impl, dtype, k, options):
+    """Descending log-probs and indices equal to the float64 reference's; value gradients."""
+    inputs = make_inputs((2, 21), 29, 301, dtype, bias=True, seed=4, device=DEVICE)
+    ours = outputs_and_grads(_top_k(k), inputs, 1, impl=impl, **options)
+    values, indices = ours[0]
+    assert indices.dtype == torch.int64 and values.shape == (2, 21, k)
+    assert (values[..., 1:] <= values[..., :-1]).all()
+    check_results(ours, inputs, reference=_reference_top_k(k), **options)
+    # 16-bit logits may order near-ties differently: the classes picked must be as likely, in
+    # float64, as the true top k, up to one rounding of a logit of that dtype.
+    e, c, _, bias = inputs
+    exact = reference_linear_top_k(e, c, c.shape[0], bias, **options)
+    exact_values = exact[0].gather(-1, exact[1].argsort(-1))  # by class
+    picked = exact_values.gather(-1, indices)
+    slack = 4 * torch.finfo(dtype).eps * exact[0].abs().amax()
+    assert (picked - exact[0][..., :k]).abs().max() <= slack
+
+
+def test_argmax_gives_accuracy_without_logits():
+    e, c, targets, bias = make_inputs((64,), 16, 211, bias=True, scale=3.0, seed=6)
+    _, predicted = linear_top_k(e, c, 1, bias)
+    logits = e.double() @ c.double().T + bias.double()
+    assert torch.equal(predicted[:, 0], logits.argmax(-1))
+    accuracy = (predicted[:, 0] == targets).float().mean()
+    assert accuracy == (logits.argmax(-1) == targets).float().mean()
+
+
+WEIGHT_OPTIONS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 0.2, "reduction": "sum"},
+    {"label_smoothing": 0.1, "reduction": "none", "return_lse": True},
+    {"label_smoothing": 0.1, "softcap": 3.0},
+    {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none"},
+]
+
+
+def class_weights(vocab: int, dtype=torch.float32, device=DEVICE) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(17)
+    return (torch.rand(vocab, generator=gen) * 2).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", WEIGHT_OPTIONS, ids=repr)
+def test_class_weights_match_weighted_cross_entropy(impl, dtype, options):
+    """F.cross_entropy(weight=) semantics, weighted mean and smoothing included, fused or not."""
+    inputs = make_inputs(
+        (37,), 29, 301, dtype, bias=True, ignore_fraction=0.2, seed=3, device=DEVICE
+    )
+    check_against_reference(inputs, impl=impl, weight=class_weights(301), **options)
+
+
+def test_class_weights_equal_float64_cross_entropy_directly():
+    """The reference itself against F.cross_entropy on materialized float64 logits."""
+    e, c, targets, _ = make_inputs((40,), 12, 97, torch.float64, ignore_fraction=0.2, seed=2)
+    weight = class_weights(97, torch.float64, "cpu")
+    for smoothing in (0.0, 0.3):
+        for reduction in ("mean", "sum", "none"):
+            ours = linear_cross_entropy(
+                e.float(), c.float(), targets, weight=weight.float(),
+                label_smoothing=smoothing, reduction=reduction,
+            )  # fmt: skip
+            expected = F.cross_entropy(
+                e @ c.T, targets, weight=weight, label_smoothing=smoothing, reduction=reduction
+            )
+            torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_module_takes_class_weights():
+    inputs = make_inputs((2, 9), 16, 211, bias=True, seed=6)
+    weight = class_weights(211, device="cpu")
+    module = LinearCrossEntropyLoss(weight=weight, shift=1, label_smoothing=0.1)
+    expected = linear_cross_entropy(*inputs, weight=weight, shift=1, label_smoothing=0.1)
+    torch.testing.assert_close(module(*inputs), expected)
+    assert "weight" in dict(module.named_buffers())
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda e, c, t: linear_log_probs(e, c, t, temperature=0.0), ValueError, "temperature"),
+        (lambda e, c, t: linear_log_probs(e, c, t, temperature="1"), TypeError, "temperature"),
+        (lambda e, c, t: linear_log_probs(e, c, t, return_entropy=1), TypeError, "return_entropy"),
+        (lambda e, c, t: linear_top_k(e, c, 0), ValueError, "k must be in"),
+        (lambda e, c, t: linear_top_k(e, c, 98), ValueError, "k must be in"),
+        (lambda e, c, t: linear_top_k(e, c, 2.0), TypeError, "k must be an int"),
+        (
+            lambda e, c, t: linear_cross_entropy(e, c, t, weight=torch.ones(96)),
+            ValueError,
+            "weight",
+        ),
+        (
+            lambda e, c, t: linear_cross_entropy(e, c, t, weight=torch.ones(97, dtype=torch.long)),
+            TypeError,
+            "weight",
+        ),
+        (lambda e, c, t: linear_cross_entropy(e, c, t, weight=[1.0] * 97), TypeError, "weight"),
+    ],
+)
+def test_bad_arguments(call, error, match):
+    e, c, targets, _ = make_inputs((4,), 8, 97)
+    with pytest.raises(error, match=match):
+        call(e, c, targets)

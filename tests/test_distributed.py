@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from unittest import mock
@@ -20,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing import start_processes
 
+import logitless.reference
 from helpers import check_results, make_inputs, outputs_and_grads, rel_error
-from logitless import LinearCrossEntropyLoss, VocabParallel, linear_cross_entropy
+from logitless import LinearCrossEntropyLoss, VocabParallel, linear_cross_entropy, linear_log_probs
 from logitless.backends.torch_backend import BLOCK_MB_ENV
 from test_functional import OPTION_SETS
 
@@ -45,6 +47,7 @@ class Case:
     ignore_fraction: float = 0.2
     module: bool = False
     from_vocab: bool = False
+    function: Callable = linear_cross_entropy
 
     def inputs(self):
         ignore_index = self.options.get("ignore_index", -100)
@@ -74,7 +77,23 @@ CASES = {
     ),
     "from_vocab-shift3": Case({"shift": 3, "return_lse": True}, lead=(3, 11), from_vocab=True),
     "all-ignored": Case({}, bias=True, ignore_fraction=1.0),
-}
+    "class-weights-smoothing": Case(
+        {"weight": torch.rand(VOCAB, generator=torch.Generator().manual_seed(2)) * 2,
+         "label_smoothing": 0.1, "reduction": "none"},
+        bias=True,
+    ),
+    "class-weights-mean-softcap": Case(
+        {"weight": torch.rand(VOCAB, generator=torch.Generator().manual_seed(3)) * 2,
+         "label_smoothing": 0.2, "softcap": 4.0},
+    ),
+    "log-probs-entropy": Case(
+        {"temperature": 0.7, "return_entropy": True}, bias=True, function=linear_log_probs
+    ),
+    "log-probs-entropy-softcap-shift-bf16": Case(
+        {"temperature": 1.3, "return_entropy": True, "softcap": 3.0, "shift": 1},
+        torch.bfloat16, lead=(3, 11), function=linear_log_probs,
+    ),
+}  # fmt: skip
 
 
 def _error_calls(rank: int, world: int, vp: VocabParallel):
@@ -167,7 +186,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
                 loss = LinearCrossEntropyLoss(vocab_parallel=shard, **case.options)
                 outs, grads = outputs_and_grads(loss, inputs, GRAD_SEED)
             else:
-                loss = functools.partial(linear_cross_entropy, vocab_parallel=shard)
+                loss = functools.partial(case.function, vocab_parallel=shard)
                 outs, grads = outputs_and_grads(loss, inputs, GRAD_SEED, **case.options)
             results[name] = ((shard.start, shard.stop), outs, grads)
         results["bytes"] = _communicated_bytes(vp)
@@ -195,7 +214,7 @@ def ranks(request, tmp_path_factory) -> list[dict]:
 def _one_process(name: str):
     """A case's outputs and gradients computed by one process (shared by the world sizes)."""
     case = CASES[name]
-    return outputs_and_grads(linear_cross_entropy, case.inputs(), GRAD_SEED, **case.options)
+    return outputs_and_grads(case.function, case.inputs(), GRAD_SEED, **case.options)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -208,7 +227,8 @@ def test_every_rank_matches_one_process(ranks, name):
     grad_e = results[0][2][0]
     shard_grads = [torch.cat([r[2][i] for r in by_start]) for i in range(1, len(single_grads))]
     ours = (results[0][1], [grad_e, *shard_grads])
-    check_results(ours, case.inputs(), grad_seed=GRAD_SEED, **case.options)
+    reference = getattr(logitless.reference, f"reference_{case.function.__name__}")
+    check_results(ours, case.inputs(), grad_seed=GRAD_SEED, reference=reference, **case.options)
     out_names = ["loss", "lse"][: len(single_outs)]
     names = out_names + ["grad_e", "grad_c", "grad_bias"][: len(single_grads)]
     for what, x, expected in zip(names, ours[0] + ours[1], single_outs + single_grads, strict=True):

@@ -259,6 +259,46 @@ def test_trainer_with_gradient_accumulation(tmp_path):
         assert rel_error(param.detach(), their_param.detach()) <= 1e-5, name
 
 
+def test_trainer_evaluate_with_accuracy_metrics(tmp_path):
+    """Trainer.evaluate with the usual accuracy compute_metrics: the unpatched model's metrics,
+    and arrays (never an empty tuple) as predictions."""
+    pytest.importorskip("accelerate")
+    seen = []
+
+    def accuracy(prediction):
+        seen.append(type(prediction.predictions))
+        predicted = prediction.predictions.argmax(-1)[:, :-1]
+        labels = prediction.label_ids[:, 1:]
+        kept = labels != -100
+        return {"accuracy": float((predicted[kept] == labels[kept]).mean())}
+
+    def evaluate(model):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none",
+            use_cpu=True, disable_tqdm=True,
+        )  # fmt: skip
+        data = [
+            {k: v[row] for k, v in make_batch(seed).items()} for seed in range(3) for row in (0, 1)
+        ]
+        trainer = transformers.Trainer(
+            model=model, args=args, eval_dataset=data, compute_metrics=accuracy
+        )
+        return trainer.evaluate()
+
+    reference = make_model("llama")
+    patched = patch(copy.deepcopy(reference))
+    theirs, ours = evaluate(reference), evaluate(patched)
+    assert seen[-1] is not tuple and ours["eval_accuracy"] == theirs["eval_accuracy"]
+    assert 0 < ours["eval_accuracy"] < 1
+    assert abs(ours["eval_loss"] - theirs["eval_loss"]) <= LOSS_TOLERANCE * theirs["eval_loss"]
+    # Logit-free evaluation keeps logits=None, for prediction_loss_only.
+    with torch.no_grad():
+        lean = patch(copy.deepcopy(reference), eval_logits=False)(**make_batch())
+        full = patched(**make_batch())
+    assert lean.logits is None and full.logits.shape == (BATCH, LENGTH, VOCAB)
+    assert rel_error(lean.loss, full.loss) <= LOSS_TOLERANCE
+
+
 def test_unsupported_models_are_refused():
     with pytest.raises(TypeError, match="transformers model"):
         patch(torch.nn.Linear(4, 4))

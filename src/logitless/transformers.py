@@ -44,6 +44,7 @@ def patch(
     z_loss: float = 0.0,
     filter_eps: float | str | None = "auto",
     impl: str = "auto",
+    eval_logits: bool = True,
 ) -> Patchable:
     """Make `model` compute its causal-LM loss with logitless when called with `labels`.
 
@@ -57,6 +58,11 @@ def patch(
         model: a transformers causal LM instance (a PEFT model is patched through its base
             model), or a causal-LM class, whose every instance is then patched.
         label_smoothing, z_loss, filter_eps, impl: passed to `linear_cross_entropy`.
+        eval_logits: calls with labels while gradients are disabled (evaluation, as in
+            `Trainer.evaluate`) run the model unpatched and return its logits and loss, so that
+            predictions and `compute_metrics` are the unpatched model's. False computes their
+            loss with logitless and returns `logits=None` too (then evaluate with
+            `prediction_loss_only=True`).
 
     Returns:
         `model` itself, patched in place.
@@ -67,7 +73,7 @@ def patch(
     if isinstance(model, type):
         if not issubclass(model, transformers.PreTrainedModel):
             raise TypeError(f"model must be a transformers model class, got {model.__name__}")
-        model.forward = _patched_method(model.forward, options)
+        model.forward = _patched_method(model.forward, options, eval_logits)
         return model
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(causal_lm, transformers.PreTrainedModel):
@@ -78,18 +84,19 @@ def patch(
         forward = forward.args[1]  # patched before: replace its options
     # A partial over the model (not a closure) so that a deepcopy calls its own copy.
     causal_lm.forward = functools.update_wrapper(
-        functools.partial(_forward, causal_lm, forward, options), forward
+        functools.partial(_forward, causal_lm, forward, options, eval_logits), forward
     )
     return model
 
 
-def _patched_method(method: Callable, options: LossOptions) -> Callable:
+def _patched_method(method: Callable, options: LossOptions, eval_logits: bool) -> Callable:
     """A class's `forward` method that routes calls with labels through `_forward`."""
     method = getattr(method, "__logitless_unpatched__", method)
 
     @functools.wraps(method)
     def forward(self, *args, **kwargs):
-        return _forward(self, functools.partial(method, self), options, *args, **kwargs)
+        bound = functools.partial(method, self)
+        return _forward(self, bound, options, eval_logits, *args, **kwargs)
 
     forward.__logitless_unpatched__ = method
     return forward
@@ -99,15 +106,17 @@ def _forward(
     model: transformers.PreTrainedModel,
     forward: Callable,
     options: LossOptions,
+    eval_logits: bool,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-    """`forward(*args, **kwargs)`, its loss from logitless when it is given labels."""
+    """`forward(*args, **kwargs)`, its loss from logitless when it is given labels (and, with
+    `eval_logits`, gradients are enabled)."""
     try:
         labels = inspect.signature(forward).bind_partial(*args, **kwargs).arguments.get("labels")
     except TypeError:
         labels = None  # a bad call: let the model report it
-    if labels is None:
+    if labels is None or (eval_logits and not torch.is_grad_enabled()):
         return forward(*args, **kwargs)
     head = _linear_head(model)
     if isinstance(head.__dict__.get("forward"), _HeadInterception):

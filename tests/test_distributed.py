@@ -25,6 +25,7 @@ import logitless.reference
 from helpers import check_results, make_inputs, outputs_and_grads, rel_error
 from logitless import LinearCrossEntropyLoss, VocabParallel, linear_cross_entropy, linear_log_probs
 from logitless.backends.torch_backend import BLOCK_MB_ENV
+from logitless.rl import verl_linear_cross_entropy
 from test_functional import OPTION_SETS
 
 ROWS, DIM, VOCAB = 45, 37, 1031
@@ -162,6 +163,27 @@ def _communicated_bytes(vp: VocabParallel) -> tuple[int, int]:
         return forward, sent() - forward
 
 
+def _verl_call(shard: VocabParallel):
+    """verl's call shape with a tensor-parallel group: log-probs, entropies and grad_e."""
+    e, c, targets, _ = Case({}).inputs()
+    e.requires_grad_()
+    log_probs, entropy = verl_linear_cross_entropy(
+        e, c[shard.start : shard.stop], targets, 0.7, "none", dist.group.WORLD
+    )
+    (log_probs.sum() + 0.5 * entropy.sum()).backward()
+    return log_probs.detach(), entropy.detach(), e.grad
+
+
+def test_verl_call_shape_with_a_process_group(ranks):
+    e, c, targets, _ = Case({}).inputs()
+    e.requires_grad_()
+    log_probs, entropy = linear_log_probs(e, c, targets, temperature=0.7, return_entropy=True)
+    (log_probs.sum() + 0.5 * entropy.sum()).backward()
+    for rank in ranks:
+        for ours, expected in zip(rank["verl"], (log_probs, entropy, e.grad), strict=True):
+            assert rel_error(ours, expected.detach()) <= AGREEMENT[torch.float32]
+
+
 def _worker(rank: int, world: int, out_dir: str) -> None:
     """One rank: every case on its shard, the error calls, the bytes sent; saved to out_dir."""
     os.environ[BLOCK_MB_ENV] = "0.01"  # as conftest's small_blocks: cross block boundaries
@@ -190,6 +212,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
                 outs, grads = outputs_and_grads(loss, inputs, GRAD_SEED, **case.options)
             results[name] = ((shard.start, shard.stop), outs, grads)
         results["bytes"] = _communicated_bytes(vp)
+        results["verl"] = _verl_call(even)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

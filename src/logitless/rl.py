@@ -1,0 +1,92 @@
+"""Drop-in entry points for reinforcement-learning frameworks: per-token log-probabilities and
+entropies of sampled tokens, without the logits.
+
+`verl_linear_cross_entropy` has the call shape of verl's fused kernel
+(`verl.utils.kernel.linear_cross_entropy(hidden, weight, labels, temperature, reduction,
+dist_process_group)` returning `(log_probs, entropy)`); `completion_log_probs` computes what TRL's
+trainers compute from a model's logits (`selective_log_softmax` of the completion tokens under
+`logits / temperature`, and the entropies) from its final hidden states instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from logitless._validation import REDUCTIONS
+from logitless.distributed import VocabParallel
+from logitless.functional import linear_log_probs
+
+
+def verl_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's fused-kernel contract: (log-probs, entropies) of `labels` under
+    `softmax(hidden @ weight.T / temperature)`, per token ("none", shaped like `labels`), summed
+    ("sum") or averaged ("mean") over the tokens; both differentiable.
+
+    With `dist_process_group`, `weight` holds this rank's contiguous rows of a vocabulary
+    sharded in rank order over that group (tensor parallelism), as verl's kernel expects.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    shard = None
+    if dist_process_group is not None:
+        shard = _rank_order_shard(weight.shape[0], dist_process_group)
+    log_probs, entropy = linear_log_probs(
+        hidden, weight, labels, temperature=temperature, return_entropy=True,
+        vocab_parallel=shard,
+    )  # fmt: skip
+    if reduction == "sum":
+        return log_probs.sum(), entropy.sum()
+    if reduction == "mean":
+        return log_probs.mean(), entropy.mean()
+    return log_probs, entropy
+
+
+def completion_log_probs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """TRL-style per-token log-probs (and entropies) of the last `logits_to_keep` tokens of
+    `input_ids` (the completions) under a transformers causal LM, without its logits.
+
+    The same as `selective_log_softmax(model(...).logits[:, :-1][:, -logits_to_keep:] / T,
+    input_ids[:, -logits_to_keep:])`: the decoder's final hidden states at the positions that
+    predict the completion tokens go through `linear_log_probs` with the head's weight and bias
+    and the config's `final_logit_softcapping`. Models whose forward scales the logits by a
+    constant (Cohere's `logit_scale`, Granite's `logits_scaling`) are not covered.
+    """
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = model.get_output_embeddings()
+    predicting = hidden[:, -logits_to_keep - 1 : -1]
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return linear_log_probs(
+        predicting, head.weight, input_ids[:, -logits_to_keep:], head.bias,
+        temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+    )  # fmt: skip
+
+
+def _rank_order_shard(rows: int, group: dist.ProcessGroup) -> VocabParallel:
+    """This rank's `VocabParallel` when every rank of `group` holds `rows` consecutive rows of
+    the vocabulary in rank order (one all-gather of the row counts, then the shard's own)."""
+    if "gloo" not in str(dist.get_backend(group)):
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    mine = torch.tensor(rows, dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, mine, group=group)
+    start = int(sum(counts[: dist.get_rank(group)]))
+    return VocabParallel(start, start + rows, group)

@@ -1,0 +1,80 @@
+"""The RL entry points: verl's fused-kernel call shape, and TRL's per-token completion log-probs
+from a patched-free model's hidden states, against the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import make_inputs, rel_error
+from logitless.reference import reference_linear_log_probs
+from logitless.rl import completion_log_probs, verl_linear_cross_entropy
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_verl_call_shape(reduction):
+    e, c, targets, _ = make_inputs((2, 23), 16, 301, seed=3)
+    ours = [x.detach().requires_grad_() for x in (e, c)]
+    theirs = [x.detach().double().requires_grad_() for x in (e, c)]
+    log_probs, entropy = verl_linear_cross_entropy(*ours, targets, 0.7, reduction)
+    ref_log_probs, ref_entropy = reference_linear_log_probs(
+        *theirs, targets, temperature=0.7, return_entropy=True
+    )
+    if reduction != "none":
+        reduce = getattr(torch, reduction)
+        ref_log_probs, ref_entropy = reduce(ref_log_probs), reduce(ref_entropy)
+    assert log_probs.shape == ref_log_probs.shape
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(log_probs.shape, generator=gen) for _ in range(2)]
+    torch.autograd.backward([log_probs, entropy], weights)
+    torch.autograd.backward([ref_log_probs, ref_entropy], [w.double() for w in weights])
+    for x, ref in [(log_probs, ref_log_probs), (entropy, ref_entropy)]:
+        assert rel_error(x.detach(), ref.detach()) < 1e-5
+    for x, ref in zip(ours, theirs, strict=True):
+        assert rel_error(x.grad, ref.grad) < 1e-5
+    with pytest.raises(ValueError, match="reduction"):
+        verl_linear_cross_entropy(e, c, targets, 1.0, "avg")
+
+
+def _trl_per_token_logps(model, input_ids, attention_mask, logits_to_keep, temperature):
+    """What TRL's trainers compute: from the full logits."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits[:, :-1][:, -logits_to_keep:] / temperature
+    log_p = logits.log_softmax(-1)
+    picked = log_p.gather(-1, input_ids[:, -logits_to_keep:].unsqueeze(-1)).squeeze(-1)
+    return picked, -(log_p.exp() * log_p).sum(-1)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_trl_completion_log_probs_recipe(model_type):
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=101, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(3, 101, (2, 15))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding of the prompt
+    keep, temperature = 6, 0.7
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        log_probs, entropy = fn()
+        ((log_probs * torch.linspace(-1, 1, keep)).sum() + 0.1 * entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return log_probs.detach(), entropy.detach(), grads
+
+    ours = run(
+        lambda: completion_log_probs(
+            model, input_ids, attention_mask, keep, temperature=temperature, return_entropy=True
+        )
+    )
+    theirs = run(lambda: _trl_per_token_logps(model, input_ids, attention_mask, keep, temperature))
+    assert ours[0].shape == (2, keep)
+    assert rel_error(ours[0], theirs[0]) < 1e-5 and rel_error(ours[1], theirs[1]) < 1e-5
+    assert ours[2].keys() == theirs[2].keys()
+    for name, grad in ours[2].items():
+        assert rel_error(grad, theirs[2][name]) < 1e-4, name

@@ -23,7 +23,13 @@ from torch.multiprocessing import start_processes
 
 import logitless.reference
 from helpers import check_results, make_inputs, outputs_and_grads, rel_error
-from logitless import LinearCrossEntropyLoss, VocabParallel, linear_cross_entropy, linear_log_probs
+from logitless import (
+    LinearCrossEntropyLoss,
+    VocabParallel,
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_log_probs,
+)
 from logitless.backends.torch_backend import BLOCK_MB_ENV
 from logitless.rl import verl_linear_cross_entropy
 from test_functional import OPTION_SETS
@@ -174,6 +180,51 @@ def _verl_call(shard: VocabParallel):
     return log_probs.detach(), entropy.detach(), e.grad
 
 
+DISTILLATION = [
+    {"divergence": "jsd", "beta": 0.3, "temperature": 0.7, "reduction": "none"},
+    {"divergence": "forward_kl", "hard_weight": 0.4, "temperature": 1.3},
+    {"divergence": "reverse_kl", "softcap": 3.0, "teacher_softcap": 4.0},
+]
+
+
+def _distillation_inputs():
+    e, c, targets, bias = Case({}, bias=True).inputs()
+    teacher_e, teacher_c, _, teacher_bias = make_inputs((ROWS,), 23, VOCAB, bias=True, seed=8)
+    return e, c, targets, bias, teacher_e * 2, teacher_c, teacher_bias
+
+
+def _distillation_calls(shard: VocabParallel | None):
+    """Distillation losses, grad_e and (this shard's) grad_c, grad_bias, both classifiers
+    sharded the same way."""
+    e, c, targets, bias, teacher_e, teacher_c, teacher_bias = _distillation_inputs()
+    rows = slice(None) if shard is None else slice(shard.start, shard.stop)
+    results = []
+    for options in DISTILLATION:
+        params = [e.clone().requires_grad_(), c[rows].clone().requires_grad_(),
+                  bias[rows].clone().requires_grad_()]  # fmt: skip
+        loss = linear_distillation_loss(
+            params[0], params[1], teacher_e, teacher_c[rows], targets, params[2],
+            teacher_bias[rows], vocab_parallel=shard, **options,
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(GRAD_SEED)
+        loss.backward(torch.randn(loss.shape, generator=gen))
+        results.append((loss.detach(), *(p.grad for p in params)))
+    return results
+
+
+def test_distillation_matches_one_process(ranks):
+    single = _distillation_calls(None)
+    for case, expected in enumerate(single):
+        by_start = sorted(ranks, key=lambda rank: rank["shard"][0])
+        for rank in ranks:
+            loss, grad_e = rank["distillation"][case][:2]
+            assert rel_error(loss, expected[0]) <= AGREEMENT[torch.float32]
+            assert rel_error(grad_e, expected[1]) <= AGREEMENT[torch.float32]
+        for i in (2, 3):
+            joined = torch.cat([rank["distillation"][case][i] for rank in by_start])
+            assert rel_error(joined, expected[i]) <= AGREEMENT[torch.float32]
+
+
 def test_verl_call_shape_with_a_process_group(ranks):
     e, c, targets, _ = Case({}).inputs()
     e.requires_grad_()
@@ -213,6 +264,8 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
             results[name] = ((shard.start, shard.stop), outs, grads)
         results["bytes"] = _communicated_bytes(vp)
         results["verl"] = _verl_call(even)
+        results["distillation"] = _distillation_calls(vp)
+        results["shard"] = (vp.start, vp.stop)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

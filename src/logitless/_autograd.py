@@ -24,7 +24,7 @@ from logitless._loss import TokenLoss
 if TYPE_CHECKING:
     from logitless.distributed import VocabParallel
 
-MIXTURE = ("mixture", "p_log_m")
+MIXTURE = ("jsd", "jsd_p")
 """Statistics of the second sweep: they need both log-sum-exps of the first."""
 
 
@@ -58,7 +58,7 @@ def _coefficients(grads: dict, values: dict, beta: float) -> dict[str, torch.Ten
 
         lse: a += G; target: t += G; sum: s += G; mean: a += G (1 - mean), b += G;
         cross_mean: g += G; teacher_under_student: a -= G tus, b_y += G;
-        mixture: a -= G (1 - beta) p_log_m, b_m += G (1 - beta);
+        jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
         teacher_lse, teacher_mean: nothing (the teacher gets no gradient).
     """
     out: dict[str, torch.Tensor] = {}
@@ -79,9 +79,9 @@ def _coefficients(grads: dict, values: dict, beta: float) -> dict[str, torch.Ten
         elif name == "teacher_under_student":
             add("p", -g * values["teacher_under_student"])
             add("py", g)
-        elif name == "mixture":
-            add("p", -(1.0 - beta) * g * values["p_log_m"])
-            add("plogm", (1.0 - beta) * g)
+        elif name == "jsd":
+            add("p", (1.0 - beta) * g * values["jsd_p"])
+            add("plogr", -(1.0 - beta) * g)
     return out
 
 
@@ -104,7 +104,7 @@ class LinearLogitStats(torch.autograd.Function):
         if shard is not None:
             found = shard.combine_stats(found, first)
         values = dict(zip(first, found, strict=True))
-        if "mixture" in names:
+        if "jsd" in names:
             second, _ = ops.stats(
                 e, c, bias, targets, plan.impl, plan.softcap, plan.scale, plan.column_weight,
                 ",".join(MIXTURE), *teacher, values["teacher_lse"], values["lse"], 0,

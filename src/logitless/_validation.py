@@ -215,6 +215,73 @@ def check_top_k(k: int, vocab: int) -> None:
         raise ValueError(f"k must be in [1, {vocab}] (the vocabulary of c), got {k}")
 
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def check_teacher(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    teacher_e: torch.Tensor,
+    teacher_c: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+) -> None:
+    """The teacher head: (..., D_t) hidden states with the leading shape of e, a (V, D_t)
+    classifier with the rows of c, an optional (V,) bias; the dtype and device of e."""
+    for name, tensor in (("teacher_e", teacher_e), ("teacher_c", teacher_c)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if teacher_bias is not None and not isinstance(teacher_bias, torch.Tensor):
+        raise TypeError(
+            f"teacher_bias must be a torch.Tensor or None, got {type(teacher_bias).__name__}"
+        )
+    for name, tensor in (
+        ("teacher_e", teacher_e),
+        ("teacher_c", teacher_c),
+        ("teacher_bias", teacher_bias),
+    ):
+        if tensor is None:
+            continue
+        if tensor.dtype != e.dtype:
+            raise ValueError(f"{name} must have the dtype of e ({e.dtype}), got {tensor.dtype}")
+        if tensor.device != e.device:
+            raise ValueError(f"{name} must be on the device of e ({e.device}), got {tensor.device}")
+    if teacher_e.dim() < 1 or teacher_e.shape[:-1] != e.shape[:-1]:
+        raise ValueError(
+            f"teacher_e must have the leading shape of e {tuple(e.shape[:-1])}, "
+            f"got {tuple(teacher_e.shape)}"
+        )
+    if teacher_c.dim() != 2 or teacher_c.shape != (c.shape[0], teacher_e.shape[-1]):
+        raise ValueError(
+            f"teacher_c must have shape ({c.shape[0]}, {teacher_e.shape[-1]}) (the rows of c, the "
+            f"hidden size of teacher_e), got {tuple(teacher_c.shape)}"
+        )
+    if teacher_bias is not None and teacher_bias.shape != (c.shape[0],):
+        raise ValueError(
+            f"teacher_bias must have shape ({c.shape[0]},), got {tuple(teacher_bias.shape)}"
+        )
+
+
+def check_distillation(
+    divergence: str, beta: float, hard_weight: float, teacher_softcap: float | None, targets
+) -> None:
+    """The options of `linear_distillation_loss` beyond the shared ones."""
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _check_real("beta", beta)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    _check_real("hard_weight", hard_weight)
+    if not 0.0 <= hard_weight <= 1.0:
+        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight}")
+    if hard_weight and targets is None:
+        raise ValueError("hard_weight > 0 needs targets (the labels of the hard loss)")
+    if teacher_softcap is not None:
+        _check_real("teacher_softcap", teacher_softcap)
+        if not (teacher_softcap > 0 and math.isfinite(teacher_softcap)):
+            raise ValueError(
+                f"teacher_softcap must be a finite number > 0 or None, got {teacher_softcap}"
+            )
+
+
 def check_impl(impl: str, device: torch.device) -> str:
     """The backend `impl` resolves to on `device`."""
     if impl == "auto":

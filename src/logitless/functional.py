@@ -13,8 +13,10 @@ from logitless._autograd import FusedLinearCrossEntropy, LinearLogitStats, Plan
 from logitless._loss import TokenLoss
 from logitless._validation import (
     LossOptions,
+    check_distillation,
     check_impl,
     check_inputs,
+    check_teacher,
     check_top_k,
     check_weight,
     temperature_scale,
@@ -251,6 +253,107 @@ def linear_top_k(
     values = logits - found[0].unsqueeze(1)
     lead = e.shape[:-1]
     return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def linear_distillation_loss(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    teacher_e: torch.Tensor,
+    teacher_c: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    teacher_softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: int = 0,
+    softcap: float | None = None,
+    filter_eps: float | str | None = None,
+    impl: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
+) -> torch.Tensor:
+    """A divergence between the teacher's and the student's softmax over one vocabulary, at a
+    temperature, without forming either head's logits; the teacher gets no gradient.
+
+    P_s = softmax(softcap(e @ c.T + bias) / T), P_t likewise from the teacher head (hidden
+    size D_t may differ from D). `divergence` is "forward_kl" KL(P_t || P_s), "reverse_kl"
+    KL(P_s || P_t), or "jsd" beta KL(P_t || M) + (1 - beta) KL(P_s || M) with
+    M = beta P_t + (1 - beta) P_s (no implicit T**2 factor). With `hard_weight` h, the loss is
+    (1 - h) divergence + h cross-entropy of the student's logits (at T = 1) against `targets`.
+    See docs/statistics.md for the statistics each divergence needs and its sweeps.
+
+    Args:
+        e, c, bias: the student (gradients flow to these).
+        teacher_e, teacher_c, teacher_bias: the teacher head, (..., D_t), (V, D_t), (V,).
+        targets: optional: ignore_index marks tokens left out, shift aligns them, and they are
+            the labels of the hard loss.
+        reduction, ignore_index, shift, softcap, impl, vocab_parallel: as in
+            `linear_cross_entropy`; under vocabulary parallelism both classifiers hold the
+            same rows.
+        filter_eps: None (exact) by default; the divergences' gradients reach every logit, so
+            only the hard loss could skip tiles.
+
+    Returns:
+        The float32 loss: a scalar, or per token (the shape of `targets[..., shift:]`).
+    """
+    options = LossOptions(
+        ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
+        filter_eps=filter_eps, impl=impl, vocab_parallel=vocab_parallel,
+    )  # fmt: skip
+    scale = temperature_scale(temperature)
+    check_distillation(divergence, beta, hard_weight, teacher_softcap, targets)
+    labels = targets
+    if labels is None:
+        labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+    check_inputs(e, c, labels, bias, options)
+    check_teacher(e, c, teacher_e, teacher_c, teacher_bias)
+    rows = e.reshape(-1, e.shape[-1])
+    teacher = (
+        teacher_e.detach().reshape(-1, teacher_e.shape[-1]),
+        teacher_c.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+    )
+    row_targets = _row_targets(labels, options)
+    valid = row_targets != NO_TARGET
+    shard = options.vocab_parallel
+    backend_targets = row_targets if shard is None else shard.localize(row_targets)
+    plan = Plan(
+        impl=check_impl(impl, e.device), softcap=softcap, filter_eps=None,
+        vocab_parallel=shard, scale=scale, teacher_softcap=teacher_softcap, beta=beta,
+    )  # fmt: skip
+    names = {
+        "forward_kl": ("lse", "teacher_lse", "teacher_mean", "cross_mean"),
+        "reverse_kl": ("lse", "teacher_lse", "mean", "teacher_under_student"),
+        "jsd": ("lse", "teacher_lse", "jsd"),
+    }[divergence]
+    found, _ = LinearLogitStats.apply(rows, c, bias, backend_targets, *teacher, plan, names, 0)
+    stat = dict(zip(names, found, strict=True))
+    if divergence == "forward_kl":
+        teacher_log_q = stat["teacher_mean"] - stat["teacher_lse"]  # sum q log q
+        losses = teacher_log_q - (stat["cross_mean"] - stat["lse"])
+    elif divergence == "reverse_kl":
+        losses = (stat["mean"] - stat["lse"]) - (
+            stat["teacher_under_student"] - stat["teacher_lse"]
+        )
+    else:
+        losses = stat["jsd"]
+    if hard_weight:
+        hard_plan = dataclasses.replace(
+            plan, scale=1.0, filter_eps=options.resolved_filter_eps(e.dtype)
+        )
+        hard = _stats(rows, c, bias, backend_targets, hard_plan, ("lse", "target"))
+        losses = (1.0 - hard_weight) * losses + hard_weight * (hard[0] - hard[1])
+    losses = torch.where(valid, losses, 0.0)
+    if reduction == "mean":
+        return losses.sum() / valid.sum().clamp(min=1)
+    if reduction == "sum":
+        return losses.sum()
+    return _per_token(losses, labels, shift)
 
 
 def gathered_logits(

@@ -109,6 +109,58 @@ def reference_linear_top_k(
     return values.view(*e.shape[:-1], k), indices.view(*e.shape[:-1], k)
 
 
+def reference_linear_distillation_loss(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    teacher_e: torch.Tensor,
+    teacher_c: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    teacher_softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: int = 0,
+    softcap: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """`linear_distillation_loss` through both heads' full logits (the teacher detached)."""
+    if targets is None:
+        targets = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+    student, flat_targets = reference_logits(e, c, targets, bias, shift, softcap, dtype)
+    teacher, _ = reference_logits(
+        teacher_e.detach(), teacher_c.detach(), targets,
+        None if teacher_bias is None else teacher_bias.detach(), shift, teacher_softcap, dtype,
+    )  # fmt: skip
+    log_p = torch.log_softmax(student / temperature, dim=-1)
+    log_q = torch.log_softmax(teacher / temperature, dim=-1)
+    if divergence == "forward_kl":
+        losses = (log_q.exp() * (log_q - log_p)).sum(-1)
+    elif divergence == "reverse_kl":
+        losses = (log_p.exp() * (log_p - log_q)).sum(-1)
+    else:
+        log_m = torch.logsumexp(
+            torch.stack((log_q + math.log(beta), log_p + math.log1p(-beta))), dim=0
+        )
+        losses = beta * (log_q.exp() * (log_q - log_m)).sum(-1)
+        losses = losses + (1 - beta) * (log_p.exp() * (log_p - log_m)).sum(-1)
+    if hard_weight:
+        hard = F.cross_entropy(student, flat_targets.clamp(min=0), reduction="none")
+        losses = (1 - hard_weight) * losses + hard_weight * hard
+    valid = flat_targets != ignore_index
+    losses = torch.where(valid, losses, 0.0)
+    if reduction == "mean":
+        return losses.sum() / valid.sum().clamp(min=1)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.view(targets[..., shift:].shape)
+
+
 def reference_logits(
     e: torch.Tensor,
     c: torch.Tensor,

@@ -21,7 +21,7 @@ and `w` the optional (V,) column weight (1 without), it provides
         the gradients, for the inputs flagged in `needs` (None for the others), of the function
         whose derivative with respect to the logits is, per entry,
 
-            dL/dz = p * (a + b * z + b_y * y + b_m * log m) + g * q + t * [v = target] + s * w
+            dL/dz = p * (a + b * z + b_y * y + b_r * log(m / p)) + g * q + t * [v = target] + s * w
 
         `coefficients` is (len(terms), N): the rows of the coefficients named in `terms`
         (from `TERMS`; absent ones are 0). The caller adds the `sum` term itself when there is
@@ -55,11 +55,11 @@ STATISTICS = (
     "teacher_mean",  # sum_v q y
     "cross_mean",  # sum_v q z
     "teacher_under_student",  # sum_v p y
-    "mixture",  # sum_v m log m (needs the teacher's and the student's lse: a second sweep)
-    "p_log_m",  # sum_v p log m (idem; the mixture's gradient needs it)
+    "jsd",  # beta KL(q || m) + (1 - beta) KL(p || m) (needs both lse: a second sweep)
+    "jsd_p",  # sum_v p log(m / p) (idem; the jsd's gradient needs it)
 )
-TERMS = ("p", "pz", "target", "sum", "q", "py", "plogm")
-"""The coefficient rows of the gradient formula: a, b, t, s, g, b_y, b_m."""
+TERMS = ("p", "pz", "target", "sum", "q", "py", "plogr")
+"""The coefficient rows of the gradient formula: a, b, t, s, g, b_y, b_r."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Teacher:
     """A second head over the same vocabulary, whose statistics come with the student's.
 
     Its logits y use the student's `scale`; `lse` (N,) is its log-sum-exp once known (the
-    mixture statistics and the `q` terms need it), `beta` weighs the JSD mixture.
+    JSD statistics and the `q` terms need it), `beta` weighs the JSD mixture.
     """
 
     e: torch.Tensor

@@ -7,6 +7,7 @@ into the gradient of the logits in place, so one buffer serves the whole pipelin
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -23,7 +24,7 @@ Coefficients = Callable[[slice, torch.Tensor], torch.Tensor]
 """(rows, their statistics (len(names), rows)) -> their coefficients (len(terms), rows)."""
 
 TEACHER_STATISTICS = ("teacher_lse", "teacher_mean", "cross_mean", "teacher_under_student")
-MIXTURE_STATISTICS = ("mixture", "p_log_m")
+MIXTURE_STATISTICS = ("jsd", "jsd_p")
 """Second-sweep statistics: they need both log-sum-exps (`lse` and `teacher.lse`) given."""
 
 
@@ -41,7 +42,7 @@ def stats(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The statistics `names` per row, (len(names), N) fp32 (see `logitless.backends`).
 
-    `lse`, the student's, is given for the second sweep (`mixture`, `p_log_m`). With `top_k`,
+    `lse`, the student's, is given for the second sweep (`jsd`, `jsd_p`). With `top_k`,
     also the (N, top_k) indices of each row's largest logits, in descending order.
     """
     out, *_, top = _sweep(
@@ -128,16 +129,18 @@ def _sweep(
     weight32 = None if logits.column_weight is None else logits.column_weight.float()
 
     # Block-sized buffers besides the logits, which become the softmax in place:
-    need_log_m = any(x in names for x in MIXTURE_STATISTICS) or "plogm" in terms
-    need_z = "mean" in names or "cross_mean" in names or "pz" in terms
-    need_y = "teacher_mean" in names or "teacher_under_student" in names or "py" in terms
-    need_q = need_log_m or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
-    need_p = "mean" in names or "teacher_under_student" in names or need_log_m
-    sizes = (need_z, need_y, need_q, need_log_m, softcap is not None and backward)
+    need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
+    need_z = "mean" in names or "cross_mean" in names or "pz" in terms or need_ratio
+    need_y = (
+        "teacher_mean" in names or "teacher_under_student" in names or "py" in terms or need_ratio
+    )
+    need_q = need_ratio or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
+    need_p = "mean" in names or "teacher_under_student" in names or need_ratio
+    sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
     bytes_per_logit = 4 * (1 + sum(sizes)) + (e.element_size() if half else 0)
     block = rows_per_block(n, vocab, bytes_per_logit)
     buffer = lambda needed: torch.empty(block, vocab, **fp32) if needed else None  # noqa: E731
-    logits_buffer, z_buffer, y_buffer, q_buffer, log_m_buffer, deriv_buffer = map(
+    logits_buffer, z_buffer, y_buffer, q_buffer, gap_buffer, ratio_buffer, deriv_buffer = map(
         buffer, (True, *sizes)
     )
     bias32 = None if bias is None else bias.float()
@@ -170,12 +173,14 @@ def _sweep(
             if "sum" in names:
                 found["sum"] = z.sum(1) if weight32 is None else z @ weight32
             found["lse"] = _exp_in_place(z, normalize=backward or need_p)
+            lse_rows = found["lse"]
         else:
-            z.sub_(lse[rows, None]).exp_()
+            lse_rows = lse[rows]
+            z.sub_(lse_rows[:, None]).exp_()
         p = z  # the softmax from here on (unnormalized when nothing needs it)
         if "mean" in names:
             found["mean"] = _row_dot(p, z_kept)
-        y = q = log_m = None
+        y = q = ratio = None
         if need_y or need_q:
             y_out = (y_buffer if need_y else q_buffer)[:size]
             y = _logits(teacher.e[rows], teacher.c, _float(teacher.bias), y_out)
@@ -186,22 +191,25 @@ def _sweep(
         if need_q:
             q = q_buffer[:size].copy_(y) if need_y else y
             if teacher.lse is None:
-                found["teacher_lse"] = _exp_in_place(q, normalize=True)
+                found["teacher_lse"] = teacher_lse_rows = _exp_in_place(q, normalize=True)
             else:
-                q.sub_(teacher.lse[rows, None]).exp_()
+                teacher_lse_rows = teacher.lse[rows]
+                q.sub_(teacher_lse_rows[:, None]).exp_()
         if "teacher_mean" in names:
             found["teacher_mean"] = _row_dot(q, y)
         if "cross_mean" in names:
             found["cross_mean"] = _row_dot(q, z_kept)
         if "teacher_under_student" in names:
             found["teacher_under_student"] = _row_dot(p, y)
-        if need_log_m:
-            beta = teacher.beta
-            log_m = torch.mul(q, beta, out=log_m_buffer[:size]).add_(p, alpha=1.0 - beta)
-            log_m.clamp_(min=torch.finfo(torch.float32).tiny).log_()
+        if need_ratio:
+            ratio, gap = _mixture_ratios(
+                z_kept, y, lse_rows, teacher_lse_rows, teacher.beta,
+                ratio_buffer[:size], gap_buffer[:size],
+            )  # fmt: skip
             if names:
-                found["p_log_m"] = _row_dot(p, log_m)
-                found["mixture"] = beta * _row_dot(q, log_m) + (1.0 - beta) * found["p_log_m"]
+                found["jsd_p"] = _row_dot(p, ratio)
+                to_teacher = _row_dot(q, gap)  # sum_v q log(m / q)
+                found["jsd"] = -(teacher.beta * to_teacher + (1.0 - teacher.beta) * found["jsd_p"])
         for i, name in enumerate(names):
             out[i, rows] = found[name]
         if not backward:
@@ -209,7 +217,7 @@ def _sweep(
 
         ranges = _kept_ranges(p, t, filter_eps) if filter_eps else [(0, vocab)]
         coefs = dict(zip(terms, coefficients(rows, out[:, rows]), strict=True))
-        d = _softmax_to_grad(p, t, coefs, z_kept, y, q, log_m, weight32, deriv, scale)
+        d = _softmax_to_grad(p, t, coefs, z_kept, y, q, ratio, weight32, deriv, scale)
         e_rows32 = e_rows.float() if half and needs[1] else e_rows
         for lo, hi in ranges:
             d_part = d[:, lo:hi]
@@ -223,6 +231,27 @@ def _sweep(
             if grad_bias is not None:
                 grad_bias[lo:hi] += d_part.sum(0)
     return out, grad_e, grad_c, grad_bias, top
+
+
+def _mixture_ratios(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    lse: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    beta: float,
+    ratio_out: torch.Tensor,
+    gap_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log(m / p), log(m / q)) per entry for m = beta q + (1 - beta) p, from the log-ratio
+    log p - log q (small where the heads agree), never from log m itself: the divergence and its
+    gradient are then differences of small numbers, not of two log-probabilities."""
+    gap = torch.sub(z, y, out=gap_out).sub_((lse - teacher_lse).unsqueeze(1))  # log p - log q
+    ratio = torch.logaddexp(
+        math.log(beta) - gap, torch.tensor(math.log1p(-beta), device=z.device), out=ratio_out
+    )
+    log_beta = torch.tensor(math.log(beta), device=z.device)
+    gap = torch.logaddexp(gap.add_(math.log1p(-beta)), log_beta, out=gap)
+    return ratio, gap
 
 
 def _float(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -269,19 +298,19 @@ def _softmax_to_grad(
     z: torch.Tensor | None,
     y: torch.Tensor | None,
     q: torch.Tensor | None,
-    log_m: torch.Tensor | None,
+    ratio: torch.Tensor | None,
     weight32: torch.Tensor | None,
     deriv: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
     """In place: softmax p -> the gradient of the pre-softcap logits,
 
-        (p (a + b z + b_y y + b_m log m) + g q + t onehot + s w) * scale * softcap'
+        (p (a + b z + b_y y + b_r log(m / p)) + g q + t onehot + s w) * scale * softcap'
 
     with the coefficient rows present in `coefs` (the other buffers are overwritten)."""
     column = lambda name: coefs[name].unsqueeze(1)  # noqa: E731
     inner = None
-    for name, values in (("pz", z), ("py", y), ("plogm", log_m)):
+    for name, values in (("pz", z), ("py", y), ("plogr", ratio)):
         if name in coefs:
             if inner is None:
                 inner = values.mul_(column(name))

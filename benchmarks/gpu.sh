@@ -56,7 +56,7 @@ fi
 
 echo "== benchmark: $PRESETS / $REGIMES / $OPS" >&2
 # shellcheck disable=SC2086  # the lists are words
-"$PYTHON" -m logitless bench --device cuda --dtype bfloat16 --preset $PRESETS --data $REGIMES \
+timeout "${BENCH_TIMEOUT:-360}" "$PYTHON" -m logitless bench --device cuda --dtype bfloat16 --preset $PRESETS --data $REGIMES \
     --op $OPS --methods $METHODS --repeats "${REPEATS:-5}" --warmup 1 --sweep-v \
     --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -vE "^ {6}[a-z]" || true
 tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -r "$OUT/bench"

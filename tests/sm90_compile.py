@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 from logitless.kernels import lse_backward, lse_forward
 
 HOPPER = GPUTarget("cuda", 90, 32)
-ALIGNED = ("N", "V", "D", "stride_en", "stride_cv")
+ALIGNED = ("N", "V", "D", "stride_en", "stride_cv", "stride_dn")
 """Integer arguments Triton specializes as multiples of 16 at model shapes."""
 
 
@@ -40,14 +40,14 @@ def forward_signature(dtype: str) -> dict[str, str]:
 def backward_signature(dtype: str) -> dict[str, str]:
     pointers = {"e_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "order_ptr": "i64"}
     pointers["target_positions_ptr"] = "i64"
-    names = ("lse", "grad_lse", "grad_pz", "grad_target", "grad_sum", "weight")
-    for name in (*names, "grad_e", "grad_c", "grad_bias"):
+    for name in ("lse", "grad_lse", "grad_pz", "grad_target", "grad_sum", "weight"):
         pointers[f"{name}_ptr"] = "fp32"
+    pointers["d_ptr"] = dtype
     pointers["counts_ptr"] = "i32"
-    integers = ("N", "D", "position_begin", "position_end", "stride_en", "stride_cv")
+    integers = ("N", "D", "position_begin", "position_end", "stride_en", "stride_cv", "stride_dn")
     return {
         **{name: f"*{kind}" for name, kind in pointers.items()},
-        **dict.fromkeys((*integers, "vocab_bucket"), "i32"),
+        **dict.fromkeys((*integers, "row_bucket", "vocab_bucket"), "i32"),
         "softcap": "fp32",
         "scale": "fp32",
         "filter_mass_per_entry": "fp32",
@@ -56,36 +56,28 @@ def backward_signature(dtype: str) -> dict[str, str]:
 
 FLAGS = {
     "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_MEAN"),
-    "backward": (
-        "HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PZ", "HAS_WEIGHT", "SORTED", "FILTER",
-        "COUNT_TILES", "NEED_E", "NEED_C", "NEED_BIAS",
-    ),
-}  # fmt: skip
-ALWAYS_ON = {"NEED_E", "NEED_C"}
-"""Flags kept on in the minimal variant, which would otherwise compile to an empty kernel."""
-EXCLUSIVE = {"WITH_MEAN": ("WITH_SUM", "HAS_WEIGHT"), "HAS_PZ": ("HAS_SUM", "HAS_WEIGHT")}
-"""Flags no call sets together: the entropy's terms (log-probs) and the weighted logit sum's
-(label smoothing with class weights) belong to different losses."""
+    "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PZ", "HAS_WEIGHT", "SORTED", "FILTER"),
+}
+VARIANTS = {
+    "forward": {
+        "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT"),
+        "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_MEAN"),
+    },
+    "backward": {
+        "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_WEIGHT"),
+        "filtered": ("HAS_BIAS", "HAS_SOFTCAP", "SORTED", "FILTER"),
+        "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PZ"),
+    },
+}
+"""The register worst cases of real calls, every option a call can set together: label
+smoothing with class weights (which turns filtering off), a filtered loss, log-probs with
+entropy (no logit sum, no filtering)."""
 
 
-def flag_sets(kernel: str) -> dict[str, dict[str, bool]]:
-    """The register worst cases of real calls (every option of a cross-entropy, and of a
-    log-prob with entropy), and the minimal variant that a plain loss needs."""
-    names = FLAGS[kernel]
-    entropy = next(flag for flag in EXCLUSIVE if flag in names)
-    without = lambda off: {name: name not in off for name in names}  # noqa: E731
-    return {
-        "every_option": without({entropy, "HAS_WEIGHT"}),
-        "every_option_entropy": without(set(EXCLUSIVE[entropy])),
-        "class_weights": without({entropy}),
-        "minimal": {name: name in ALWAYS_ON for name in names},
-    }
-
-
-TOLERATED_SPILLS = {("backward", "bf16", "class_weights")}
-"""Label smoothing with class weights and softcap (the weighted sum term inside the tiles) spills
-a few bytes in the backward's 128 x 128 bf16 tiles; reported, and tolerated by tests/test_triton.py
-(a rare combination, and the backward's accumulation is being rewritten)."""
+def flags(kernel: str, variant: str) -> dict[str, bool]:
+    """The flags of one variant: a worst case of `VARIANTS`, or "minimal" (a plain loss)."""
+    on = () if variant == "minimal" else VARIANTS[kernel][variant]
+    return {name: name in on for name in FLAGS[kernel]}
 
 
 def compile_variant(kernel, signature, constants, config) -> dict[str, object]:
@@ -141,13 +133,14 @@ def main() -> None:
             ("fp32", "ieee", module.FLOAT32_CONFIGS),
         ):
             for index, config in enumerate(configs):
-                for variant, constants in flag_sets(name).items():
-                    if index and variant == "minimal":
-                        continue
-                    constants = {**constants, "DOT_PRECISION": precision, "DOT_UPCAST": False}
+                variants = list(VARIANTS[name])
+                for variant in [*variants, "minimal"] if index == 0 else variants:
+                    constants = flags(name, variant)
+                    constants.update(DOT_PRECISION=precision, DOT_UPCAST=False)
                     usage = compile_variant(kernel, signature(dtype), constants, config)
                     record = {"kernel": name, "dtype": dtype, "config": str(config)}
-                    print(json.dumps({**record, "variant": variant, **usage}), flush=True)
+                    every_option = variant != "minimal"
+                    print(json.dumps({**record, "every_option": every_option, **usage}), flush=True)
 
 
 if __name__ == "__main__":

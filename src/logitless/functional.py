@@ -106,8 +106,9 @@ def linear_cross_entropy_with_options(
     check_inputs(e, c, targets, bias, options)
     check_weight(weight, e, c, options)
     impl = check_impl(options.impl, e.device)
-    rows = e.reshape(-1, e.shape[-1])
-    row_targets = _row_targets(targets, options)
+    rows, row_targets, kept = _rows_with_target(
+        e.reshape(-1, e.shape[-1]), _row_targets(targets, options)
+    )
     valid = row_targets != NO_TARGET
     shard = options.vocab_parallel
     vocab = c.shape[0] if shard is None else shard.vocab_size
@@ -124,7 +125,7 @@ def linear_cross_entropy_with_options(
     plan = Plan(
         impl=impl,
         softcap=options.softcap,
-        filter_eps=_filter_eps(options, e.dtype),
+        filter_eps=_filter_eps(options, e.dtype, c.shape[0]),
         vocab_parallel=shard,
         column_weight=column_weight,
     )
@@ -148,9 +149,9 @@ def linear_cross_entropy_with_options(
     elif options.reduction == "sum":
         loss = losses.sum()
     else:
-        loss = _per_token(losses, targets, options.shift)
+        loss = _per_token(losses, targets, options.shift, kept)
     if options.return_lse:
-        return loss, _per_token(torch.where(valid, lse, 0.0), targets, options.shift)
+        return loss, _per_token(torch.where(valid, lse, 0.0), targets, options.shift, kept)
     return loss
 
 
@@ -197,24 +198,26 @@ def linear_log_probs(
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     check_inputs(e, c, targets, bias, options)
-    rows = e.reshape(-1, e.shape[-1])
-    row_targets = _row_targets(targets, options)
+    rows, row_targets, kept = _rows_with_target(
+        e.reshape(-1, e.shape[-1]), _row_targets(targets, options)
+    )
     valid = row_targets != NO_TARGET
     shard = options.vocab_parallel
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
     plan = Plan(
         impl=check_impl(impl, e.device),
         softcap=softcap,
-        filter_eps=options.resolved_filter_eps(e.dtype),
+        filter_eps=_filter_eps(options, e.dtype, c.shape[0]),
         vocab_parallel=shard,
         scale=scale,
     )
     names = ("lse", "target", "mean") if return_entropy else ("lse", "target")
     found = _stats(rows, c, bias, backend_targets, plan, names)
-    log_probs = _per_token(torch.where(valid, found[1] - found[0], 0.0), targets, shift)
+    log_probs = _per_token(torch.where(valid, found[1] - found[0], 0.0), targets, shift, kept)
     if not return_entropy:
         return log_probs
-    return log_probs, _per_token(torch.where(valid, found[0] - found[2], 0.0), targets, shift)
+    entropy = torch.where(valid, found[0] - found[2], 0.0)
+    return log_probs, _per_token(entropy, targets, shift, kept)
 
 
 def linear_top_k(
@@ -250,7 +253,7 @@ def linear_top_k(
         rows, c, bias, no_targets.reshape(-1), None, None, None, plan, ("lse",), k
     )
     logits = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
-    values = logits - found[0].unsqueeze(1)
+    values = logits - found[0].unsqueeze(1)  # every row: top-k has no targets to drop
     lead = e.shape[:-1]
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 
@@ -312,13 +315,17 @@ def linear_distillation_loss(
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
     check_inputs(e, c, labels, bias, options)
     check_teacher(e, c, teacher_e, teacher_c, teacher_bias)
-    rows = e.reshape(-1, e.shape[-1])
+    rows, row_targets, kept = _rows_with_target(
+        e.reshape(-1, e.shape[-1]), _row_targets(labels, options)
+    )
+    teacher_rows = teacher_e.detach().reshape(-1, teacher_e.shape[-1])
+    if kept is not None:
+        teacher_rows = teacher_rows.index_select(0, kept)
     teacher = (
-        teacher_e.detach().reshape(-1, teacher_e.shape[-1]),
+        teacher_rows,
         teacher_c.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
     )
-    row_targets = _row_targets(labels, options)
     valid = row_targets != NO_TARGET
     shard = options.vocab_parallel
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
@@ -344,7 +351,7 @@ def linear_distillation_loss(
         losses = stat["jsd"]
     if hard_weight:
         hard_plan = dataclasses.replace(
-            plan, scale=1.0, filter_eps=options.resolved_filter_eps(e.dtype)
+            plan, scale=1.0, filter_eps=_filter_eps(options, e.dtype, c.shape[0])
         )
         hard = _stats(rows, c, bias, backend_targets, hard_plan, ("lse", "target"))
         losses = (1.0 - hard_weight) * losses + hard_weight * (hard[0] - hard[1])
@@ -353,7 +360,7 @@ def linear_distillation_loss(
         return losses.sum() / valid.sum().clamp(min=1)
     if reduction == "sum":
         return losses.sum()
-    return _per_token(losses, labels, shift)
+    return _per_token(losses, labels, shift, kept)
 
 
 def gathered_logits(
@@ -383,6 +390,21 @@ def _stats(rows, c, bias, backend_targets, plan: Plan, names: tuple[str, ...]) -
     return found
 
 
+def _rows_with_target(
+    rows: torch.Tensor, row_targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The rows that predict something, their targets, and their indices (None when no row is
+    dropped): ignored and shifted-out rows cost no kernel time. Counting them synchronizes with
+    a GPU once; inside torch.compile, where that count would break the graph, nothing is dropped.
+    """
+    if torch.compiler.is_compiling():
+        return rows, row_targets, None
+    kept = (row_targets != NO_TARGET).nonzero().squeeze(1)
+    if len(kept) == len(row_targets):
+        return rows, row_targets, None
+    return rows.index_select(0, kept), row_targets[kept], kept
+
+
 def _row_targets(targets: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """Flat int64 targets, one per row of e, NO_TARGET where a row predicts nothing."""
     row_targets = targets.long().masked_fill(targets == options.ignore_index, NO_TARGET)
@@ -392,16 +414,27 @@ def _row_targets(targets: torch.Tensor, options: LossOptions) -> torch.Tensor:
     return row_targets.reshape(-1)
 
 
-def _per_token(values: torch.Tensor, targets: torch.Tensor, shift: int) -> torch.Tensor:
-    """Row values in the shape of `targets[..., shift:]`."""
+def _per_token(
+    values: torch.Tensor, targets: torch.Tensor, shift: int, kept: torch.Tensor | None
+) -> torch.Tensor:
+    """Values of the `kept` rows (all rows when None) in the shape of `targets[..., shift:]`,
+    zeros elsewhere."""
+    if kept is not None:
+        values = values.new_zeros(targets.numel()).index_copy(0, kept, values)
     values = values.view(targets.shape)
     return values[..., : targets.shape[-1] - shift] if shift else values
 
 
-def _filter_eps(options: LossOptions, dtype: torch.dtype) -> float | None:
+def _filter_eps(options: LossOptions, dtype: torch.dtype, vocab_rows: int) -> float | None:
+    """The filtering budget the backend gets for its `vocab_rows` classes: under vocabulary
+    parallelism each shard gets its share, so that a token loses at most filter_eps in all."""
     if options.label_smoothing and options.softcap is not None:
         return None  # the smoothing gradient passes the softcap: no tile is negligible
-    return options.resolved_filter_eps(dtype)
+    eps = options.resolved_filter_eps(dtype)
+    shard = options.vocab_parallel
+    if eps is None or shard is None:
+        return eps
+    return eps * vocab_rows / shard.vocab_size
 
 
 def _fuses(options: LossOptions, backend, *inputs: torch.Tensor | None) -> bool:

@@ -39,6 +39,8 @@ HALF_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
 ]
 """Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on)."""
 
@@ -96,14 +98,17 @@ def lse_forward_kernel(
                 column_weight = tl.load(weight_ptr + vocab, mask=col_mask, other=0.0)
                 summand *= column_weight.to(tl.float32)[None, :]
             logit_sum += tl.sum(summand, axis=1)
-        masked = tl.where(col_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(masked, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        exps = tl.exp(masked - new_max[:, None])
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        # While every logit so far is -inf (a masked class), shift by 0: exp(-inf - -inf) is NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(running_max - shift)
+        exps = tl.exp(z - shift[:, None])
         running_sum = running_sum * rescale + tl.sum(exps, axis=1)
-        if WITH_MEAN:
-            weighted = tl.where(col_mask[None, :], exps * z, 0.0)
-            weighted_sum = weighted_sum * rescale + tl.sum(weighted, axis=1)
+        if WITH_MEAN:  # exp(z) z is 0 at a masked (-inf) logit, not NaN
+            weighted_sum = weighted_sum * rescale + tl.sum(
+                tl.where(exps > 0, exps * z, 0.0), axis=1
+            )
         running_max = new_max
 
     plane = splits.to(tl.int64) * N

@@ -1,10 +1,11 @@
 """Vocabulary parallelism: the loss of a classifier sharded by vocabulary rows across ranks.
 
-Every loss logitless computes is an elementwise function of three per-row statistics of the
-logits (see `logitless._autograd`): their log-sum-exp, the target logit and their sum. Each rank
-computes them over its own rows `c[start:stop]`, and combining them costs O(N) values: one
-all-reduce (max) of the partial lse, then one all-reduce (sum) of exp(lse_r - max), of the target
-logits and, with label smoothing, of the logit sums. In backward each rank's share of grad_e is
+Every loss logitless computes is an elementwise function of a few per-row statistics of the
+logits (docs/statistics.md): log-sum-exps, the target logit, (weighted) sums and softmax-weighted
+means. Each rank computes them over its own rows `c[start:stop]`, and combining them costs O(N)
+values: one all-reduce (max) of the partial log-sum-exps, then one all-reduce (sum) of
+exp(lse_r - max), of the target logits, of the sums and of the means weighted by
+exp(lse_r - max) (`combine_stats`). In backward each rank's share of grad_e is
 summed (N x D values, as for any vocabulary-parallel output layer); grad_c and grad_bias stay on
 their shard. Nothing of size N x V is ever communicated.
 

@@ -49,7 +49,7 @@ def reference_linear_cross_entropy(
         lse = torch.where(valid, torch.logsumexp(flat_logits, dim=-1), 0.0)
     if z_loss:
         losses = losses + z_loss * lse.square()
-    shape = targets[..., shift:].shape
+    shape = targets[..., shift:].shape if shift else targets.shape
     if reduction == "mean":
         if weight is None:
             loss = losses.sum() / valid.sum().clamp(min=1)
@@ -84,7 +84,7 @@ def reference_linear_log_probs(
     log_p = torch.log_softmax(flat_logits / temperature, dim=-1)
     valid = flat_targets != ignore_index
     picked = log_p.gather(1, flat_targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-    shape = targets[..., shift:].shape
+    shape = targets[..., shift:].shape if shift else targets.shape
     log_probs = torch.where(valid, picked, 0.0).view(shape)
     if not return_entropy:
         return log_probs
@@ -158,7 +158,7 @@ def reference_linear_distillation_loss(
         return losses.sum() / valid.sum().clamp(min=1)
     if reduction == "sum":
         return losses.sum()
-    return losses.view(targets[..., shift:].shape)
+    return losses.view(targets[..., shift:].shape if shift else targets.shape)
 
 
 def reference_logits(

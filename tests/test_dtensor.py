@@ -221,3 +221,86 @@ def test_communication(ranks):
         gathered = world * padded  # rows of every rank, each rank's padded to the longest
         forward = 72 + padded * (4 * DIM + 8) + 12 * gathered  # + own rows and targets sent
         assert data_parallel == (forward, 8 * gathered + 4 * gathered * DIM)
+
+
+def _tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _batch(rank: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(70 + rank))
+
+
+def _step(model, ids: torch.Tensor) -> torch.Tensor:
+    """One training step's loss through logitless: decoder hidden states and the head weight."""
+    hidden = model.model(ids).last_hidden_state
+    return linear_cross_entropy(hidden, model.lm_head.weight, ids, shift=1)
+
+
+def _model_worker(rank: int, world: int, out_dir: str) -> None:
+    """FSDP2 (every layer, the decoder, the lm_head on its own, the model; each rank its own
+    batch) and tensor parallelism (a colwise lm_head; the same batch): one SGD step each."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
+        timeout=timedelta(seconds=TIMEOUT_S),
+    )  # fmt: skip
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        results = {}
+        fsdp = _tiny_llama()
+        for layer in fsdp.model.layers:
+            fully_shard(layer, mesh=mesh)
+        for module in (fsdp.model, fsdp.lm_head, fsdp):
+            fully_shard(module, mesh=mesh)
+        tp = parallelize_module(_tiny_llama(), mesh, {"lm_head": ColwiseParallel()})
+        for name, model, ids in (("fsdp", fsdp, _batch(rank)), ("tp", tp, _batch(0))):
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            loss = _step(model, ids)
+            loss.backward()
+            optimizer.step()
+            params = {
+                key: p.full_tensor() if isinstance(p, DTensor) else p.detach()
+                for key, p in model.named_parameters()
+            }
+            results[name] = (loss.detach(), params)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _unsharded_step(batches: list[torch.Tensor]):
+    """One process: the step on the mean of the batches' losses, as data parallelism means."""
+    model = _tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = [_step(model, ids) for ids in batches]
+    (sum(losses) / len(losses)).backward()
+    optimizer.step()
+    return [loss.detach() for loss in losses], dict(model.named_parameters())
+
+
+def test_fsdp2_and_tensor_parallel_steps_equal_the_unsharded_step(tmp_path):
+    """Losses and every parameter after the step (the lm_head's included) equal one process."""
+    world = 2
+    ranks = spawn(_model_worker, world, tmp_path)
+    fsdp_losses, fsdp_params = _unsharded_step([_batch(rank) for rank in range(world)])
+    tp_losses, tp_params = _unsharded_step([_batch(0)])
+    for name, losses, expected in (
+        ("fsdp", fsdp_losses, fsdp_params),
+        ("tp", tp_losses * world, tp_params),
+    ):
+        for rank in range(world):
+            loss, params = ranks[rank][name]
+            assert rel_error(loss, losses[rank]) < AGREEMENT, (name, rank)
+            for key, value in params.items():
+                error = rel_error(value, expected[key])
+                assert error < 1e-5, f"{name} rank {rank} {key}: {error:.3g}"

@@ -24,7 +24,7 @@ from helpers import DTYPES, check_against_reference, make_inputs, outputs_and_gr
 from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
 from logitless.backends import triton_backend
-from logitless.kernels._tiles import INTERPRETER_BLOCKS, offsets
+from logitless.kernels._tiles import INTERPRETER_BLOCKS, dot_options, offsets
 from logitless.reference import reference_linear_cross_entropy
 from test_functional import OPTION_SETS
 
@@ -239,3 +239,29 @@ def test_index_arithmetic_past_two_to_the_31(n, dim, vocab):
 def _loss_and_grads(e, c, targets, **options):
     outs, grads = outputs_and_grads(linear_cross_entropy, (e, c, targets, None), 0, **options)
     return *outs, *grads
+
+
+def test_masked_classes_at_the_start_of_a_split_leave_the_loss_finite():
+    """-inf bias over the first tiles: each split's running max starts at -inf there."""
+    e, c, targets, bias = inputs_for(torch.float32, bias=True)
+    bias[: 2 * INTERPRETER_BLOCKS["BLOCK_V"]] = float("-inf")
+    targets[targets < 2 * INTERPRETER_BLOCKS["BLOCK_V"]] = -100
+    check_against_reference((e, c, targets, bias), impl="triton")
+
+
+def test_softcap_far_above_the_logits_keeps_full_precision():
+    """tanh(x) for x near 0 must not lose the bits that 1 - exp(-2x) cancels."""
+    check_against_reference(inputs_for(torch.float32), impl="triton", softcap=1e4)
+
+
+def test_float32_dots_follow_torch_matmul_precision():
+    previous = torch.get_float32_matmul_precision()
+    try:
+        assert dot_options(torch.float32)["DOT_PRECISION"] == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_options(torch.float32)["DOT_PRECISION"] == "tf32"
+        # eager's float32 matmul is then TF32 too, and the criterion holds against it
+        check_against_reference(inputs_for(torch.float32), impl="triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert dot_options(torch.bfloat16)["DOT_PRECISION"] == "tf32"

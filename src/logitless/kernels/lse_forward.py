@@ -89,8 +89,10 @@ def lse_forward_kernel(
             logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
-            tl.exp(z - new_max[:, None]), axis=1
+        # While every logit so far is -inf (a masked class), shift by 0: exp(-inf - -inf) is NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
+            tl.exp(z - shift[:, None]), axis=1
         )
         running_max = new_max
 

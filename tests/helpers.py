@@ -6,6 +6,8 @@ reference than eager PyTorch at the input dtype, plus a small stated tolerance.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import logitless.reference
@@ -46,8 +48,9 @@ def make_inputs(
     return move(e), move(c), targets.to(device), move(b)
 
 
-def outputs_and_grads(fn, inputs, grad_seed: int, **options):
-    """Outputs and input gradients of `fn` under a random upstream gradient."""
+def outputs_and_grads(fn, inputs, grad_seed: int, upstream_scale: float = 1.0, **options):
+    """Outputs and input gradients of `fn` under a random upstream gradient (times
+    `upstream_scale`, as a loss scale or gradient-accumulation factor multiplies it)."""
     e, c, targets, bias = (
         x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in inputs
     )
@@ -55,7 +58,7 @@ def outputs_and_grads(fn, inputs, grad_seed: int, **options):
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(grad_seed)
     floating = [o for o in outs if o.is_floating_point()]  # not the indices of a top-k
-    upstream = [torch.randn(o.shape, generator=gen).to(o.device) for o in floating]
+    upstream = [torch.randn(o.shape, generator=gen).to(o.device) * upstream_scale for o in floating]
     params = [x for x in (e, c, bias) if x is not None]
     grads = torch.autograd.grad(
         [o.float() for o in floating], params, [u.float() for u in upstream], allow_unused=True
@@ -66,25 +69,41 @@ def outputs_and_grads(fn, inputs, grad_seed: int, **options):
 
 
 def check_against_reference(
-    inputs, *, impl: str = "torch", grad_seed: int = 1, function=linear_cross_entropy, **options
+    inputs,
+    *,
+    impl: str = "torch",
+    grad_seed: int = 1,
+    upstream_scale: float = 1.0,
+    function=linear_cross_entropy,
+    **options,
 ):
     """Assert the criterion for every output and gradient of `function` (one of logitless's,
     compared with the reference of the same name); return the errors for reporting."""
-    ours = outputs_and_grads(function, inputs, grad_seed, impl=impl, **options)
+    ours = outputs_and_grads(function, inputs, grad_seed, upstream_scale, impl=impl, **options)
     reference = getattr(logitless.reference, f"reference_{function.__name__}")
-    return check_results(ours, inputs, grad_seed=grad_seed, reference=reference, **options)
+    return check_results(
+        ours, inputs, grad_seed=grad_seed, upstream_scale=upstream_scale, reference=reference,
+        **options,
+    )  # fmt: skip
 
 
 def check_results(
-    ours, inputs, *, grad_seed: int = 1, reference=reference_linear_cross_entropy, **options
+    ours,
+    inputs,
+    *,
+    grad_seed: int = 1,
+    upstream_scale: float = 1.0,
+    reference=reference_linear_cross_entropy,
+    **options,
 ):
     """`check_against_reference` for results computed elsewhere (`outputs_and_grads`' form),
     against `reference` (a function of `logitless.reference`) in float64 and at the input
     dtype. Integer outputs (indices) must equal the float64 reference's for float32 inputs."""
     dtype = inputs[0].dtype
     semantics = {k: v for k, v in options.items() if k != "filter_eps"}
-    exact = outputs_and_grads(reference, inputs, grad_seed, **semantics)
-    eager = outputs_and_grads(reference, inputs, grad_seed, dtype=dtype, **semantics)
+    reference = functools.partial(outputs_and_grads, reference, inputs, grad_seed, upstream_scale)
+    exact = reference(**semantics)
+    eager = reference(dtype=dtype, **semantics)
     names = [f"output {i}" for i in range(len(ours[0]))]
     names += ["grad_e", "grad_c", "grad_bias"][: len(ours[1])]
     errors = {}

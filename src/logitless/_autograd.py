@@ -22,7 +22,7 @@ from logitless import _ops as ops
 from logitless._loss import TokenLoss
 
 if TYPE_CHECKING:
-    from logitless.distributed import VocabParallel
+    from logitless.distributed import TokenGather, VocabParallel
 
 MIXTURE = ("jsd", "jsd_p")
 """Statistics of the second sweep: they need both log-sum-exps of the first."""
@@ -32,12 +32,15 @@ MIXTURE = ("jsd", "jsd_p")
 class Plan:
     """How one call runs: the backend, how the logits are formed, gradient filtering, the
     vocabulary shard (the backend then sees its rows only, and the statistics are combined
-    across ranks) and, for distillation, the teacher's softcap and the JSD's beta."""
+    across ranks; with `token_gather`, the rows are every rank's tokens, see
+    `logitless.distributed.TokenGather`) and, for distillation, the teacher's softcap and the
+    JSD's beta."""
 
     impl: str
     softcap: float | None
     filter_eps: float | None
     vocab_parallel: VocabParallel | None = None
+    token_gather: TokenGather | None = None
     scale: float = 1.0
     column_weight: torch.Tensor | None = None
     teacher_softcap: float | None = None
@@ -86,15 +89,14 @@ def _coefficients(grads: dict, values: dict, beta: float) -> dict[str, torch.Ten
 
 
 class LinearLogitStats(torch.autograd.Function):
-    """The statistics `names` per row, (len(names), N), and with `top_k` the indices of each
-    row's largest logits; backward recomputes the logits block by block."""
+    """The statistics `names` per row, (len(names), N), with `top_k` the indices of each row's
+    largest logits, and (for backward) every statistic computed; backward recomputes the logits
+    block by block."""
 
     @staticmethod
-    def forward(ctx, e, c, bias, targets, teacher_e, teacher_c, teacher_bias, plan: Plan,
-                names: tuple[str, ...], top_k: int = 0):  # fmt: skip
-        with_teacher = teacher_e is not None
-        first = ["lse", *(["teacher_lse"] if with_teacher else [])]
-        first += [name for name in names if name not in first and name not in MIXTURE]
+    def forward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, plan: Plan,
+                names: tuple[str, ...], top_k: int):  # fmt: skip
+        first = _first_sweep(names, teacher_e is not None)
         teacher = (teacher_e, teacher_c, teacher_bias, plan.teacher_softcap, plan.beta)
         found, top = ops.stats(
             e, c, bias, targets, plan.impl, plan.softcap, plan.scale, plan.column_weight,
@@ -102,7 +104,7 @@ class LinearLogitStats(torch.autograd.Function):
         )  # fmt: skip
         shard = plan.vocab_parallel
         if shard is not None:
-            found = shard.combine_stats(found, first)
+            found = shard.combine_stats(found, list(first))
         values = dict(zip(first, found, strict=True))
         if "jsd" in names:
             second, _ = ops.stats(
@@ -112,26 +114,25 @@ class LinearLogitStats(torch.autograd.Function):
             if shard is not None:
                 second = shard.sum_stats(second)
             values.update(zip(MIXTURE, second, strict=True))
-        ctx.plan, ctx.kept = plan, tuple(values)
-        ctx.names = names
-        ctx.save_for_backward(
-            e,
-            c,
-            bias,
-            targets,
-            teacher_e,
-            teacher_c,
-            teacher_bias,
-            torch.stack(list(values.values())),
-        )
-        ctx.mark_non_differentiable(targets, top)
-        return torch.stack([values[name] for name in names]), top
+        kept = torch.stack(list(values.values()))
+        return torch.stack([values[name] for name in names]), top, kept
 
     @staticmethod
-    def backward(ctx, grad_stats, _):
+    def setup_context(ctx, inputs, output):
+        e, c, bias, targets, teacher_e, teacher_c, teacher_bias, plan, names, _ = inputs
+        ctx.plan, ctx.names = plan, names
+        ctx.kept = _first_sweep(names, teacher_e is not None) + (MIXTURE if "jsd" in names else ())
+        ctx.save_for_backward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, output[2])
+        ctx.mark_non_differentiable(targets, output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad_stats, *_):
+        check_not_double_backward()
         e, c, bias, targets, teacher_e, teacher_c, teacher_bias, kept = ctx.saved_tensors
         plan: Plan = ctx.plan
         values = dict(zip(ctx.kept, kept, strict=True))
+        if plan.token_gather is not None:  # every rank's tokens get every rank's coefficients
+            grad_stats = torch.stack(plan.token_gather.sum_coefficients(*grad_stats))
         coefficients = _coefficients(
             dict(zip(ctx.names, grad_stats, strict=True)), values, plan.beta
         )
@@ -139,45 +140,108 @@ class LinearLogitStats(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         filter_eps = plan.filter_eps if filters(terms, plan.softcap) else None
         teacher = (teacher_e, teacher_c, teacher_bias, plan.teacher_softcap, plan.beta)
-        grad_e, grad_c, grad_bias = ops.grads(
-            e, c, bias, targets, values["lse"], torch.stack(list(coefficients.values())),
-            ",".join(terms), plan.impl, plan.softcap, plan.scale, plan.column_weight, *teacher,
-            values.get("teacher_lse"), filter_eps, list(needs),
-        )  # fmt: skip
+        with torch.no_grad():  # under torch.func.grad too: the result is not differentiated
+            grad_e, grad_c, grad_bias = ops.grads(
+                e, c, bias, targets, values["lse"], torch.stack(list(coefficients.values())),
+                ",".join(terms), plan.impl, plan.softcap, plan.scale, plan.column_weight,
+                *teacher, values.get("teacher_lse"), filter_eps, list(needs),
+            )  # fmt: skip
         if plan.vocab_parallel is not None and needs[0]:
             grad_e = plan.vocab_parallel.reduce_grad_e(grad_e)
-        grads = _present((grad_e.to(e.dtype), grad_c, grad_bias), needs)
-        return *grads, None, None, None, None, None, None, None
+        if plan.token_gather is not None:
+            grad_c, grad_bias = (plan.token_gather.average(g) for g in (grad_c, grad_bias))
+        grads = (grad_e.to(e.dtype), grad_c, grad_bias.to(c.dtype))
+        return *_present(grads, needs), None, None, None, None, None, None, None
+
+
+def _first_sweep(names: tuple[str, ...], with_teacher: bool) -> tuple[str, ...]:
+    """The statistics of the first sweep for `names`: every one but the JSD's, and always the
+    log-sum-exps the backward (and the JSD's sweep) need."""
+    first = ["lse", *(["teacher_lse"] if with_teacher else [])]
+    return tuple(first + [name for name in names if name not in first and name not in MIXTURE])
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """A reduced loss whose gradients the forward pass computes; backward only scales them.
 
     `token_weights` (N,) holds each row's weight in the reduction (0 for ignored rows),
-    `target_weights` (N,) each row's class weight or None. The gradients are scaled in place,
-    so a second backward through the same graph is refused by autograd's check of modified
-    saved tensors.
+    `target_weights` (N,) each row's class weight or None, `needs` which of (e, c, bias) get a
+    gradient. Forward returns the loss and those gradients (the caller keeps the loss only):
+    grad_e and grad_bias in the accumulation dtype, grad_c in c's. Backward multiplies them by the
+    upstream gradient in float32 (or float64) and rounds once. They are scaled in place, so a
+    second backward through the same graph is refused by autograd's check of modified saved
+    tensors. 16-bit gradients are rounded before that multiplication, which costs range in
+    float16 (a GradScaler's scale would overflow or its small gradients flush to zero);
+    `logitless.functional` does not fuse float16 inputs.
     """
 
     @staticmethod
-    def forward(ctx, e, c, bias, targets, token_weights, target_weights, plan: Plan,
-                token_loss: TokenLoss):  # fmt: skip
-        needs = ctx.needs_input_grad[:3]
-        found, grad_e, grad_c, grad_bias = ops.stats_and_grads(
+    def forward(e, c, bias, targets, token_weights, target_weights, plan: Plan,
+                token_loss: TokenLoss, needs):  # fmt: skip
+        found, *grads = ops.stats_and_grads(
             e, c, bias, targets, token_weights, target_weights, plan.impl, plan.softcap,
             plan.column_weight, token_loss.label_smoothing > 0, plan.filter_eps,
             token_loss.label_smoothing, token_loss.z_loss, token_loss.vocab, list(needs),
         )  # fmt: skip
         losses = token_loss(*found, target_weights)
         loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
-        ctx.needs = needs
-        ctx.save_for_backward(grad_e.to(e.dtype), grad_c, grad_bias)
-        return loss
+        return loss, *grads
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        scaled = [g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
-        return *_present(scaled, ctx.needs), None, None, None, None, None
+    def setup_context(ctx, inputs, output):
+        e, c, needs = inputs[0], inputs[1], inputs[-1]
+        _, *grads = output
+        ctx.needs, ctx.dtypes = needs, (e.dtype, c.dtype)
+        ctx.mark_non_differentiable(*grads)
+        ctx.save_for_backward(*grads)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        check_not_double_backward()
+        grad_e, grad_c, grad_bias = ctx.saved_tensors
+        e_dtype, c_dtype = ctx.dtypes
+        scaled = (
+            _scale_in_place(grad_e, grad_loss).to(e_dtype),
+            _scale_in_place(grad_c, grad_loss),
+            _scale_in_place(grad_bias, grad_loss).to(c_dtype),
+        )
+        return *_present(scaled, ctx.needs), None, None, None, None, None, None
+
+
+SCALE_CHUNK_ELEMENTS = 2**22
+"""Elements per chunk when scaling a 16-bit gradient through float32 (16 MiB of scratch)."""
+
+
+def _scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad *= scale, the product taken in float32 or better and rounded once to grad's dtype;
+    chunked so that a 16-bit V x D gradient never needs a float32 copy of itself."""
+    scale = scale.to(torch.promote_types(grad.dtype, torch.float32))
+    if grad.dtype == scale.dtype or grad.numel() == 0:
+        return grad.mul_(scale)
+    flat = grad.view(-1)
+    for start in range(0, flat.numel(), SCALE_CHUNK_ELEMENTS):
+        part = flat[start : start + SCALE_CHUNK_ELEMENTS]
+        part.copy_(part.to(scale.dtype).mul_(scale))
+    return grad
+
+
+def check_not_double_backward() -> None:
+    """Refuse to be differentiated twice: logitless's gradients are not themselves
+    differentiable, and autograd would otherwise return them without a graph.
+
+    Backward runs with grad mode on under `create_graph=True`, and also under one
+    `torch.func.grad` (functorch level 1), which is allowed: its result is not differentiated.
+    """
+    if not torch.is_grad_enabled():
+        return
+    if torch._C._functorch.maybe_current_level() == 1:
+        return
+    raise RuntimeError(
+        "logitless: double backward (create_graph=True, or torch.func.grad nested in another "
+        "transform) is not supported: its gradients are not differentiable. Take the gradient "
+        "penalty through eager PyTorch (logitless.reference.reference_linear_cross_entropy) or "
+        "leave create_graph off."
+    )
 
 
 def _present(grads, needs):

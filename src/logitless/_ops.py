@@ -4,7 +4,9 @@ Backends loop over blocks, sync on filter decisions and launch Triton kernels: n
 torch.compile should trace into. Registered as `torch.library.custom_op`s with fake (meta)
 implementations, a compiled training step keeps them in its graph without a break. Ops cannot
 return None, so a gradient that is not needed comes back as an empty tensor, and ops take the
-backend contract's `Logits` and `Teacher` as their fields.
+backend contract's `Logits` and `Teacher` as their fields. They run with autocast off:
+`logitless.functional` has cast the inputs already, and the backends' matmuls must keep their
+dtypes (a backward called inside an autocast region would otherwise run in bf16).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from logitless._loss import TokenLoss
 from logitless.backends import Logits, Teacher, get_backend
+from logitless.backends.torch_backend import accumulation_dtype
 
 
 @torch.library.custom_op("logitless::stats", mutates_args=())
@@ -39,10 +42,11 @@ def stats(
     """(statistics (len(names), N), top-k indices (N, top_k)) of `backends.stats`; `names` is
     comma-separated (custom ops take no list of strings)."""
     teacher = _teacher(teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse)
-    out = get_backend(impl).stats(
-        e, c, bias, targets, logits=Logits(softcap, scale, column_weight), names=_split(names),
-        teacher=teacher, lse=lse, top_k=top_k,
-    )  # fmt: skip
+    with _no_autocast(e):
+        out = get_backend(impl).stats(
+            e, c, bias, targets, logits=Logits(softcap, scale, column_weight),
+            names=_split(names), teacher=teacher, lse=lse, top_k=top_k,
+        )  # fmt: skip
     if top_k:
         return out
     return out, targets.new_empty(e.shape[0], 0, dtype=torch.int64)
@@ -52,7 +56,7 @@ def stats(
 def _(e, c, bias, targets, impl, softcap, scale, column_weight, names, teacher_e, teacher_c,
       teacher_bias, teacher_softcap, beta, teacher_lse, lse, top_k):  # fmt: skip
     return (
-        e.new_empty(len(_split(names)), e.shape[0], dtype=torch.float32),
+        e.new_empty(len(_split(names)), e.shape[0], dtype=accumulation_dtype(e.dtype)),
         e.new_empty(e.shape[0], top_k, dtype=torch.int64),
     )
 
@@ -85,14 +89,15 @@ def grads(
     uniform = "sum" in terms and softcap is None
     in_tiles = [i for i, term in enumerate(terms) if not (uniform and term == "sum")]
     teacher = _teacher(teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse)
-    out = get_backend(impl).grads(
-        e, c, bias, targets, lse, coefficients[in_tiles], tuple(terms[i] for i in in_tiles),
-        logits=Logits(softcap, scale, column_weight), teacher=teacher, filter_eps=filter_eps,
-        needs=tuple(needs),
-    )  # fmt: skip
-    if uniform:
-        grad_sum = coefficients[terms.index("sum")]
-        add_uniform_gradient(*out, e, c, grad_sum * scale, column_weight)
+    with _no_autocast(e):
+        out = get_backend(impl).grads(
+            e, c, bias, targets, lse, coefficients[in_tiles], tuple(terms[i] for i in in_tiles),
+            logits=Logits(softcap, scale, column_weight), teacher=teacher,
+            filter_eps=filter_eps, needs=tuple(needs),
+        )  # fmt: skip
+        if uniform:
+            grad_sum = coefficients[terms.index("sum")]
+            add_uniform_gradient(*out, e, c, grad_sum * scale, column_weight)
     return _finish(out, e, c, bias)
 
 
@@ -123,7 +128,7 @@ def stats_and_grads(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(lse, target logit, sum) statistics (3, N) of a cross-entropy and the gradients of
     sum_n token_weights[n] * loss[n], in one sweep."""
-    weight_total = 0.0 if column_weight is None else column_weight.float().sum()
+    weight_total = 0.0 if column_weight is None else column_weight.sum()
     token_loss = TokenLoss(label_smoothing, z_loss, vocab, weight_total)
     names = ("lse", "target", "sum") if with_sum else ("lse", "target")
     terms = ("p", "target", "sum") if with_sum and softcap is not None else ("p", "target")
@@ -133,13 +138,14 @@ def stats_and_grads(
         found = token_loss.coefficients(row_stats[0], token_weights[rows], row_target_weights)
         return torch.stack(found[: len(terms)])
 
-    out, *grads_out = get_backend(impl).stats_and_grads(
-        e, c, bias, targets, coefficients, logits=Logits(softcap, 1.0, column_weight),
-        names=names, terms=terms, filter_eps=filter_eps, needs=tuple(needs),
-    )  # fmt: skip
-    if with_sum and softcap is None:
-        grad_sum = token_loss.coefficients(out[0], token_weights, target_weights)[2]
-        add_uniform_gradient(*grads_out, e, c, grad_sum, column_weight)
+    with _no_autocast(e):
+        out, *grads_out = get_backend(impl).stats_and_grads(
+            e, c, bias, targets, coefficients, logits=Logits(softcap, 1.0, column_weight),
+            names=names, terms=terms, filter_eps=filter_eps, needs=tuple(needs),
+        )  # fmt: skip
+        if with_sum and softcap is None:
+            grad_sum = token_loss.coefficients(out[0], token_weights, target_weights)[2]
+            add_uniform_gradient(*grads_out, e, c, grad_sum, column_weight)
     if not with_sum:
         out = torch.cat((out, torch.zeros_like(out[:1])))
     return out, *_finish(grads_out, e, c, bias)
@@ -148,7 +154,8 @@ def stats_and_grads(
 @stats_and_grads.register_fake
 def _(e, c, bias, targets, token_weights, target_weights, impl, softcap, column_weight, with_sum,
       filter_eps, label_smoothing, z_loss, vocab, needs):  # fmt: skip
-    return e.new_empty(3, e.shape[0], dtype=torch.float32), *_fake_grads(e, c, bias, needs)
+    stats_out = e.new_empty(3, e.shape[0], dtype=accumulation_dtype(e.dtype))
+    return stats_out, *_fake_grads(e, c, bias, needs)
 
 
 def add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum, column_weight=None) -> None:
@@ -158,16 +165,21 @@ def add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum, column_weigh
     It is rank one: logit (n, v) gets grad_sum[n] * w[v], so it never needs a logit tile, and
     gradient filtering can never drop it.
     """
-    weight = None if column_weight is None else column_weight.float()
+    acc = grad_sum.dtype
+    weight = None if column_weight is None else column_weight.to(acc)
     if grad_e is not None:
-        weighted_c = c.sum(0, dtype=torch.float32) if weight is None else weight @ c.float()
+        weighted_c = c.sum(0, dtype=acc) if weight is None else weight @ c.to(acc)
         grad_e.add_(torch.outer(grad_sum, weighted_c).to(grad_e.dtype))
     if grad_c is not None:
-        row = (grad_sum.unsqueeze(0) @ e.float()).to(grad_c.dtype)
+        row = (grad_sum.unsqueeze(0) @ e.to(acc)).to(grad_c.dtype)
         grad_c.add_(row if weight is None else torch.outer(weight, row[0]).to(grad_c.dtype))
     if grad_bias is not None:
         total = grad_sum.sum()
         grad_bias.add_((total if weight is None else total * weight).to(grad_bias.dtype))
+
+
+def _no_autocast(e: Tensor) -> torch.autocast:
+    return torch.autocast(e.device.type, enabled=False)
 
 
 def _split(names: str) -> tuple[str, ...]:
@@ -179,9 +191,10 @@ def _teacher(e, c, bias, softcap, beta, lse) -> Teacher | None:
 
 
 def _finish(grads_out, e: Tensor, c: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """grad_e in float32 (vocabulary shards sum it before rounding), the others in their inputs'
-    dtypes; an empty tensor for a gradient not computed."""
-    dtypes = (torch.float32, c.dtype, c.dtype)
+    """grad_e and grad_bias in the accumulation dtype (vocabulary shards sum grad_e before
+    rounding; the fused path scales both before rounding), grad_c in c's dtype (no V x D float32
+    copy); an empty tensor for a gradient not computed."""
+    dtypes = (accumulation_dtype(e.dtype), c.dtype, accumulation_dtype(e.dtype))
     return tuple(
         e.new_empty(0) if g is None else g.to(dtype)
         for g, dtype in zip(grads_out, dtypes, strict=True)
@@ -190,7 +203,7 @@ def _finish(grads_out, e: Tensor, c: Tensor, bias: Tensor | None) -> tuple[Tenso
 
 def _fake_grads(e, c, bias, needs):
     shapes = (e.shape, c.shape, None if bias is None else bias.shape)
-    dtypes = (torch.float32, c.dtype, c.dtype)
+    dtypes = (accumulation_dtype(e.dtype), c.dtype, accumulation_dtype(e.dtype))
     return tuple(
         e.new_empty(shape, dtype=dtype) if need else e.new_empty(0)
         for shape, dtype, need in zip(shapes, dtypes, needs, strict=True)

@@ -14,15 +14,19 @@ from logitless._loss import TokenLoss
 from logitless._validation import (
     LossOptions,
     check_distillation,
+    check_dtensors,
     check_impl,
     check_inputs,
+    check_no_vmap,
+    check_num_items_in_batch,
     check_teacher,
     check_top_k,
     check_weight,
     temperature_scale,
 )
 from logitless.backends import get_backend
-from logitless.distributed import VocabParallel
+from logitless.backends.torch_backend import accumulation_dtype
+from logitless.distributed import VocabParallel, local_inputs
 
 NO_TARGET = -1
 """Row target that backends skip: ignored, shifted out, or (vocabulary parallel) off-shard."""
@@ -44,6 +48,7 @@ def linear_cross_entropy(
     filter_eps: float | str | None = "auto",
     impl: str = "auto",
     vocab_parallel: VocabParallel | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the logits `e @ c.T + bias` against `targets`, without forming them.
@@ -51,9 +56,14 @@ def linear_cross_entropy(
     Equals `F.cross_entropy(e @ c.T + bias, targets, ...)` up to the rounding of the input
     dtype, with memory in O(N + V) beyond the gradients.
 
+    Under `torch.autocast`, `e`, `c` and `bias` are cast to the autocast dtype as `F.linear`
+    casts them, and each gradient comes back in its input's own dtype.
+
     Args:
-        e: (..., D) hidden states, float32, bfloat16 or float16.
-        c: (V, D) classifier (the lm_head weight), same dtype and device as `e`.
+        e: (..., D) hidden states, float32, bfloat16 or float16 (float64 with impl="torch").
+        c: (V, D) classifier (the lm_head weight), same dtype and device as `e`. A DTensor
+            sharded by rows (`Shard(0)`) over one mesh dimension is vocabulary parallel over
+            that dimension's group; a replicated one is used locally (docs/distributed.md).
         targets: (...) integer targets, the leading shape of `e`.
         bias: optional (V,) classifier bias.
         ignore_index: targets equal to this contribute nothing.
@@ -69,15 +79,20 @@ def linear_cross_entropy(
         impl: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
         vocab_parallel: this rank's vocabulary shard (`logitless.VocabParallel`): `c` and `bias`
             hold its rows only, `e` and `targets` are the same on every rank, and every rank
-            gets the full loss and grad_e (see docs/vocab_parallel.md).
+            gets the full loss and grad_e (see docs/distributed.md).
+        num_items_in_batch: with reduction="mean", the divisor of the summed loss in place of
+            this call's count of non-ignored tokens (an int or a tensor): the count over every
+            micro-batch of a gradient-accumulation step, as transformers passes it.
         weight: optional (V,) class weights, as `F.cross_entropy(weight=)`: a token's loss is
             scaled by its target's weight, label smoothing weighs each class by its weight, and
-            "mean" divides by the sum of the non-ignored targets' weights. Under
-            `vocab_parallel`, the full (V,) weights on every rank.
+            "mean" divides by the sum of the non-ignored targets' weights (unless
+            `num_items_in_batch` is given). Under `vocab_parallel`, the full (V,) weights on
+            every rank.
 
     Returns:
         The loss (a scalar, or the shape of `targets[..., shift:]` for reduction="none", ignored
-        positions 0), and with `return_lse=True` also the per-token lse of that shape.
+        positions 0), and with `return_lse=True` also the per-token lse of that shape; float32,
+        or float64 for float64 inputs.
     """
     options = LossOptions(
         ignore_index=ignore_index,
@@ -91,7 +106,9 @@ def linear_cross_entropy(
         impl=impl,
         vocab_parallel=vocab_parallel,
     )
-    return linear_cross_entropy_with_options(e, c, targets, bias, options, weight)
+    return linear_cross_entropy_with_options(
+        e, c, targets, bias, options, num_items_in_batch, weight=weight
+    )
 
 
 def linear_cross_entropy_with_options(
@@ -100,25 +117,40 @@ def linear_cross_entropy_with_options(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     options: LossOptions,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    *,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`linear_cross_entropy` with its options already checked into a `LossOptions`."""
-    check_inputs(e, c, targets, bias, options)
+    check_no_vmap()
+    check_num_items_in_batch(num_items_in_batch, options)
+    shard_dim = check_dtensors(e, c, targets, bias, options)
+    e, c, targets, bias, options = local_inputs(e, c, targets, bias, options, shard_dim)
+    device = e.device.type if isinstance(e, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device):
+        e, c, bias = (_autocast(x, torch.get_autocast_dtype(device)) for x in (e, c, bias))
+    return _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight)
+
+
+def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight):
+    """The loss of checked local tensors."""
+    gather = check_inputs(e, c, targets, bias, options)
     check_weight(weight, e, c, options)
-    impl = check_impl(options.impl, e.device)
-    rows, row_targets, kept = _rows_with_target(
-        e.reshape(-1, e.shape[-1]), _row_targets(targets, options)
-    )
-    valid = row_targets != NO_TARGET
+    impl = check_impl(options.impl, e.device, e.dtype)
+    rows = e.reshape(-1, e.shape[-1])
+    row_targets = _row_targets(targets, options)
+    kept = None
     shard = options.vocab_parallel
+    if gather is not None:  # vocabulary shards whose ranks hold different tokens
+        rows, row_targets = gather.gather_rows(rows), gather.gather_targets(row_targets)
+    else:
+        rows, row_targets, kept = _rows_with_target(rows, row_targets)
+    valid = row_targets != NO_TARGET
     vocab = c.shape[0] if shard is None else shard.vocab_size
     target_weights = column_weight = weight_total = None
-    normalizer = valid.sum().clamp(min=1)
     if weight is not None:
-        weight32 = weight.float()
+        weight32 = weight.to(accumulation_dtype(e.dtype))
         target_weights = torch.where(valid, weight32[row_targets.clamp(min=0)], 0.0)
-        total = target_weights.sum()
-        normalizer = torch.where(total == 0, 1.0, total)
         column_weight = weight32 if shard is None else weight32[shard.start : shard.stop]
         weight_total = weight32.sum()
     token_loss = TokenLoss(options.label_smoothing, options.z_loss, vocab, weight_total)
@@ -128,24 +160,30 @@ def linear_cross_entropy_with_options(
         filter_eps=_filter_eps(options, e.dtype, c.shape[0]),
         vocab_parallel=shard,
         column_weight=column_weight,
+        token_gather=gather,
     )
 
     if _fuses(options, get_backend(impl), e, c, bias):
-        token_weights = valid.float()
+        weights = valid.to(accumulation_dtype(e.dtype))
         if options.reduction == "mean":
-            token_weights = token_weights / normalizer
+            weights = weights / _divisor(valid, num_items_in_batch, target_weights)
+        needs = tuple(x is not None and x.requires_grad for x in (e, c, bias))
         return FusedLinearCrossEntropy.apply(
-            rows, c, bias, row_targets, token_weights, target_weights, plan, token_loss
-        )
+            rows, c, bias, row_targets, weights, target_weights, plan, token_loss, needs
+        )[0]
 
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
     names = ("lse", "target", "sum") if options.label_smoothing > 0 else ("lse", "target")
-    found = _stats(rows, c, bias, backend_targets, plan, names)
-    lse = found[0]
-    logit_sum = found[2] if options.label_smoothing > 0 else None
-    losses = torch.where(valid, token_loss(lse, found[1], logit_sum, target_weights), 0.0)
+    stats = _stats(rows, c, bias, backend_targets, plan, names)
+    if gather is not None:  # this rank's loss is that of its own tokens
+        stats, valid = gather.own(stats.T).T, gather.own(valid)
+        target_weights = None if target_weights is None else gather.own(target_weights)
+    lse, target_logit = stats[0], stats[1]
+    logit_sum = stats[2] if options.label_smoothing > 0 else None
+    losses = token_loss(lse, target_logit, logit_sum, target_weights)
+    losses = torch.where(valid, losses, 0.0)
     if options.reduction == "mean":
-        loss = losses.sum() / normalizer
+        loss = losses.sum() / _divisor(valid, num_items_in_batch, target_weights)
     elif options.reduction == "sum":
         loss = losses.sum()
     else:
@@ -205,7 +243,7 @@ def linear_log_probs(
     shard = options.vocab_parallel
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
     plan = Plan(
-        impl=check_impl(impl, e.device),
+        impl=check_impl(impl, e.device, e.dtype),
         softcap=softcap,
         filter_eps=_filter_eps(options, e.dtype, c.shape[0]),
         vocab_parallel=shard,
@@ -248,8 +286,10 @@ def linear_top_k(
     check_inputs(e, c, no_targets, bias, dataclasses.replace(options, ignore_index=NO_TARGET))
     check_top_k(k, c.shape[0])
     rows = e.reshape(-1, e.shape[-1])
-    plan = Plan(impl=check_impl(impl, e.device), softcap=softcap, filter_eps=None, scale=scale)
-    found, indices = LinearLogitStats.apply(
+    plan = Plan(
+        impl=check_impl(impl, e.device, e.dtype), softcap=softcap, filter_eps=None, scale=scale
+    )
+    found, indices, _ = LinearLogitStats.apply(
         rows, c, bias, no_targets.reshape(-1), None, None, None, plan, ("lse",), k
     )
     logits = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
@@ -330,7 +370,7 @@ def linear_distillation_loss(
     shard = options.vocab_parallel
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
     plan = Plan(
-        impl=check_impl(impl, e.device), softcap=softcap, filter_eps=None,
+        impl=check_impl(impl, e.device, e.dtype), softcap=softcap, filter_eps=None,
         vocab_parallel=shard, scale=scale, teacher_softcap=teacher_softcap, beta=beta,
     )  # fmt: skip
     names = {
@@ -338,7 +378,7 @@ def linear_distillation_loss(
         "reverse_kl": ("lse", "teacher_lse", "mean", "teacher_under_student"),
         "jsd": ("lse", "teacher_lse", "jsd"),
     }[divergence]
-    found, _ = LinearLogitStats.apply(rows, c, bias, backend_targets, *teacher, plan, names, 0)
+    found, _, _ = LinearLogitStats.apply(rows, c, bias, backend_targets, *teacher, plan, names, 0)
     stat = dict(zip(names, found, strict=True))
     if divergence == "forward_kl":
         teacher_log_q = stat["teacher_mean"] - stat["teacher_lse"]  # sum q log q
@@ -384,10 +424,9 @@ def gathered_logits(
 
 def _stats(rows, c, bias, backend_targets, plan: Plan, names: tuple[str, ...]) -> torch.Tensor:
     """The statistics `names` of the student alone, (len(names), N), differentiable."""
-    found, _ = LinearLogitStats.apply(
-        rows, c, bias, backend_targets, None, None, None, plan, names, 0
-    )
-    return found
+    return LinearLogitStats.apply(rows, c, bias, backend_targets, None, None, None, plan, names, 0)[
+        0
+    ]
 
 
 def _rows_with_target(
@@ -414,6 +453,31 @@ def _row_targets(targets: torch.Tensor, options: LossOptions) -> torch.Tensor:
     return row_targets.reshape(-1)
 
 
+def _divisor(
+    valid: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None,
+    target_weights: torch.Tensor | None = None,
+):
+    """The mean's divisor: the count of non-ignored tokens (at least 1), with class weights the
+    sum of their targets' weights (1 if 0), or the caller's `num_items_in_batch`."""
+    if num_items_in_batch is None and target_weights is not None:
+        total = target_weights.sum()
+        return torch.where(total == 0, 1.0, total)
+    if num_items_in_batch is None:
+        return valid.sum().clamp(min=1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.to(valid.device).reshape(())
+    return num_items_in_batch
+
+
+def _autocast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`x` cast (differentiably) to the autocast dtype, as autocast casts the inputs of
+    `F.linear`: float64 and non-float tensors are left alone."""
+    if x is None or not x.is_floating_point() or x.dtype == torch.float64:
+        return x
+    return x.to(dtype)
+
+
 def _per_token(
     values: torch.Tensor, targets: torch.Tensor, shift: int, kept: torch.Tensor | None
 ) -> torch.Tensor:
@@ -438,10 +502,18 @@ def _filter_eps(options: LossOptions, dtype: torch.dtype, vocab_rows: int) -> fl
 
 
 def _fuses(options: LossOptions, backend, *inputs: torch.Tensor | None) -> bool:
-    """Whether the gradients can be computed in the forward pass (a reduced loss alone, on one
-    process: the fused pass needs each row's lse, which vocabulary shards only know combined)."""
+    """Whether the gradients are computed in the forward pass (a reduced loss alone, on one
+    process: the fused pass needs each row's lse, which vocabulary shards only know combined).
+
+    It saves the recomputation of the logits in backward (a third of the work), at the price of
+    holding grad_e (float32) and grad_c from the forward until backward, and of computing them
+    even if no backward follows. float16 is not fused: its gradients, rounded before the
+    upstream gradient scales them, would lose a GradScaler's range. Nor is float64, whose use
+    is checking (`gradcheck` runs backward twice over one graph; the fused one allows one).
+    """
     return (
         options.vocab_parallel is None
+        and inputs[0].dtype in (torch.float32, torch.bfloat16)
         and hasattr(backend, "stats_and_grads")
         and torch.is_grad_enabled()
         and any(x is not None and x.requires_grad for x in inputs)

@@ -2,7 +2,9 @@
 
 Rows are processed in blocks whose fp32 logits fit a memory budget (LOGITLESS_BLOCK_MB, 20 MiB by
 default), never in proportion to N x V. Each block's logits are turned into the softmax and then
-into the gradient of the logits in place, so one buffer serves the whole pipeline.
+into the gradient of the logits in place, so one buffer serves the whole pipeline. float64
+inputs are computed in float64 throughout (for `torch.autograd.gradcheck`); every other dtype
+accumulates in float32.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ def stats_and_grads(
     return out, grad_e, grad_c, grad_bias
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of logits, statistics and gradient sums for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def rows_per_block(n_rows: int, vocab: int, bytes_per_logit: int) -> int:
     """How many rows of logits fit the memory budget (at least one)."""
     budget = float(os.environ.get(BLOCK_MB_ENV, DEFAULT_BLOCK_MB)) * 2**20
@@ -123,10 +130,11 @@ def _sweep(
     vocab = c.shape[0]
     forward = lse is None
     backward = coefficients is not None and any(needs)
-    half = e.dtype != torch.float32
-    fp32 = dict(device=e.device, dtype=torch.float32)
+    acc = accumulation_dtype(e.dtype)
+    half = e.dtype != acc
+    fp32 = dict(device=e.device, dtype=acc)  # the accumulation dtype: float32 but for float64
     softcap, scale = logits.softcap, logits.scale
-    weight32 = None if logits.column_weight is None else logits.column_weight.float()
+    weight32 = None if logits.column_weight is None else logits.column_weight.to(acc)
 
     # Block-sized buffers besides the logits, which become the softmax in place:
     need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
@@ -137,13 +145,13 @@ def _sweep(
     need_q = need_ratio or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
     need_p = "mean" in names or "teacher_under_student" in names or need_ratio
     sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
-    bytes_per_logit = 4 * (1 + sum(sizes)) + (e.element_size() if half else 0)
+    bytes_per_logit = acc.itemsize * (1 + sum(sizes)) + (e.element_size() if half else 0)
     block = rows_per_block(n, vocab, bytes_per_logit)
     buffer = lambda needed: torch.empty(block, vocab, **fp32) if needed else None  # noqa: E731
     logits_buffer, z_buffer, y_buffer, q_buffer, gap_buffer, ratio_buffer, deriv_buffer = map(
         buffer, (True, *sizes)
     )
-    bias32 = None if bias is None else bias.float()
+    bias32 = None if bias is None else bias.to(acc)
 
     out = torch.empty(len(names), n, **fp32)
     grad_e = torch.zeros(n, dim, **fp32) if backward and needs[0] else None
@@ -183,7 +191,8 @@ def _sweep(
         y = q = ratio = None
         if need_y or need_q:
             y_out = (y_buffer if need_y else q_buffer)[:size]
-            y = _logits(teacher.e[rows], teacher.c, _float(teacher.bias), y_out)
+            teacher_bias = None if teacher.bias is None else teacher.bias.to(acc)
+            y = _logits(teacher.e[rows], teacher.c, teacher_bias, y_out)
             if teacher.softcap:
                 y.div_(teacher.softcap).tanh_().mul_(teacher.softcap)
             if scale != 1.0:
@@ -218,7 +227,7 @@ def _sweep(
         ranges = _kept_ranges(p, t, filter_eps) if filter_eps else [(0, vocab)]
         coefs = dict(zip(terms, coefficients(rows, out[:, rows]), strict=True))
         d = _softmax_to_grad(p, t, coefs, z_kept, y, q, ratio, weight32, deriv, scale)
-        e_rows32 = e_rows.float() if half and needs[1] else e_rows
+        e_rows32 = e_rows.to(acc) if half and needs[1] else e_rows
         for lo, hi in ranges:
             d_part = d[:, lo:hi]
             if grad_e is not None:
@@ -254,10 +263,6 @@ def _mixture_ratios(
     return ratio, gap
 
 
-def _float(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.float()
-
-
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_v a[n, v] * b[n, v] per row, without a block-sized temporary."""
     return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
@@ -266,8 +271,8 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _logits(
     e_rows: torch.Tensor, c: torch.Tensor, bias32: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
-    """fp32 logits of a row block, written into `out`."""
-    if e_rows.dtype == torch.float32:
+    """Logits of a row block in the dtype of `out` (the accumulation dtype), written into it."""
+    if e_rows.dtype == out.dtype:
         torch.mm(e_rows, c.T, out=out)
     else:
         out.copy_(e_rows @ c.T)

@@ -138,12 +138,14 @@ def main() -> None:
                 for variant in [*variants, "minimal"] if index == 0 else variants:
                     constants = flags(name, variant)
                     if not config_fits(config, constants):  # the most this config is run with
-                        constants.update(dict.fromkeys(SPILLING_OPTIONS, False))
+                        constants.update(
+                            dict.fromkeys(set(SPILLING_OPTIONS) & set(constants), False)
+                        )
                     constants.update(DOT_PRECISION=precision, DOT_UPCAST=False)
                     usage = compile_variant(kernel, signature(dtype), constants, config)
                     record = {"kernel": name, "dtype": dtype, "config": str(config)}
-                    every_option = variant != "minimal"
-                    print(json.dumps({**record, "every_option": every_option, **usage}), flush=True)
+                    record.update(variant=variant, every_option=variant != "minimal")
+                    print(json.dumps({**record, **usage}), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 import transformers
 from torch import nn
 
+import logitless
 from logitless._validation import LossOptions
 from logitless.functional import linear_cross_entropy_with_options
 
@@ -95,12 +96,17 @@ def patch(
 def unpatch(model: Patchable) -> Patchable:
     """Undo `patch`: `model` (an instance, a class or a Trainer's model) computes its own loss."""
     if isinstance(model, transformers.Trainer):
-        unpatch(model.model)
+        for wrapped in (model.model, getattr(model, "ref_model", None)):
+            if wrapped is not None:
+                unpatch(wrapped)
     elif isinstance(model, type):
         model.forward = getattr(model.forward, "__logitless_unpatched__", model.forward)
     else:
         causal_lm = _causal_lm(model)
-        if _unpatched_forward(causal_lm) is not causal_lm.forward:
+        forward = causal_lm.forward
+        if isinstance(forward, functools.partial) and forward.func is _fused_forward:
+            causal_lm.forward = forward.args[2].trl_forward  # TRL's own fused head
+        elif _unpatched_forward(causal_lm) is not forward:
             del causal_lm.forward  # the class's forward shows through again
         causal_lm.__dict__.pop(_SCALE, None)
         for module in causal_lm.modules():
@@ -125,15 +131,28 @@ def _unpatched_forward(model: transformers.PreTrainedModel) -> Callable:
 
 
 def _patch_trainer(trainer: transformers.Trainer, options: LossOptions) -> transformers.Trainer:
-    """Patch the Trainer's model; label smoothing moves from the Trainer into the patch, so
-    that the Trainer keeps the labels in the model's inputs and gets no logits back."""
+    """Patch the Trainer's model. A TRL trainer's fused LM heads (its model's and reference
+    model's) are computed by logitless; otherwise label smoothing moves from the Trainer into
+    the patch, so that the Trainer keeps the labels in the model's inputs and gets no logits."""
+    fused = [
+        (_causal_lm(model), head)
+        for model in (trainer.model, getattr(trainer, "ref_model", None))
+        if model is not None and (head := _trl_fused_head(_causal_lm(model))) is not None
+    ]
     factor = trainer.args.label_smoothing_factor
-    if factor and options.label_smoothing and factor != options.label_smoothing:
+    if fused:
+        for name in ("label_smoothing", "z_loss"):
+            if getattr(options, name):
+                raise ValueError(
+                    f"{name} does not apply to {type(trainer).__name__}: TRL's trainers compute "
+                    "their losses from per-token log-probabilities, which it would change"
+                )
+    elif factor and options.label_smoothing and factor != options.label_smoothing:
         raise ValueError(
             f"label_smoothing={options.label_smoothing} differs from the Trainer's "
             f"label_smoothing_factor={factor}: give one of them"
         )
-    if factor:
+    elif factor:
         options = dataclasses.replace(options, label_smoothing=factor)
         trainer.label_smoother = None
     if trainer.compute_loss_func is not None:
@@ -150,6 +169,8 @@ def _patch_trainer(trainer: transformers.Trainer, options: LossOptions) -> trans
         filter_eps=options.filter_eps,
         impl=options.impl,
     )
+    for model, head in fused:
+        _install_fused_head(model, head, options)
     return trainer
 
 
@@ -191,7 +212,14 @@ def _forward(
     hooks = (layer.__dict__.get("forward") for layer in layers)
     if any(isinstance(hook, _Hook) and hook.interception for hook in hooks):
         return forward(*args, **kwargs)  # an outer patch handles this call
-    with _HeadInterception(model, layers, options) as interception:
+    return _intercepted(_HeadInterception(model, layers, options), forward, args, kwargs)
+
+
+def _intercepted(
+    interception: _HeadInterception, forward: Callable, args: tuple, kwargs: dict
+) -> Any:
+    """`forward(*args, **kwargs)` with its head and loss intercepted, without the probe."""
+    with interception:
         try:
             outputs = forward(*args, **kwargs)
         except NotImplementedError:
@@ -338,22 +366,38 @@ class _HeadInterception:
             ignore_index=ignore_index,
             shift=shift,
             softcap=self.softcap,
-            reduction="mean" if num_items_in_batch is None else "sum",
         )
         device = hidden.device.type
-        if torch.is_autocast_enabled(device):  # compute in the dtype the head would have
-            dtype = torch.get_autocast_dtype(device)
+        dtype = self.dtype(device)
+        if dtype is not None:  # compute in the dtype the head would have
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(hidden.device)
         with torch.autocast(device, enabled=False):
-            loss = linear_cross_entropy_with_options(
-                hidden, weight, targets.to(hidden.device), bias, options
+            return self.compute(
+                hidden, weight, bias, targets.to(hidden.device), options, num_items_in_batch
             )
-        if num_items_in_batch is not None:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
-        return loss
+
+    def dtype(self, device: str) -> torch.dtype | None:
+        """The dtype the head's operands are cast to: autocast's, as nn.Linear's would be."""
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+    def compute(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        options: LossOptions,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        """The causal-LM loss: the mean over labelled tokens, or their sum / num_items_in_batch."""
+        if num_items_in_batch is None:
+            return linear_cross_entropy_with_options(hidden, weight, targets, bias, options)
+        options = dataclasses.replace(options, reduction="sum")
+        loss = linear_cross_entropy_with_options(hidden, weight, targets, bias, options)
+        return loss / num_items_in_batch
 
     def _logit_scale(self, logits: torch.Tensor) -> float | torch.Tensor:
         """The factor a with `logits = softcap(a * head(hidden))` that the model applied.
@@ -450,3 +494,176 @@ def _without(outputs: Any, tensors: tuple[torch.Tensor | None, ...]) -> Any:
     if isinstance(outputs, tuple):
         return tuple(None if dropped(value) else value for value in outputs)
     return outputs
+
+
+# TRL's trainers (SFT, DPO, GRPO, RLOO, KTO) give their models a fused LM head with
+# `trl.trainer.utils.add_fused_lm_head`: `model(..., labels=labels, fused_lm_head=True)` returns a
+# `FusedCausalLMOutput` of per-token log-probabilities and statistics instead of logits, and the
+# trainers compute their losses from it. That call is TRL's extension point; logitless answers
+# it with the same fields, computed through the probe like any patched call.
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedHead:
+    """The arguments TRL gave `add_fused_lm_head`, and the model's forward it wrapped."""
+
+    temperature: float
+    cast_lm_head_to_fp32: bool
+    outputs: tuple[str, ...]
+    forward: Callable  # the model's forward under TRL's wrapper
+    trl_forward: Callable  # TRL's wrapper, which unpatch restores
+
+
+def _trl_fused_head(model: transformers.PreTrainedModel) -> _FusedHead | None:
+    """The fused LM head TRL gave `model`, if it did."""
+    trl_forward = model.__dict__.get("forward")
+    code = getattr(getattr(trl_forward, "__func__", None), "__code__", None)
+    if code is None or code.co_name != "_fused_forward" or "trl" not in code.co_filename:
+        return None
+    settings = inspect.getclosurevars(trl_forward.__func__).nonlocals
+    return _FusedHead(
+        temperature=settings["temperature"],
+        cast_lm_head_to_fp32=settings["cast_lm_head_to_fp32"],
+        outputs=tuple(settings["outputs"]),
+        forward=settings["original_forward"],
+        trl_forward=trl_forward,
+    )
+
+
+def _install_fused_head(
+    model: transformers.PreTrainedModel, head: _FusedHead, options: LossOptions
+) -> None:
+    if not hasattr(logitless, "linear_log_probs"):
+        raise NotImplementedError(
+            "TRL's fused LM head needs logitless.linear_log_probs and linear_top_k, which this "
+            "version of logitless lacks"
+        )
+    plain = model.forward  # patched: labelled calls without fused_lm_head
+    model.forward = functools.update_wrapper(
+        functools.partial(_fused_forward, model, plain, head, options), head.trl_forward
+    )
+
+
+def _fused_forward(
+    model: transformers.PreTrainedModel,
+    plain: Callable,
+    head: _FusedHead,
+    options: LossOptions,
+    *args: Any,
+    fused_lm_head: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """TRL's fused-head forward, computed by logitless."""
+    if not fused_lm_head:
+        return plain(*args, **kwargs)
+    kwargs["use_cache"] = False
+    interception = _FusedHeadInterception(model, _head_layers(model), options, head)
+    outputs = _intercepted(interception, _unpatched_forward(model), args, kwargs)
+    trl_utils = sys.modules["trl.trainer.utils"]
+    return trl_utils.FusedCausalLMOutput(
+        loss=outputs.loss, aux_loss=getattr(outputs, "aux_loss", None), **interception.fields
+    )
+
+
+class _FusedHeadInterception(_HeadInterception):
+    """An intercepted call for TRL's fused head: per-token fields at TRL's temperature in place
+    of the loss, which becomes TRL's: minus the log-probs' sum over the labelled tokens (or
+    num_items_in_batch)."""
+
+    def __init__(self, model, layers, options, head: _FusedHead):
+        super().__init__(model, layers, options)
+        self.head = head
+        self.fields: dict[str, torch.Tensor | None] = {}
+
+    def dtype(self, device: str) -> torch.dtype | None:
+        return torch.float32 if self.head.cast_lm_head_to_fp32 else super().dtype(device)
+
+    def compute(self, hidden, weight, bias, targets, options, num_items_in_batch):
+        self.fields = _fused_fields(
+            hidden, weight, bias, targets, options, self.head.temperature, self.head.outputs
+        )
+        mask = self.fields["label_mask"]
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return -self.fields["log_probs"].sum() / count
+
+
+def _fused_fields(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    options: LossOptions,
+    temperature: float,
+    outputs: tuple[str, ...],
+) -> dict[str, torch.Tensor | None]:
+    """The per-token fields of TRL's `FusedCausalLMOutput` that `outputs` names (log_probs
+    always), 0 at ignored tokens, for logits `softcap(e @ c.T + bias) / temperature`."""
+    log_probs, entropy = logitless.linear_log_probs(
+        e,
+        c,
+        targets,
+        bias,
+        temperature=temperature,
+        return_entropy=True,
+        ignore_index=options.ignore_index,
+        shift=options.shift,
+        softcap=options.softcap,
+        # "auto" means exact here: RL compares these log-probs with an inference engine's.
+        filter_eps=None if options.filter_eps == "auto" else options.filter_eps,
+        impl=options.impl,
+    )
+    labels = targets[..., options.shift :]
+    mask = labels != options.ignore_index
+    fields = {
+        "log_probs": log_probs,
+        "entropy": entropy if "entropy" in outputs else None,
+        "label_mask": mask,
+        "is_top1": None,
+        "mean_logits": None,
+        "log_sum_sq_probs": None,
+    }
+    with torch.no_grad():
+        if "is_top1" in outputs:
+            rows = e[..., : e.shape[-2] - options.shift, :]  # the rows that predict a label
+            _, top = logitless.linear_top_k(
+                rows,
+                c,
+                1,
+                bias,
+                temperature=temperature,
+                softcap=options.softcap,
+                impl=options.impl,
+            )
+            fields["is_top1"] = (top[..., 0] == labels) & mask
+        if "mean_logits" in outputs or "log_sum_sq_probs" in outputs:
+            lse, mean = _lse_and_mean(e, c, bias, targets, options, 1.0 / temperature)
+            if "mean_logits" in outputs:
+                fields["mean_logits"] = mean
+            if "log_sum_sq_probs" in outputs:  # log sum p^2 = lse(2 z) - 2 lse(z)
+                lse_twice, _ = _lse_and_mean(e, c, bias, targets, options, 2.0 / temperature)
+                fields["log_sum_sq_probs"] = lse_twice - 2 * lse
+    return fields
+
+
+def _lse_and_mean(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    options: LossOptions,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-sum-exp and mean over the vocabulary of `scale * softcap(e @ c.T + bias)`:
+    `a * softcap_s(z) = softcap_(a s)(a z)` folds the scale into the operands, and the fully
+    smoothed loss is `lse - mean`."""
+    options = dataclasses.replace(
+        options,
+        softcap=None if options.softcap is None else options.softcap * scale,
+        reduction="none",
+        label_smoothing=1.0,
+        z_loss=0.0,
+        return_lse=True,
+    )
+    bias = None if bias is None else bias * scale
+    smoothed, lse = linear_cross_entropy_with_options(e * scale, c, targets, bias, options)
+    return lse, lse - smoothed

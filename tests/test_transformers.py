@@ -481,3 +481,48 @@ def test_lora_variants_on_the_head_are_refused():
     dora = peft.LoraConfig(r=2, target_modules=["lm_head"], use_dora=True)
     with pytest.raises(TypeError, match="DoraLinearVariant"):
         patch(peft.get_peft_model(make_model("llama"), dora))
+
+
+FSDP_FAMILIES = ["llama", "qwen2", "granite-logit-scale"]  # untied: FSDP2 cannot shard a tied head
+FSDP_WORLD = 2
+
+
+def _fsdp_worker(rank: int, out_dir: str) -> None:
+    """One rank: each family with `fully_shard(model.lm_head)`, patched, on the rank's batch."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)  # ranks share the cores
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=FSDP_WORLD
+    )
+    try:
+        mesh = init_device_mesh("cpu", (FSDP_WORLD,))
+        results = {}
+        for family in FSDP_FAMILIES:
+            model = make_model(family)
+            fully_shard(model.lm_head, mesh=mesh)  # reshards after its forward
+            assert type(model.lm_head).__name__ == "FSDPLinear"
+            out, grads = loss_and_grads(patch(model), make_batch(seed=rank))
+            results[family] = (out.logits, out.loss, grads["lm_head.weight"].full_tensor())
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_head(tmp_path):
+    """FSDP2 frees the head's gathered weight after the head's forward; the loss gathers it
+    again, and FSDP reduces its gradient over the ranks as it does the unpatched head's."""
+    from torch.multiprocessing import start_processes
+
+    start_processes(_fsdp_worker, args=(str(tmp_path),), nprocs=FSDP_WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(FSDP_WORLD)]
+    for family in FSDP_FAMILIES:
+        reference = make_model(family)
+        expected = [loss_and_grads(reference, make_batch(seed=r)) for r in range(FSDP_WORLD)]
+        mean_grad = sum(grads["lm_head.weight"] for _, grads in expected) / FSDP_WORLD
+        for rank, (logits, loss, grad) in enumerate(r[family] for r in ranks):
+            assert logits is None
+            assert rel_error(loss, expected[rank][0].loss) <= LOSS_TOLERANCE, family
+            assert rel_error(grad, mean_grad) <= GRAD_TOLERANCE, family

@@ -307,6 +307,17 @@ def _classifier(
     return torch.cat(e, dim=-1), torch.cat(c, dim=-1), bias
 
 
+def _unshard(layer: nn.Module) -> None:
+    """Gather an FSDP2 head's parameters again: FSDP frees them after the head's forward (with
+    reshard_after_forward), and the loss, computed later, needs them. FSDP's post-backward
+    hook, which the head's input carries into the loss, reduce-scatters their gradients and
+    frees them again."""
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    for module in (layer, getattr(layer, "base_layer", None)):
+        if fsdp_module is not None and isinstance(module, fsdp_module):
+            module.unshard()
+
+
 class _HeadInterception:
     """For one forward call: the head records its input and returns a probe, and the model's
     `loss_function` computes the loss from that input with logitless."""
@@ -319,6 +330,7 @@ class _HeadInterception:
         self.hooks.append(_Hook.install(model, "_loss_function", model.loss_function))
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self.hidden: torch.Tensor | None = None
+        self.layer: nn.Module | None = None
         self.operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.probe: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None  # the probe as the model passed it to the loss
@@ -336,7 +348,7 @@ class _HeadInterception:
         """The head's forward: record its operands, return the probe in place of the logits."""
         if self.hidden is not None:
             raise self.unsupported("runs its output layer more than once in a forward")
-        self.hidden = hidden
+        self.hidden, self.layer = hidden, layer
         self.operands = _classifier(layer, hidden)
         values = torch.tensor(_PROBE, device=hidden.device) * (self.softcap or 1.0)
         self.probe = values.expand(*hidden.shape[:-1], len(_PROBE)).contiguous()
@@ -357,6 +369,7 @@ class _HeadInterception:
             raise self.unsupported("calls loss_function before its output layer")
         self.logits = logits
         scale = self._logit_scale(logits)
+        _unshard(self.layer)
         hidden, weight, bias = self.operands
         if not (isinstance(scale, float) and scale == 1.0):
             hidden = hidden * scale

@@ -163,11 +163,16 @@ def test_options_that_would_change_the_log_probs_are_refused(tmp_path):
         patch(trainer, z_loss=1e-4)
 
 
-def test_unpatch_restores_trls_head(tmp_path):
+def test_patching_the_model_alone_and_unpatch(tmp_path, fused_calls):
+    """patch(model) after TRL gave it a fused head replaces that head too, once however often
+    it is patched; unpatch restores TRL's."""
     model = make_model("llama")
-    trainer = make_trainer("grpo", model, tmp_path)
+    trainer = make_trainer("sft", model, tmp_path)
     trl_forward = model.forward
-    patch(trainer)
+    patch(patch(model))
     assert model.forward is not trl_forward
-    unpatch(trainer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    outputs = model(**batch, fused_lm_head=True)
+    assert len(fused_calls) == 1 and outputs.log_probs.shape == batch["labels"][:, 1:].shape
+    unpatch(model)
     assert model.forward is trl_forward

@@ -85,11 +85,17 @@ def patch(
         return model
     causal_lm = _causal_lm(model)
     _head_layers(causal_lm)
+    fused = _fused_head(causal_lm)
+    if fused is not None:
+        _check_fused_options(type(causal_lm).__name__, options)
+        causal_lm.forward = fused.forward  # TRL's fused head is put back on top below
     forward = _unpatched_forward(causal_lm)
     # A partial over the model (not a closure) so that a deepcopy calls its own copy.
     causal_lm.forward = functools.update_wrapper(
         functools.partial(_forward, causal_lm, forward, options), forward
     )
+    if fused is not None:
+        _install_fused_head(causal_lm, fused, options)
     return model
 
 
@@ -107,7 +113,11 @@ def unpatch(model: Patchable) -> Patchable:
         if isinstance(forward, functools.partial) and forward.func is _fused_forward:
             causal_lm.forward = forward.args[2].trl_forward  # TRL's own fused head
         elif _unpatched_forward(causal_lm) is not forward:
-            del causal_lm.forward  # the class's forward shows through again
+            original = _unpatched_forward(causal_lm)
+            if getattr(original, "__func__", None) is type(causal_lm).forward:
+                del causal_lm.forward  # the class's forward shows through again
+            else:
+                causal_lm.forward = original  # an instance's own, such as accelerate's hook
         causal_lm.__dict__.pop(_SCALE, None)
         for module in causal_lm.modules():
             for hook in list(vars(module).values()):
@@ -131,22 +141,16 @@ def _unpatched_forward(model: transformers.PreTrainedModel) -> Callable:
 
 
 def _patch_trainer(trainer: transformers.Trainer, options: LossOptions) -> transformers.Trainer:
-    """Patch the Trainer's model. A TRL trainer's fused LM heads (its model's and reference
-    model's) are computed by logitless; otherwise label smoothing moves from the Trainer into
-    the patch, so that the Trainer keeps the labels in the model's inputs and gets no logits."""
-    fused = [
-        (_causal_lm(model), head)
-        for model in (trainer.model, getattr(trainer, "ref_model", None))
-        if model is not None and (head := _trl_fused_head(_causal_lm(model))) is not None
-    ]
+    """Patch the Trainer's model (and a TRL trainer's reference model, whose fused LM head
+    logitless then computes). Otherwise label smoothing moves from the Trainer into the patch,
+    so that the Trainer keeps the labels in the model's inputs and gets no logits."""
+    models = [trainer.model]
+    ref_model = getattr(trainer, "ref_model", None)
+    if ref_model is not None and _fused_head(_causal_lm(ref_model)) is not None:
+        models.append(ref_model)
     factor = trainer.args.label_smoothing_factor
-    if fused:
-        for name in ("label_smoothing", "z_loss"):
-            if getattr(options, name):
-                raise ValueError(
-                    f"{name} does not apply to {type(trainer).__name__}: TRL's trainers compute "
-                    "their losses from per-token log-probabilities, which it would change"
-                )
+    if _fused_head(_causal_lm(trainer.model)) is not None:
+        _check_fused_options(type(trainer).__name__, options)
     elif factor and options.label_smoothing and factor != options.label_smoothing:
         raise ValueError(
             f"label_smoothing={options.label_smoothing} differs from the Trainer's "
@@ -162,15 +166,14 @@ def _patch_trainer(trainer: transformers.Trainer, options: LossOptions) -> trans
             "compute_loss_func and pass the loss's options (label_smoothing, z_loss) to patch()",
             stacklevel=3,
         )
-    patch(
-        trainer.model,
-        label_smoothing=options.label_smoothing,
-        z_loss=options.z_loss,
-        filter_eps=options.filter_eps,
-        impl=options.impl,
-    )
-    for model, head in fused:
-        _install_fused_head(model, head, options)
+    for model in models:
+        patch(
+            model,
+            label_smoothing=options.label_smoothing,
+            z_loss=options.z_loss,
+            filter_eps=options.filter_eps,
+            impl=options.impl,
+        )
     return trainer
 
 
@@ -527,9 +530,11 @@ class _FusedHead:
     trl_forward: Callable  # TRL's wrapper, which unpatch restores
 
 
-def _trl_fused_head(model: transformers.PreTrainedModel) -> _FusedHead | None:
-    """The fused LM head TRL gave `model`, if it did."""
+def _fused_head(model: transformers.PreTrainedModel) -> _FusedHead | None:
+    """The fused LM head TRL gave `model` (computed by TRL, or by a patch), if it did."""
     trl_forward = model.__dict__.get("forward")
+    if isinstance(trl_forward, functools.partial) and trl_forward.func is _fused_forward:
+        return trl_forward.args[2]
     code = getattr(getattr(trl_forward, "__func__", None), "__code__", None)
     if code is None or code.co_name != "_fused_forward" or "trl" not in code.co_filename:
         return None
@@ -541,6 +546,15 @@ def _trl_fused_head(model: transformers.PreTrainedModel) -> _FusedHead | None:
         forward=settings["original_forward"],
         trl_forward=trl_forward,
     )
+
+
+def _check_fused_options(name: str, options: LossOptions) -> None:
+    for option in ("label_smoothing", "z_loss"):
+        if getattr(options, option):
+            raise ValueError(
+                f"{option} does not apply to {name}'s TRL fused LM head: TRL's trainers compute "
+                "their losses from per-token log-probabilities, which it would change"
+            )
 
 
 def _install_fused_head(

@@ -88,8 +88,9 @@ def linear_cross_entropy_with_options(
     """`linear_cross_entropy` with its options already checked into a `LossOptions`."""
     check_inputs(e, c, targets, bias, options)
     impl = check_impl(options.impl, e.device)
-    rows = e.reshape(-1, e.shape[-1])
-    row_targets = _row_targets(targets, options)
+    rows, row_targets, kept = _rows_with_target(
+        e.reshape(-1, e.shape[-1]), _row_targets(targets, options)
+    )
     valid = row_targets != NO_TARGET
     shard = options.vocab_parallel
     vocab = c.shape[0] if shard is None else shard.vocab_size
@@ -116,10 +117,25 @@ def linear_cross_entropy_with_options(
     elif options.reduction == "sum":
         loss = losses.sum()
     else:
-        loss = _per_token(losses, targets, options.shift)
+        loss = _per_token(losses, targets, options.shift, kept)
     if options.return_lse:
-        return loss, _per_token(torch.where(valid, lse, 0.0), targets, options.shift)
+        return loss, _per_token(torch.where(valid, lse, 0.0), targets, options.shift, kept)
     return loss
+
+
+def _rows_with_target(
+    rows: torch.Tensor, row_targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The rows that predict something, their targets, and their indices (None when no row is
+    dropped): ignored and shifted-out rows cost no kernel time. Counting them synchronizes with
+    a GPU once; inside torch.compile, where that count would break the graph, nothing is dropped.
+    """
+    if torch.compiler.is_compiling():
+        return rows, row_targets, None
+    kept = (row_targets != NO_TARGET).nonzero().squeeze(1)
+    if len(kept) == len(row_targets):
+        return rows, row_targets, None
+    return rows.index_select(0, kept), row_targets[kept], kept
 
 
 def _row_targets(targets: torch.Tensor, options: LossOptions) -> torch.Tensor:
@@ -131,8 +147,13 @@ def _row_targets(targets: torch.Tensor, options: LossOptions) -> torch.Tensor:
     return row_targets.reshape(-1)
 
 
-def _per_token(values: torch.Tensor, targets: torch.Tensor, shift: int) -> torch.Tensor:
-    """Row values in the shape of `targets[..., shift:]`."""
+def _per_token(
+    values: torch.Tensor, targets: torch.Tensor, shift: int, kept: torch.Tensor | None
+) -> torch.Tensor:
+    """Values of the `kept` rows (all rows when None) in the shape of `targets[..., shift:]`,
+    zeros elsewhere."""
+    if kept is not None:
+        values = values.new_zeros(targets.numel()).index_copy(0, kept, values)
     values = values.view(targets.shape)
     return values[..., : targets.shape[-1] - shift] if shift else values
 

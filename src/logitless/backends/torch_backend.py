@@ -2,7 +2,9 @@
 
 Rows are processed in blocks whose fp32 logits fit a memory budget (LOGITLESS_BLOCK_MB, 20 MiB by
 default), never in proportion to N x V. Each block's logits are turned into the softmax and then
-into the gradient of the logits in place, so one buffer serves the whole pipeline.
+into the gradient of the logits in place, so one buffer serves the whole pipeline. float64
+inputs are computed in float64 throughout (for `torch.autograd.gradcheck`); every other dtype
+accumulates in float32.
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def stats_and_grads(
     )  # fmt: skip
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of logits, statistics and gradient sums for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def rows_per_block(n_rows: int, vocab: int, bytes_per_logit: int) -> int:
     """How many rows of logits fit the memory budget (at least one)."""
     budget = float(os.environ.get(BLOCK_MB_ENV, DEFAULT_BLOCK_MB)) * 2**20
@@ -104,23 +111,25 @@ def _sweep(
     vocab = c.shape[0]
     forward = lse is None
     backward = coefficients is not None and any(needs)
-    half = e.dtype != torch.float32
-    fp32 = dict(device=e.device, dtype=torch.float32)
+    acc = accumulation_dtype(e.dtype)
+    half = e.dtype != acc
+    in_acc = dict(device=e.device, dtype=acc)
+    size = acc.itemsize
 
-    bytes_per_logit = 4 + (4 if softcap and backward else 0) + (e.element_size() if half else 0)
+    bytes_per_logit = size + (size if softcap and backward else 0) + (e.element_size() * half)
     block = rows_per_block(n, vocab, bytes_per_logit)
-    logits_buffer = torch.empty(block, vocab, **fp32)
-    deriv_buffer = torch.empty(block, vocab, **fp32) if softcap and backward else None
-    bias32 = None if bias is None else bias.float()
+    logits_buffer = torch.empty(block, vocab, **in_acc)
+    deriv_buffer = torch.empty(block, vocab, **in_acc) if softcap and backward else None
+    bias32 = None if bias is None else bias.to(acc)
 
     target_logit = logit_sum = None
     if forward:
-        lse = torch.empty(n, **fp32)
-        target_logit = torch.empty(n, **fp32)
-        logit_sum = torch.empty(n, **fp32) if with_sum else None
-    grad_e = torch.zeros(n, dim, **fp32) if backward and needs[0] else None
-    grad_c = torch.zeros(vocab, dim, **fp32) if backward and needs[1] else None
-    grad_bias = torch.zeros(vocab, **fp32) if backward and needs[2] else None
+        lse = torch.empty(n, **in_acc)
+        target_logit = torch.empty(n, **in_acc)
+        logit_sum = torch.empty(n, **in_acc) if with_sum else None
+    grad_e = torch.zeros(n, dim, **in_acc) if backward and needs[0] else None
+    grad_c = torch.zeros(vocab, dim, **in_acc) if backward and needs[1] else None
+    grad_bias = torch.zeros(vocab, **in_acc) if backward and needs[2] else None
 
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
@@ -145,7 +154,7 @@ def _sweep(
         ranges = _kept_ranges(z, t, filter_eps) if filter_eps else [(0, vocab)]
         grad_lse, grad_target, grad_sum = coefficients(rows, lse[rows])
         d = _softmax_to_grad(z, t, grad_lse, grad_target, grad_sum, deriv)
-        e_rows32 = e_rows.float() if half and needs[1] else e_rows
+        e_rows32 = e_rows.to(acc) if half and needs[1] else e_rows
         for lo, hi in ranges:
             d_part = d[:, lo:hi]
             if grad_e is not None:
@@ -163,8 +172,8 @@ def _sweep(
 def _logits(
     e_rows: torch.Tensor, c: torch.Tensor, bias32: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
-    """fp32 logits of a row block, written into `out`."""
-    if e_rows.dtype == torch.float32:
+    """Logits of a row block in the dtype of `out` (the accumulation dtype), written into it."""
+    if e_rows.dtype == out.dtype:
         torch.mm(e_rows, c.T, out=out)
     else:
         out.copy_(e_rows @ c.T)

@@ -2,8 +2,9 @@
 
 Tiny random models (no downloads) of many causal-LM families, float32: the patched loss and
 the gradients of the output layer and the input embeddings equal the model's own; calls without
-labels, `generate`, tied embeddings, LoRA adapters and the Trainer with gradient accumulation
-behave as unpatched.
+labels, `generate`, tied embeddings, LoRA adapters (on the body and on the head), PEFT's
+modules_to_save, torch.compile with fullgraph=True, and the Trainer with gradient accumulation
+and label smoothing behave as unpatched.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+import logitless.transformers  # noqa: E402
 from logitless.reference import reference_linear_cross_entropy  # noqa: E402
-from logitless.transformers import patch  # noqa: E402
+from logitless.transformers import patch, unpatch  # noqa: E402
 from tests.helpers import rel_error  # noqa: E402
 
 LOSS_TOLERANCE, GRAD_TOLERANCE = 1e-5, 1e-4
@@ -58,6 +61,9 @@ FAMILIES = {
     "smollm3": ("smollm3", {}),
     "exaone4": ("exaone4", {}),
 }
+
+FOUR = ["llama", "gemma2-softcap", "qwen2", "granite-logit-scale"]
+"""The families each integration test runs on: plain, softcap, bias-free Qwen, logit scale."""
 
 
 @pytest.fixture(autouse=True)
@@ -162,15 +168,18 @@ def test_loss_options_pass_through():
         assert rel_error(grads[name], their_grad) <= GRAD_TOLERANCE, name
 
 
-def test_shift_labels_and_tuple_outputs():
-    """Pre-shifted labels (sequence parallelism) take precedence, as in transformers' loss."""
-    reference = make_model("qwen2")
+@pytest.mark.parametrize("family", FOUR)
+def test_shift_labels_and_tuple_outputs(family):
+    """Pre-shifted labels (sequence parallelism) take precedence, as in transformers' loss; a
+    tuple keeps its positions, with None where the logits were."""
+    reference = make_model(family)
     patched = patch(copy.deepcopy(reference))
     batch = make_batch()
     batch["shift_labels"] = batch["labels"].flip(-1)  # targets unrelated to the labels
     theirs = reference(**batch, return_dict=False)
     ours = patched(**batch, return_dict=False)
-    assert len(ours) == len(theirs) - 1  # the same entries, without the logits
+    assert len(ours) == len(theirs) and ours[1] is None
+    assert type(ours[2]) is type(theirs[2])  # the cache, in its place
     assert rel_error(ours[0], theirs[0]) <= LOSS_TOLERANCE
 
 
@@ -222,39 +231,40 @@ def test_lora_adapters(patch_first):
     assert_same_loss_and_grads(patched, reference, make_batch(), adapters)
 
 
-def test_trainer_with_gradient_accumulation(tmp_path):
-    """Micro-batches with different numbers of labelled tokens: the normalization shows."""
+def make_trainer(model, tmp_path, **args) -> transformers.Trainer:
+    """A Trainer over 9 batches of 2 rows on the CPU, logging the loss of every step."""
     pytest.importorskip("accelerate")  # the Trainer's requirement
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        **args,
+    )
+    data = [
+        {key: value[row] for key, value in make_batch(seed).items()}
+        for seed in range(9)
+        for row in range(BATCH)
+    ]
+    return transformers.Trainer(model=model.train(), args=args, train_dataset=data)
 
-    def train(model):
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=3,
-            max_steps=3,
-            learning_rate=1e-2,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-        )
-        data = [
-            {key: value[row] for key, value in make_batch(seed).items()}
-            for seed in range(9)
-            for row in range(BATCH)
-        ]
-        trainer = transformers.Trainer(model=model.train(), args=args, train_dataset=data)
-        trainer.train()
-        return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
-    reference = make_model("llama")
-    patched = patch(copy.deepcopy(reference))
-    their_losses, our_losses = train(reference), train(patched)
-    assert len(our_losses) == 3
+def train(trainer: transformers.Trainer) -> list[float]:
+    trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def assert_same_training(patched, reference, our_losses, their_losses, steps):
+    assert len(our_losses) == steps
     torch.testing.assert_close(our_losses, their_losses, rtol=1e-4, atol=0)
     for name, param in patched.named_parameters():
+        if name.endswith("k_proj.bias"):
+            continue  # gradient 0 up to rounding (softmax is shift-invariant): Adam steps on noise
         their_param = reference.get_parameter(name)
         assert rel_error(param.detach(), their_param.detach()) <= 1e-5, name
 
@@ -299,6 +309,59 @@ def test_trainer_evaluate_with_accuracy_metrics(tmp_path):
     assert rel_error(lean.loss, full.loss) <= LOSS_TOLERANCE
 
 
+def test_trainer_with_gradient_accumulation(tmp_path):
+    """Micro-batches with different numbers of labelled tokens: the normalization shows."""
+    reference = make_model("llama")
+    patched = patch(copy.deepcopy(reference))
+    args = {"gradient_accumulation_steps": 3, "max_steps": 3}
+    their_losses = train(make_trainer(reference, tmp_path, **args))
+    our_losses = train(make_trainer(patched, tmp_path, **args))
+    assert_same_training(patched, reference, our_losses, their_losses, steps=3)
+
+
+@pytest.fixture
+def logitless_calls(monkeypatch):
+    """The number of losses logitless.transformers computed during the test."""
+    calls = []
+    compute = logitless.transformers.linear_cross_entropy_with_options
+    monkeypatch.setattr(
+        logitless.transformers,
+        "linear_cross_entropy_with_options",
+        lambda *args: calls.append(1) or compute(*args),
+    )
+    return calls
+
+
+@pytest.mark.parametrize("family", FOUR)
+def test_trainer_label_smoothing_runs_through_logitless(family, tmp_path, logitless_calls):
+    """patch(trainer) moves label_smoothing_factor into the patch: the Trainer keeps the labels
+    in the model's inputs, logitless computes the smoothed loss, and training is unchanged."""
+    reference = make_model(family)
+    model = copy.deepcopy(reference)
+    args = {"label_smoothing_factor": 0.1, "gradient_accumulation_steps": 2, "max_steps": 2}
+    their_losses = train(make_trainer(reference, tmp_path, **args))
+    trainer = patch(make_trainer(model, tmp_path, **args))
+    assert trainer.label_smoother is None
+    our_losses = train(trainer)
+    assert len(logitless_calls) == 4  # every micro-batch
+    assert_same_training(model, reference, our_losses, their_losses, steps=2)
+
+
+def test_trainer_that_would_take_the_logits_warns(tmp_path):
+    """A patched model that a Trainer calls without labels (label smoothing or a
+    compute_loss_func set) warns instead of silently computing the logits."""
+    model = patch(make_model("llama"))
+    trainer = make_trainer(model, tmp_path, label_smoothing_factor=0.1, max_steps=1)
+    with pytest.warns(UserWarning, match="without labels"):
+        trainer.train()
+    trainer = make_trainer(model, tmp_path, max_steps=1)
+    trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch: outputs.logits.sum()
+    with pytest.warns(UserWarning, match="compute_loss_func takes the model's logits"):
+        patch(trainer)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        patch(make_trainer(model, tmp_path, label_smoothing_factor=0.1), label_smoothing=0.2)
+
+
 def test_unsupported_models_are_refused():
     with pytest.raises(TypeError, match="transformers model"):
         patch(torch.nn.Linear(4, 4))
@@ -319,8 +382,194 @@ def test_unsupported_models_are_refused():
         shifted(**make_batch())
 
 
-def test_adapter_on_the_head_is_refused():
+@pytest.mark.parametrize("family", FOUR)
+def test_unpatch_restores_the_models_own_loss(family):
+    reference = make_model(family)
+    model = patch(copy.deepcopy(reference))
+    assert model(**make_batch()).logits is None
+    assert unpatch(model) is model
+    ours, theirs = model(**make_batch()), reference(**make_batch())
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=0, atol=0)
+
+
+def test_unpatch_of_a_class(monkeypatch):
+    cls = transformers.Qwen2ForCausalLM
+    monkeypatch.setattr(cls, "forward", cls.forward)  # restored after the test
+    original = cls.forward
+    patch(cls)
+    assert make_model("qwen2")(**make_batch()).logits is None
+    unpatch(cls)
+    assert cls.forward is original
+
+
+def compiled_loss_and_grads(model, batch):
+    """loss_and_grads of `model` compiled whole (aot_eager: Dynamo's tracing and AOT autograd,
+    without generating kernels) with fullgraph=True, which fails on any graph break."""
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model.zero_grad(set_to_none=True)
+    out = compiled(**batch)
+    out.loss.backward()
+    return out, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["compiled-first", "eager-first"])
+@pytest.mark.parametrize("family", FOUR)
+def test_compiles_with_fullgraph_and_equals_eager(family, checked):
+    """Compiled first, the probe's scale is a tensor and its check a device-side assertion;
+    after an eager call, the scale is a number kept on the model. Either way: no graph break,
+    no host synchronization, the eager model's loss and gradients."""
+    torch._dynamo.reset()
+    reference = make_model(family)
+    patched = patch(copy.deepcopy(reference))
+    batch = make_batch()
+    if checked:
+        patched(**batch)
+    ours, our_grads = compiled_loss_and_grads(patched, batch)
+    theirs, their_grads = loss_and_grads(reference, batch)
+    assert ours.logits is None
+    assert rel_error(ours.loss, theirs.loss) <= LOSS_TOLERANCE
+    for name in head_and_embedding_names(reference):
+        assert rel_error(our_grads[name], their_grads[name]) <= GRAD_TOLERANCE, name
+
+
+def test_compiled_probe_check_still_refuses_other_transforms():
+    torch._dynamo.reset()
+    shifted = patch(make_model("llama"))
+    shifted.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
+    with pytest.raises(RuntimeError, match="transforms its logits"):
+        compiled_loss_and_grads(shifted, make_batch())
+
+
+def trainable_names(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("family", FOUR)
+def test_lora_on_the_head(family):
+    """The adapter's low-rank term joins the loss as extra features and classifier columns;
+    its dropout draws the same random numbers as the unpatched layer's."""
     peft = pytest.importorskip("peft")
-    lora = peft.LoraConfig(r=2, target_modules=["lm_head"])
-    with pytest.raises(TypeError, match=r"plain nn\.Linear"):
-        patch(peft.get_peft_model(make_model("llama"), lora))
+    lora = peft.LoraConfig(
+        r=3, target_modules=["lm_head", "q_proj"], lora_dropout=0.25, init_lora_weights=False
+    )
+    reference = peft.get_peft_model(make_model(family), lora).train()
+    patched = patch(copy.deepcopy(reference))
+    names = trainable_names(reference)
+    assert any("lm_head.lora_B" in name for name in names)
+    torch.manual_seed(1)
+    ours, our_grads = loss_and_grads(patched, make_batch())
+    torch.manual_seed(1)
+    theirs, their_grads = loss_and_grads(reference, make_batch())
+    assert ours.logits is None
+    assert rel_error(ours.loss, theirs.loss) <= LOSS_TOLERANCE
+    for name in names:
+        assert rel_error(our_grads[name], their_grads[name]) <= GRAD_TOLERANCE, name
+    assert_same_loss_without_adapters(patched, reference)
+
+
+@pytest.mark.parametrize("family", FOUR)
+def test_modules_to_save_head(family):
+    """PEFT's trainable copy of the head (common when tokens are added) is the one computed,
+    and the original when adapters are disabled."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False
+    )
+    reference = peft.get_peft_model(make_model(family), lora)
+    copy_of_head = reference.get_output_embeddings().modules_to_save["default"]
+    with torch.no_grad():
+        copy_of_head.weight.mul_(1.5)  # differs from the original head
+    patched = patch(copy.deepcopy(reference))
+    names = trainable_names(reference)
+    assert any("modules_to_save" in name for name in names)
+    assert_same_loss_and_grads(patched, reference, make_batch(), names)
+    assert_same_loss_without_adapters(patched, reference)
+
+
+def assert_same_loss_without_adapters(patched, reference):
+    """With PEFT's adapters disabled (nothing trainable then): the original head's loss."""
+    batch = make_batch()
+    with patched.disable_adapter(), reference.disable_adapter():
+        ours, theirs = patched(**batch), reference(**batch)
+    assert ours.logits is None
+    assert rel_error(ours.loss, theirs.loss) <= LOSS_TOLERANCE
+
+
+class SubclassedHead(nn.Linear):
+    """A subclass that keeps nn.Linear's forward: computed like nn.Linear."""
+
+
+class RescaledHead(nn.Linear):
+    """A subclass with a forward of its own: refused."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(hidden)
+
+
+def with_head(model, cls):
+    old = model.lm_head
+    model.lm_head = cls(old.in_features, old.out_features, bias=old.bias is not None)
+    model.lm_head.load_state_dict(old.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("family", FOUR)
+def test_linear_subclass_heads(family):
+    reference = with_head(make_model(family), SubclassedHead)
+    patched = patch(copy.deepcopy(reference))
+    assert_same_loss_and_grads(patched, reference, make_batch(), ["lm_head.weight"])
+    with pytest.raises(TypeError, match=r"test_transformers\.RescaledHead.*Supported"):
+        patch(with_head(make_model(family), RescaledHead))
+
+
+def test_lora_variants_on_the_head_are_refused():
+    peft = pytest.importorskip("peft")
+    dora = peft.LoraConfig(r=2, target_modules=["lm_head"], use_dora=True)
+    with pytest.raises(TypeError, match="DoraLinearVariant"):
+        patch(peft.get_peft_model(make_model("llama"), dora))
+
+
+FSDP_FAMILIES = ["llama", "qwen2", "granite-logit-scale"]  # untied: FSDP2 cannot shard a tied head
+FSDP_WORLD = 2
+
+
+def _fsdp_worker(rank: int, out_dir: str) -> None:
+    """One rank: each family with `fully_shard(model.lm_head)`, patched, on the rank's batch."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)  # ranks share the cores
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=FSDP_WORLD
+    )
+    try:
+        mesh = init_device_mesh("cpu", (FSDP_WORLD,))
+        results = {}
+        for family in FSDP_FAMILIES:
+            model = make_model(family)
+            fully_shard(model.lm_head, mesh=mesh)  # reshards after its forward
+            assert type(model.lm_head).__name__ == "FSDPLinear"
+            out, grads = loss_and_grads(patch(model), make_batch(seed=rank))
+            results[family] = (out.logits, out.loss, grads["lm_head.weight"].full_tensor())
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_head(tmp_path):
+    """FSDP2 frees the head's gathered weight after the head's forward; the loss gathers it
+    again, and FSDP reduces its gradient over the ranks as it does the unpatched head's."""
+    from torch.multiprocessing import start_processes
+
+    start_processes(_fsdp_worker, args=(str(tmp_path),), nprocs=FSDP_WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(FSDP_WORLD)]
+    for family in FSDP_FAMILIES:
+        reference = make_model(family)
+        expected = [loss_and_grads(reference, make_batch(seed=r)) for r in range(FSDP_WORLD)]
+        mean_grad = sum(grads["lm_head.weight"] for _, grads in expected) / FSDP_WORLD
+        for rank, (logits, loss, grad) in enumerate(r[family] for r in ranks):
+            assert logits is None
+            assert rel_error(loss, expected[rank][0].loss) <= LOSS_TOLERANCE, family
+            assert rel_error(grad, mean_grad) <= GRAD_TOLERANCE, family

@@ -1,7 +1,9 @@
 """Hugging Face transformers integration: causal-LM training without the N x V logits.
 
 `patch(model)` makes a transformers causal LM compute its loss with logitless whenever it is
-called with `labels`; calls without labels (inference, `generate`) are untouched.
+called with `labels`; calls without labels (inference, `generate`) are untouched. `patch(trainer)`
+does the same for a `Trainer`'s model and moves the Trainer's label smoothing into the patch, so
+that the Trainer passes the labels to the model instead of asking it for the logits.
 
 How, for any model whose forward runs its head (`get_output_embeddings()`, an `nn.Linear`) on
 the final hidden states and hands the result to `self.loss_function`, as transformers' causal
@@ -10,7 +12,9 @@ LMs do: during a call with labels the head records its input and returns a probe
 one that computes the loss from the recorded hidden states and the head's weight and bias. What
 the model's forward does to the logits between the two (Gemma 2's softcap, Cohere's and
 Granite's scale) it does to the probe, from which the scale is read back and the config's
-softcap is checked; any other transform is refused rather than silently dropped.
+softcap is checked; any other transform is refused rather than silently dropped. The probe is
+checked on a model's first call with labels and its scale kept, so that later calls (and
+compiled graphs) read it without a host synchronization.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,6 +31,7 @@ import torch
 import transformers
 from torch import nn
 
+import logitless
 from logitless._validation import LossOptions
 from logitless.functional import linear_cross_entropy_with_options
 
@@ -33,6 +39,8 @@ _PROBE = (-1.0, -0.5, 0.25, 0.75)
 """Per-token values the head returns instead of the logits, in units of the softcap if any."""
 
 _NO_LOSS_FUNCTION = "does not compute its loss by loss_function"
+_SCALE = "_logitless_logit_scale"
+"""Attribute of a patched model: the logit scale its probe showed, once checked."""
 
 Patchable = TypeVar("Patchable")
 
@@ -51,12 +59,16 @@ def patch(
     The loss is `logitless.linear_cross_entropy` of the final hidden states and the head's
     weight (and bias, if any) with shift=1 (or the given `shift_labels`), ignore_index=-100 and
     the config's `final_logit_softcapping`; with `num_items_in_batch` it is the sum divided by
-    it, as transformers' own loss does for gradient accumulation. Such calls return
-    `logits=None`. Calls without labels are unchanged.
+    it, as transformers' own loss does for gradient accumulation. Such calls return no logits
+    (`logits=None`, or None in the logits' place of a tuple). Calls without labels are
+    unchanged; one in training mode with gradients enabled warns, since its caller is about to
+    compute a loss from the full logits.
 
     Args:
         model: a transformers causal LM instance (a PEFT model is patched through its base
-            model), or a causal-LM class, whose every instance is then patched.
+            model), a causal-LM class, whose every instance is then patched, or a
+            `transformers.Trainer`, whose model is patched and whose `label_smoothing_factor`
+            becomes the patch's `label_smoothing`.
         label_smoothing, z_loss, filter_eps, impl: passed to `linear_cross_entropy`.
         eval_logits: calls with labels while gradients are disabled (evaluation, as in
             `Trainer.evaluate`) run the model unpatched and return its logits and loss, so that
@@ -70,23 +82,108 @@ def patch(
     options = LossOptions(
         label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps, impl=impl
     )
+    if isinstance(model, transformers.Trainer):
+        return _patch_trainer(model, options, eval_logits)
     if isinstance(model, type):
         if not issubclass(model, transformers.PreTrainedModel):
             raise TypeError(f"model must be a transformers model class, got {model.__name__}")
         model.forward = _patched_method(model.forward, options, eval_logits)
         return model
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(causal_lm, transformers.PreTrainedModel):
-        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
-    _linear_head(causal_lm)
-    forward = causal_lm.forward
-    if isinstance(forward, functools.partial) and forward.func is _forward:
-        forward = forward.args[1]  # patched before: replace its options
+    causal_lm = _causal_lm(model)
+    _head_layers(causal_lm)
+    fused = _fused_head(causal_lm)
+    if fused is not None:
+        _check_fused_options(type(causal_lm).__name__, options)
+        causal_lm.forward = fused.forward  # TRL's fused head is put back on top below
+    forward = _unpatched_forward(causal_lm)
     # A partial over the model (not a closure) so that a deepcopy calls its own copy.
     causal_lm.forward = functools.update_wrapper(
         functools.partial(_forward, causal_lm, forward, options, eval_logits), forward
     )
+    if fused is not None:
+        _install_fused_head(causal_lm, fused, options)
     return model
+
+
+def unpatch(model: Patchable) -> Patchable:
+    """Undo `patch`: `model` (an instance, a class or a Trainer's model) computes its own loss."""
+    if isinstance(model, transformers.Trainer):
+        for wrapped in (model.model, getattr(model, "ref_model", None)):
+            if wrapped is not None:
+                unpatch(wrapped)
+    elif isinstance(model, type):
+        model.forward = getattr(model.forward, "__logitless_unpatched__", model.forward)
+    else:
+        causal_lm = _causal_lm(model)
+        forward = causal_lm.forward
+        if isinstance(forward, functools.partial) and forward.func is _fused_forward:
+            causal_lm.forward = forward.args[2].trl_forward  # TRL's own fused head
+        elif _unpatched_forward(causal_lm) is not forward:
+            original = _unpatched_forward(causal_lm)
+            if getattr(original, "__func__", None) is type(causal_lm).forward:
+                del causal_lm.forward  # the class's forward shows through again
+            else:
+                causal_lm.forward = original  # an instance's own, such as accelerate's hook
+        causal_lm.__dict__.pop(_SCALE, None)
+        for module in causal_lm.modules():
+            for hook in list(vars(module).values()):
+                if isinstance(hook, _Hook):
+                    hook.uninstall()
+    return model
+
+
+def _causal_lm(model: Any) -> transformers.PreTrainedModel:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(causal_lm, transformers.PreTrainedModel):
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+    return causal_lm
+
+
+def _unpatched_forward(model: transformers.PreTrainedModel) -> Callable:
+    forward = model.forward
+    if isinstance(forward, functools.partial) and forward.func is _forward:
+        return forward.args[1]  # patched before
+    return forward
+
+
+def _patch_trainer(
+    trainer: transformers.Trainer, options: LossOptions, eval_logits: bool
+) -> transformers.Trainer:
+    """Patch the Trainer's model (and a TRL trainer's reference model, whose fused LM head
+    logitless then computes). Otherwise label smoothing moves from the Trainer into the patch,
+    so that the Trainer keeps the labels in the model's inputs and gets no logits."""
+    models = [trainer.model]
+    ref_model = getattr(trainer, "ref_model", None)
+    if ref_model is not None and _fused_head(_causal_lm(ref_model)) is not None:
+        models.append(ref_model)
+    factor = trainer.args.label_smoothing_factor
+    if _fused_head(_causal_lm(trainer.model)) is not None:
+        _check_fused_options(type(trainer).__name__, options)
+    elif factor and options.label_smoothing and factor != options.label_smoothing:
+        raise ValueError(
+            f"label_smoothing={options.label_smoothing} differs from the Trainer's "
+            f"label_smoothing_factor={factor}: give one of them"
+        )
+    elif factor:
+        options = dataclasses.replace(options, label_smoothing=factor)
+        trainer.label_smoother = None
+    if trainer.compute_loss_func is not None:
+        warnings.warn(
+            "the Trainer's compute_loss_func takes the model's logits, so its loss is computed "
+            "from the full N x V logits, without logitless; to use logitless, drop "
+            "compute_loss_func and pass the loss's options (label_smoothing, z_loss) to patch()",
+            stacklevel=3,
+        )
+    for model in models:
+        patch(
+            model,
+            label_smoothing=options.label_smoothing,
+            z_loss=options.z_loss,
+            filter_eps=options.filter_eps,
+            impl=options.impl,
+            eval_logits=eval_logits,
+        )
+    return trainer
 
 
 def _patched_method(method: Callable, options: LossOptions, eval_logits: bool) -> Callable:
@@ -116,12 +213,30 @@ def _forward(
         labels = inspect.signature(forward).bind_partial(*args, **kwargs).arguments.get("labels")
     except TypeError:
         labels = None  # a bad call: let the model report it
-    if labels is None or (eval_logits and not torch.is_grad_enabled()):
+    if labels is not None and eval_logits and not torch.is_grad_enabled():
+        return forward(*args, **kwargs)  # evaluation: the unpatched model's logits and loss
+    if labels is None:
+        if model.training and torch.is_grad_enabled():
+            warnings.warn(
+                f"{type(model).__name__} is called for training without labels, so it returns "
+                "the full N x V logits and logitless computes no loss; pass the labels to the "
+                "model (for a Trainer with label_smoothing_factor: logitless.transformers."
+                "patch(trainer))",
+                stacklevel=3,
+            )
         return forward(*args, **kwargs)
-    head = _linear_head(model)
-    if isinstance(head.__dict__.get("forward"), _HeadInterception):
+    layers = _head_layers(model)
+    hooks = (layer.__dict__.get("forward") for layer in layers)
+    if any(isinstance(hook, _Hook) and hook.interception for hook in hooks):
         return forward(*args, **kwargs)  # an outer patch handles this call
-    with _HeadInterception(model, head, options) as interception:
+    return _intercepted(_HeadInterception(model, layers, options), forward, args, kwargs)
+
+
+def _intercepted(
+    interception: _HeadInterception, forward: Callable, args: tuple, kwargs: dict
+) -> Any:
+    """`forward(*args, **kwargs)` with its head and loss intercepted, without the probe."""
+    with interception:
         try:
             outputs = forward(*args, **kwargs)
         except NotImplementedError:
@@ -135,51 +250,123 @@ def _forward(
     return _without(outputs, (interception.logits, interception.probe))
 
 
-def _linear_head(model: transformers.PreTrainedModel) -> nn.Linear:
-    """The output layer, if a plain `nn.Linear`: a subclass (quantized, sharded, with an adapter)
-    may compute something else than `hidden @ weight.T + bias`."""
+def _head_layers(model: transformers.PreTrainedModel) -> list[nn.Module]:
+    """The layers whose forward computes the logits from the final hidden states: the output
+    layer itself, or the layers a PEFT `modules_to_save` wrapper dispatches to."""
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise TypeError(
-            f"model must have a plain nn.Linear output layer (lm_head), {type(model).__name__} "
-            f"has {type(head).__name__}"
-        )
-    return head
+    if _is_lora(head):
+        for name in set(head.active_adapters) & set(head.lora_variant):
+            raise TypeError(
+                f"model's output layer has a {type(head.lora_variant[name]).__name__} LoRA "
+                "variant, which logitless cannot compute without its logits: use plain LoRA on "
+                "the lm_head, or call the model without patching"
+            )
+    if _is_linear(head) or _is_lora(head):
+        return [head]
+    wrapper = _peft_class("peft.utils.other", "ModulesToSaveWrapper")
+    if wrapper is not None and isinstance(head, wrapper):
+        inner = [head.original_module, *head.modules_to_save.values()]
+        if all(_is_linear(layer) for layer in inner):
+            return inner
+    kind = type(head)
+    raise TypeError(
+        f"model must have an output layer (lm_head) that computes hidden @ weight.T + bias: "
+        f"{type(model).__name__}'s is {kind.__module__}.{kind.__qualname__}, which logitless "
+        "cannot compute without its logits. Supported: nn.Linear and its subclasses that keep "
+        "its forward (FSDP2's), PEFT LoRA and modules_to_save on an nn.Linear; otherwise call "
+        "the model without patching"
+    )
+
+
+def _is_linear(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward
+
+
+def _is_lora(layer: nn.Module) -> bool:
+    lora = _peft_class("peft.tuners.lora", "Linear")
+    return lora is not None and type(layer) is lora and _is_linear(layer.base_layer)
+
+
+def _peft_class(module: str, name: str) -> type | None:
+    """A PEFT class, if PEFT is loaded (no PEFT layer exists before it is)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _classifier(
+    layer: nn.Module, hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(e, c, bias) with `layer(hidden) = e @ c.T + bias`, without computing it.
+
+    A LoRA layer's active adapters add `scaling * B(A(dropout(hidden)))`: their rank-r
+    features join `hidden` and their B matrices join the weight, so the loss runs over
+    `[hidden, features]` and `[W, B]` (a (V, D + r) copy of the weight, no logits).
+    """
+    if _is_linear(layer):
+        return hidden, layer.weight, layer.bias
+    if layer.disable_adapters and layer.merged:
+        layer.unmerge()  # as the layer's own forward does
+    base = layer.base_layer
+    e, c, bias = [hidden], [base.weight], base.bias
+    if not (layer.disable_adapters or layer.merged):
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue
+            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+            scaling = layer.scaling[name]
+            features = lora_a(layer.lora_dropout[name](hidden.to(lora_a.weight.dtype)))
+            e.append((features * scaling).to(hidden.dtype))
+            c.append(lora_b.weight.to(base.weight.dtype))
+            if lora_b.bias is not None:
+                term = scaling * lora_b.bias.to(base.weight.dtype)
+                bias = term if bias is None else bias + term
+    if len(e) == 1:
+        return hidden, base.weight, bias
+    return torch.cat(e, dim=-1), torch.cat(c, dim=-1), bias
+
+
+def _unshard(layer: nn.Module) -> None:
+    """Gather an FSDP2 head's parameters again: FSDP frees them after the head's forward (with
+    reshard_after_forward), and the loss, computed later, needs them. FSDP's post-backward
+    hook, which the head's input carries into the loss, reduce-scatters their gradients and
+    frees them again."""
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    for module in (layer, getattr(layer, "base_layer", None)):
+        if fsdp_module is not None and isinstance(module, fsdp_module):
+            module.unshard()
 
 
 class _HeadInterception:
     """For one forward call: the head records its input and returns a probe, and the model's
     `loss_function` computes the loss from that input with logitless."""
 
-    def __init__(self, model: transformers.PreTrainedModel, head: nn.Linear, options: LossOptions):
-        self.model, self.head, self.options = model, head, options
+    def __init__(
+        self, model: transformers.PreTrainedModel, layers: list[nn.Module], options: LossOptions
+    ):
+        self.model, self.options = model, options
+        self.hooks = [_Hook.install(layer, "forward") for layer in layers]
+        self.hooks.append(_Hook.install(model, "_loss_function", model.loss_function))
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self.hidden: torch.Tensor | None = None
+        self.layer: nn.Module | None = None
+        self.operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.probe: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None  # the probe as the model passed it to the loss
 
     def __enter__(self) -> _HeadInterception:
-        # Instance attributes, which accelerate's hooks may already occupy: saved and restored.
-        self.saved = {
-            (self.head, "forward"): self.head.__dict__.get("forward"),
-            (self.model, "_loss_function"): self.model.__dict__.get("_loss_function"),
-        }
-        self.head.forward = self
-        self.model.loss_function = self.loss
+        for hook in self.hooks:
+            hook.interception = self
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for (module, name), value in self.saved.items():
-            if value is None:
-                delattr(module, name)
-            else:
-                setattr(module, name, value)
+        for hook in self.hooks:
+            hook.interception = None
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head's forward: record `hidden`, return the probe in place of the logits."""
+    def record(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's forward: record its operands, return the probe in place of the logits."""
         if self.hidden is not None:
             raise self.unsupported("runs its output layer more than once in a forward")
-        self.hidden = hidden
+        self.hidden, self.layer = hidden, layer
+        self.operands = _classifier(layer, hidden)
         values = torch.tensor(_PROBE, device=hidden.device) * (self.softcap or 1.0)
         self.probe = values.expand(*hidden.shape[:-1], len(_PROBE)).contiguous()
         return self.probe
@@ -199,52 +386,81 @@ class _HeadInterception:
             raise self.unsupported("calls loss_function before its output layer")
         self.logits = logits
         scale = self._logit_scale(logits)
-        hidden = self.hidden if scale == 1.0 else self.hidden * scale
+        _unshard(self.layer)
+        hidden, weight, bias = self.operands
+        if not (isinstance(scale, float) and scale == 1.0):
+            hidden = hidden * scale
         targets, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
         options = dataclasses.replace(
             self.options,
             ignore_index=ignore_index,
             shift=shift,
             softcap=self.softcap,
-            reduction="mean" if num_items_in_batch is None else "sum",
         )
-        weight, bias = self.head.weight, self.head.bias
         device = hidden.device.type
-        if torch.is_autocast_enabled(device):  # compute in the dtype the head would have
-            dtype = torch.get_autocast_dtype(device)
+        dtype = self.dtype(device)
+        if dtype is not None:  # compute in the dtype the head would have
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(hidden.device)
         with torch.autocast(device, enabled=False):
-            loss = linear_cross_entropy_with_options(
-                hidden, weight, targets.to(hidden.device), bias, options
+            return self.compute(
+                hidden, weight, bias, targets.to(hidden.device), options, num_items_in_batch
             )
-        if num_items_in_batch is not None:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
-        return loss
 
-    def _logit_scale(self, logits: torch.Tensor) -> float:
-        """The factor a with `logits = softcap(a * head(hidden))` that the model applied."""
+    def dtype(self, device: str) -> torch.dtype | None:
+        """The dtype the head's operands are cast to: autocast's, as nn.Linear's would be."""
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+    def compute(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        options: LossOptions,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        """The causal-LM loss: the mean over labelled tokens, or their sum / num_items_in_batch."""
+        if num_items_in_batch is None:
+            return linear_cross_entropy_with_options(hidden, weight, targets, bias, options)
+        options = dataclasses.replace(options, reduction="sum")
+        loss = linear_cross_entropy_with_options(hidden, weight, targets, bias, options)
+        return loss / num_items_in_batch
+
+    def _logit_scale(self, logits: torch.Tensor) -> float | torch.Tensor:
+        """The factor a with `logits = softcap(a * head(hidden))` that the model applied.
+
+        Read from the probe and checked on the model's first call, then kept on the model. A
+        compiled graph that meets an unchecked model reads it as a tensor and checks it with a
+        device-side assertion: neither waits for the device.
+        """
         if not (
             isinstance(logits, torch.Tensor)
             and logits.is_floating_point()
             and logits.shape == self.probe.shape
         ):
             raise self.unsupported("reshapes its logits before the loss")
+        known = getattr(self.model, _SCALE, None)
+        if known is not None:
+            return known
         if not logits.numel():
-            return 1.0  # no tokens: nothing to scale
+            return 1.0  # no tokens: nothing to scale, nothing learnt
         probe, received = self.probe.double(), logits.detach().double()
         if self.softcap is not None:
             received = self.softcap * torch.atanh(received / self.softcap)
-        scale = (received.flatten()[-1] / probe.flatten()[-1]).item()
+        scale = received.flatten()[-1] / probe.flatten()[-1]
         tolerance = 16 * torch.finfo(logits.dtype).eps
-        if not torch.allclose(received, scale * probe, rtol=tolerance, atol=0.0):
-            raise self.unsupported(
-                "transforms its logits before the loss other than by a constant factor and "
-                "the config's final_logit_softcapping"
-            )
-        return 1.0 if math.isclose(scale, 1.0, rel_tol=tolerance) else scale
+        scale = torch.where((scale - 1.0).abs() <= tolerance, 1.0, scale)
+        agrees = torch.isclose(received, scale * probe, rtol=tolerance, atol=0.0).all()
+        if torch.compiler.is_compiling():
+            torch._assert_async(agrees, self.unsupported(_TRANSFORMS).args[0])
+            return scale.float()
+        if not agrees:
+            raise self.unsupported(_TRANSFORMS)
+        setattr(self.model, _SCALE, scale.item())
+        return getattr(self.model, _SCALE)
 
     def unsupported(self, what: str) -> NotImplementedError:
         return NotImplementedError(
@@ -253,12 +469,242 @@ class _HeadInterception:
         )
 
 
+class _Hook:
+    """A patched model's head layer `forward` or its `_loss_function`: what it was, except
+    during an intercepted call, when it records the head's input or computes the loss.
+
+    Installed once and left in place (deleting a module attribute inside a compiled graph is
+    not supported); `unpatch` removes it.
+    """
+
+    def __init__(self, module: nn.Module, name: str, default: Callable | None):
+        self.module, self.name, self.default = module, name, default
+        self.replaced = module.__dict__.get(name)  # accelerate's hooks may occupy forward
+        self.interception: _HeadInterception | None = None
+
+    @classmethod
+    def install(cls, module: nn.Module, name: str, default: Callable | None = None) -> _Hook:
+        hook = module.__dict__.get(name)
+        if not isinstance(hook, cls):
+            hook = cls(module, name, default)
+            setattr(module, name, hook)
+        return hook
+
+    def uninstall(self) -> None:
+        if self.replaced is None:
+            delattr(self.module, self.name)
+        else:
+            setattr(self.module, self.name, self.replaced)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.interception is not None:
+            if self.name == "forward":
+                return self.interception.record(self.module, *args, **kwargs)
+            return self.interception.loss(*args, **kwargs)
+        if self.replaced is not None:
+            return self.replaced(*args, **kwargs)
+        if self.default is not None:
+            return self.default(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+_TRANSFORMS = (
+    "transforms its logits before the loss other than by a constant factor and the config's "
+    "final_logit_softcapping"
+)
+
+
 def _without(outputs: Any, tensors: tuple[torch.Tensor | None, ...]) -> Any:
-    """`outputs` (a ModelOutput or a tuple) with the entries that are `tensors` left out."""
+    """`outputs` (a ModelOutput or a tuple) with None in place of the entries that are
+    `tensors`, as transformers leaves an output it did not compute."""
     dropped = lambda value: any(value is t for t in tensors)  # noqa: E731
     if isinstance(outputs, transformers.utils.ModelOutput):
         keys = [key for key, value in outputs.items() if dropped(value)]
         return dataclasses.replace(outputs, **dict.fromkeys(keys)) if keys else outputs
     if isinstance(outputs, tuple):
-        return tuple(value for value in outputs if not dropped(value))
+        return tuple(None if dropped(value) else value for value in outputs)
     return outputs
+
+
+# TRL's trainers (SFT, DPO, GRPO, RLOO, KTO) give their models a fused LM head with
+# `trl.trainer.utils.add_fused_lm_head`: `model(..., labels=labels, fused_lm_head=True)` returns a
+# `FusedCausalLMOutput` of per-token log-probabilities and statistics instead of logits, and the
+# trainers compute their losses from it. That call is TRL's extension point; logitless answers
+# it with the same fields, computed through the probe like any patched call.
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedHead:
+    """The arguments TRL gave `add_fused_lm_head`, and the model's forward it wrapped."""
+
+    temperature: float
+    cast_lm_head_to_fp32: bool
+    outputs: tuple[str, ...]
+    forward: Callable  # the model's forward under TRL's wrapper
+    trl_forward: Callable  # TRL's wrapper, which unpatch restores
+
+
+def _fused_head(model: transformers.PreTrainedModel) -> _FusedHead | None:
+    """The fused LM head TRL gave `model` (computed by TRL, or by a patch), if it did."""
+    trl_forward = model.__dict__.get("forward")
+    if isinstance(trl_forward, functools.partial) and trl_forward.func is _fused_forward:
+        return trl_forward.args[2]
+    code = getattr(getattr(trl_forward, "__func__", None), "__code__", None)
+    if code is None or code.co_name != "_fused_forward" or "trl" not in code.co_filename:
+        return None
+    settings = inspect.getclosurevars(trl_forward.__func__).nonlocals
+    return _FusedHead(
+        temperature=settings["temperature"],
+        cast_lm_head_to_fp32=settings["cast_lm_head_to_fp32"],
+        outputs=tuple(settings["outputs"]),
+        forward=settings["original_forward"],
+        trl_forward=trl_forward,
+    )
+
+
+def _check_fused_options(name: str, options: LossOptions) -> None:
+    for option in ("label_smoothing", "z_loss"):
+        if getattr(options, option):
+            raise ValueError(
+                f"{option} does not apply to {name}'s TRL fused LM head: TRL's trainers compute "
+                "their losses from per-token log-probabilities, which it would change"
+            )
+
+
+def _install_fused_head(
+    model: transformers.PreTrainedModel, head: _FusedHead, options: LossOptions
+) -> None:
+    if not hasattr(logitless, "linear_log_probs"):
+        raise NotImplementedError(
+            "TRL's fused LM head needs logitless.linear_log_probs and linear_top_k, which this "
+            "version of logitless lacks"
+        )
+    plain = model.forward  # patched: labelled calls without fused_lm_head
+    model.forward = functools.update_wrapper(
+        functools.partial(_fused_forward, model, plain, head, options), head.trl_forward
+    )
+
+
+def _fused_forward(
+    model: transformers.PreTrainedModel,
+    plain: Callable,
+    head: _FusedHead,
+    options: LossOptions,
+    *args: Any,
+    fused_lm_head: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """TRL's fused-head forward, computed by logitless."""
+    if not fused_lm_head:
+        return plain(*args, **kwargs)
+    kwargs["use_cache"] = False
+    interception = _FusedHeadInterception(model, _head_layers(model), options, head)
+    outputs = _intercepted(interception, _unpatched_forward(model), args, kwargs)
+    trl_utils = sys.modules["trl.trainer.utils"]
+    return trl_utils.FusedCausalLMOutput(
+        loss=outputs.loss, aux_loss=getattr(outputs, "aux_loss", None), **interception.fields
+    )
+
+
+class _FusedHeadInterception(_HeadInterception):
+    """An intercepted call for TRL's fused head: per-token fields at TRL's temperature in place
+    of the loss, which becomes TRL's: minus the log-probs' sum over the labelled tokens (or
+    num_items_in_batch)."""
+
+    def __init__(self, model, layers, options, head: _FusedHead):
+        super().__init__(model, layers, options)
+        self.head = head
+        self.fields: dict[str, torch.Tensor | None] = {}
+
+    def dtype(self, device: str) -> torch.dtype | None:
+        return torch.float32 if self.head.cast_lm_head_to_fp32 else super().dtype(device)
+
+    def compute(self, hidden, weight, bias, targets, options, num_items_in_batch):
+        self.fields = _fused_fields(
+            hidden, weight, bias, targets, options, self.head.temperature, self.head.outputs
+        )
+        mask = self.fields["label_mask"]
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return -self.fields["log_probs"].sum() / count
+
+
+def _fused_fields(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    options: LossOptions,
+    temperature: float,
+    outputs: tuple[str, ...],
+) -> dict[str, torch.Tensor | None]:
+    """The per-token fields of TRL's `FusedCausalLMOutput` that `outputs` names (log_probs
+    always), 0 at ignored tokens, for logits `softcap(e @ c.T + bias) / temperature`."""
+    log_probs, entropy = logitless.linear_log_probs(
+        e,
+        c,
+        targets,
+        bias,
+        temperature=temperature,
+        return_entropy=True,
+        ignore_index=options.ignore_index,
+        shift=options.shift,
+        softcap=options.softcap,
+        # "auto" means exact here: RL compares these log-probs with an inference engine's.
+        filter_eps=None if options.filter_eps == "auto" else options.filter_eps,
+        impl=options.impl,
+    )
+    labels = targets[..., options.shift :]
+    mask = labels != options.ignore_index
+    fields = {
+        "log_probs": log_probs,
+        "entropy": entropy if "entropy" in outputs else None,
+        "label_mask": mask,
+        "is_top1": None,
+        "mean_logits": None,
+        "log_sum_sq_probs": None,
+    }
+    with torch.no_grad():
+        if "is_top1" in outputs:
+            rows = e[..., : e.shape[-2] - options.shift, :]  # the rows that predict a label
+            _, top = logitless.linear_top_k(
+                rows,
+                c,
+                1,
+                bias,
+                temperature=temperature,
+                softcap=options.softcap,
+                impl=options.impl,
+            )
+            fields["is_top1"] = (top[..., 0] == labels) & mask
+        if "mean_logits" in outputs or "log_sum_sq_probs" in outputs:
+            lse, mean = _lse_and_mean(e, c, bias, targets, options, 1.0 / temperature)
+            if "mean_logits" in outputs:
+                fields["mean_logits"] = mean
+            if "log_sum_sq_probs" in outputs:  # log sum p^2 = lse(2 z) - 2 lse(z)
+                lse_twice, _ = _lse_and_mean(e, c, bias, targets, options, 2.0 / temperature)
+                fields["log_sum_sq_probs"] = lse_twice - 2 * lse
+    return fields
+
+
+def _lse_and_mean(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    options: LossOptions,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-sum-exp and mean over the vocabulary of `scale * softcap(e @ c.T + bias)`:
+    `a * softcap_s(z) = softcap_(a s)(a z)` folds the scale into the operands, and the fully
+    smoothed loss is `lse - mean`."""
+    options = dataclasses.replace(
+        options,
+        softcap=None if options.softcap is None else options.softcap * scale,
+        reduction="none",
+        label_smoothing=1.0,
+        z_loss=0.0,
+        return_lse=True,
+    )
+    bias = None if bias is None else bias * scale
+    smoothed, lse = linear_cross_entropy_with_options(e * scale, c, targets, bias, options)
+    return lse, lse - smoothed

@@ -100,8 +100,9 @@ def test_gradient_filtering_skips_work_but_keeps_accuracy():
 
 
 def test_explicit_filter_threshold_bounds_the_error():
-    """A float32 run with a coarse explicit threshold stays within that threshold's reach."""
-    inputs = make_inputs((40,), 24, 2051, bias=True, scale=4.0, seed=13)
+    """A float32 run with a coarse explicit threshold stays within that threshold's reach (on
+    logits peaked enough that rows of a tile hold less than its share of the threshold)."""
+    inputs = make_inputs((40,), 24, 2051, bias=True, scale=6.0, seed=13)
     exact = outputs_and_grads(linear_cross_entropy, inputs, 0, filter_eps=None)[1]
     filtered = outputs_and_grads(linear_cross_entropy, inputs, 0, filter_eps=2.0**-10)[1]
     for x, ref in zip(filtered, exact, strict=True):

@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 from logitless.kernels import lse_backward, lse_forward
 
 HOPPER = GPUTarget("cuda", 90, 32)
-ALIGNED = ("N", "V", "D", "stride_en", "stride_cv")
+ALIGNED = ("N", "V", "D", "stride_en", "stride_cv", "stride_dn")
 """Integer arguments Triton specializes as multiples of 16 at model shapes."""
 
 
@@ -38,13 +38,14 @@ def forward_signature(dtype: str) -> dict[str, str]:
 def backward_signature(dtype: str) -> dict[str, str]:
     pointers = {"e_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "order_ptr": "i64"}
     pointers["target_positions_ptr"] = "i64"
-    for name in ("lse", "grad_lse", "grad_target", "grad_sum", "grad_e", "grad_c", "grad_bias"):
+    for name in ("lse", "grad_lse", "grad_target", "grad_sum"):
         pointers[f"{name}_ptr"] = "fp32"
+    pointers["d_ptr"] = dtype
     pointers["counts_ptr"] = "i32"
-    integers = ("N", "D", "position_begin", "position_end", "stride_en", "stride_cv")
+    integers = ("N", "D", "position_begin", "position_end", "stride_en", "stride_cv", "stride_dn")
     return {
         **{name: f"*{kind}" for name, kind in pointers.items()},
-        **dict.fromkeys((*integers, "vocab_bucket"), "i32"),
+        **dict.fromkeys((*integers, "row_bucket", "vocab_bucket"), "i32"),
         "softcap": "fp32",
         "filter_mass_per_entry": "fp32",
     }
@@ -52,18 +53,13 @@ def backward_signature(dtype: str) -> dict[str, str]:
 
 FLAGS = {
     "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM"),
-    "backward": (
-        "HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "SORTED", "FILTER", "COUNT_TILES",
-        "NEED_E", "NEED_C", "NEED_BIAS",
-    ),
-}  # fmt: skip
-ALWAYS_ON = {"NEED_E", "NEED_C"}
-"""Flags kept on in the minimal variant, which would otherwise compile to an empty kernel."""
+    "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "SORTED", "FILTER"),
+}
 
 
 def flags(kernel: str, every_option: bool) -> dict[str, bool]:
     """Every option on (the register worst case), or only what a plain loss needs."""
-    return {name: every_option or name in ALWAYS_ON for name in FLAGS[kernel]}
+    return dict.fromkeys(FLAGS[kernel], every_option)
 
 
 def compile_variant(kernel, signature, constants, config) -> dict[str, object]:

@@ -160,3 +160,22 @@ def test_cli_rejects_bad_options(capsys):
     model = lm.DEFAULT_CONFIG
     expected = f"the trained regime needs V >= {model.vocab_size} and D >= {model.width}"
     assert expected in capsys.readouterr().err
+
+
+def test_one_run_measures_several_tables(tmp_path, capsys):
+    """Several ops in one run: one subfolder per table, one worker per method for all of them."""
+    out = tmp_path / "out"
+    argv = ["bench", "--device", "cpu", "--n", "40", "--d", "16", "--v", "100", "--methods",
+            "eager", "matmul", "--op", "loss", "loss+backward", "--repeats", "1", "--warmup", "0",
+            "--sweep-v", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    progress = capsys.readouterr().err
+    for op, folder in (("loss", "cpu-default-random-loss"),
+                       ("loss+backward", "cpu-default-random-loss-backward")):  # fmt: skip
+        results = json.loads((out / folder / "results.json").read_text())
+        assert results["environment"]["op"] == op
+        rows = {r["method"]: r for r in results["results"]}
+        assert rows["eager"]["reason"] == "" and rows["eager"]["errors"]["loss"] < 1e-5
+        assert (rows["eager"]["errors"]["grad_e"] is not None) == (op == "loss+backward")
+        assert f"eager: N=40 D=16 V=100 random {op}: " in progress
+    assert progress.count("case(s) in one worker") == 2

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch.multiprocessing import start_processes
 
 from helpers import check_results, make_inputs, outputs_and_grads, rel_error
-from logitless import LinearCrossEntropyLoss, VocabParallel, linear_cross_entropy
+from logitless import LinearCrossEntropyLoss, VocabParallel, functional, linear_cross_entropy
+from logitless._validation import LossOptions
 from logitless.backends.torch_backend import BLOCK_MB_ENV
 from test_functional import OPTION_SETS
 
@@ -250,3 +251,13 @@ def test_vocab_parallel_must_be_a_vocab_parallel():
     e, c, targets, _ = Case({}).inputs()
     with pytest.raises(TypeError, match=r"vocab_parallel must be a logitless\.VocabParallel"):
         linear_cross_entropy(e, c, targets, vocab_parallel=(0, VOCAB))
+
+
+def test_each_shard_gets_its_share_of_the_filtering_budget():
+    """A token may lose filter_eps of softmax mass in all, not filter_eps on every rank."""
+    shard = object.__new__(VocabParallel)  # its fields only: no process group needed here
+    shard.start, shard.stop, shard.vocab_size = 300, VOCAB, VOCAB
+    options = LossOptions(filter_eps=2.0**-10, vocab_parallel=shard)
+    share = functional._filter_eps(options, torch.bfloat16, VOCAB - 300)
+    assert share == 2.0**-10 * (VOCAB - 300) / VOCAB
+    assert functional._filter_eps(LossOptions(filter_eps=2.0**-10), torch.bfloat16, 300) == 2.0**-10

@@ -23,14 +23,6 @@ FUZZ = settings(
 )
 
 
-@pytest.fixture
-def deterministic_algorithms():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 @st.composite
 def cases(draw, impl: str = "torch"):
     lead = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
@@ -78,8 +70,8 @@ def test_portable_backend_matches_reference(case):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_deterministic_run_after_run(impl, deterministic_algorithms):
-    """The portable backend always; the Triton one under torch.use_deterministic_algorithms."""
+def test_deterministic_run_after_run(impl):
+    """Bit-identical results run after run on both backends: neither accumulates with atomics."""
     inputs = make_inputs((3, 37), 29, 1201, torch.bfloat16, bias=True, seed=31)
     options = {"shift": 1, "softcap": 20.0, "label_smoothing": 0.1, "z_loss": 1e-4}
 

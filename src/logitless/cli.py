@@ -11,7 +11,7 @@ import torch
 
 from logitless.bench.data import REGIMES, Shape, check_shape
 from logitless.bench.methods import METHODS
-from logitless.bench.runner import OPS, PRESETS, SWEEP_VOCABS, BenchConfig, run
+from logitless.bench.runner import OPS, PRESETS, SWEEP_VOCABS, BenchConfig, run_all
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "bench":
         parser.print_help()
         return 2
-    run(_bench_config(args, bench, "logitless " + shlex.join(argv)))
+    run_all(_bench_configs(args, bench, "logitless " + shlex.join(argv)))
     return 0
 
 
@@ -44,21 +44,24 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument(
         "--preset",
         choices=PRESETS,
+        nargs="+",
         help="shape N x D x V (default: gemma2-2b on CUDA, cpu-default elsewhere): "
         + ", ".join(f"{k} = {s.n}x{s.d}x{s.v}" for k, s in PRESETS.items()),
     )
     for dim in ("n", "d", "v"):
         bench.add_argument(f"--{dim}", type=_positive, help=f"{dim.upper()}, overriding the preset")
     bench.add_argument(
-        "--data", choices=REGIMES, default="random", help="data regime (default: random)"
-    )
+        "--data", choices=REGIMES, nargs="+", default=["random"],
+        help="data regime (default: random)",
+    )  # fmt: skip
     bench.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
         help="methods to measure (default: all): " + ", ".join(METHODS),
     )  # fmt: skip
     bench.add_argument(
-        "--op", choices=OPS, default="loss+backward", help="each call (default: loss+backward)"
-    )
+        "--op", choices=OPS, nargs="+", default=["loss+backward"],
+        help="each call (default: loss+backward)",
+    )  # fmt: skip
     bench.add_argument(
         "--repeats", type=_positive, help="measured calls per method (default: 3 CPU, 20 CUDA)"
     )
@@ -73,41 +76,57 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--threads", type=_positive, help="CPU threads of every process (default: PyTorch's)"
     )
     bench.add_argument(
-        "--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)"
-    )
+        "--out", type=Path, default=Path("bench-out"),
+        help="output folder (default: bench-out); with several presets, regimes or ops, one "
+        "subfolder PRESET-REGIME-OP per table",
+    )  # fmt: skip
     return parser, bench
 
 
-def _bench_config(args, parser: argparse.ArgumentParser, command: str) -> BenchConfig:
+def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[BenchConfig]:
+    """One config per (preset, data regime, op) asked for: the tables of one run."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
     cuda = device.type == "cuda"
-    preset = args.preset or ("gemma2-2b" if cuda else "cpu-default")
-    base = PRESETS[preset]
-    shape = Shape(args.n or base.n, args.d or base.d, args.v or base.v)
-    custom = shape != base
-    config = BenchConfig(
-        device=device,
-        dtype=DTYPES[args.dtype or ("bfloat16" if cuda else "float32")],
-        shape=shape,
-        regime=args.data,
-        methods=tuple(dict.fromkeys(args.methods)),
-        op=args.op,
-        repeats=args.repeats or (20 if cuda else 3),
-        warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
-        out=args.out,
-        sweep_vocabs=tuple(args.sweep_v),
-        threads=args.threads,
-        preset=None if custom else preset,
-        command=command,
-    )
-    for checked in (config.shape, *config.sweep_shapes()):
-        try:
-            check_shape(config.regime, checked)
-        except ValueError as error:
-            parser.error(f"--data {config.regime}{'' if checked == shape else ' (sweep)'}: {error}")
-    return config
+    presets = list(dict.fromkeys(args.preset or ["gemma2-2b" if cuda else "cpu-default"]))
+    if len(presets) > 1 and (args.n or args.d or args.v):
+        parser.error("--n, --d and --v override one preset, not several")
+    tables = [
+        (preset, regime, op)
+        for preset in presets
+        for regime in dict.fromkeys(args.data)
+        for op in dict.fromkeys(args.op)
+    ]
+    configs = []
+    for preset, regime, op in tables:
+        base = PRESETS[preset]
+        shape = Shape(args.n or base.n, args.d or base.d, args.v or base.v)
+        config = BenchConfig(
+            device=device,
+            dtype=DTYPES[args.dtype or ("bfloat16" if cuda else "float32")],
+            shape=shape,
+            regime=regime,
+            methods=tuple(dict.fromkeys(args.methods)),
+            op=op,
+            repeats=args.repeats or (20 if cuda else 3),
+            warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
+            out=args.out
+            if len(tables) == 1
+            else args.out / f"{preset}-{regime}-{op.replace('+', '-')}",
+            sweep_vocabs=tuple(args.sweep_v),
+            threads=args.threads,
+            preset=None if shape != base else preset,
+            command=command,
+        )
+        for checked in (config.shape, *config.sweep_shapes()):
+            try:
+                check_shape(config.regime, checked)
+            except ValueError as error:
+                sweep = "" if checked == shape else " (sweep)"
+                parser.error(f"--data {config.regime}{sweep}: {error}")
+        configs.append(config)
+    return configs
 
 
 def _positive(text: str) -> int:

@@ -98,7 +98,7 @@ def linear_cross_entropy_with_options(
         impl=impl,
         softcap=options.softcap,
         with_sum=options.label_smoothing > 0,
-        filter_eps=_filter_eps(options, e.dtype),
+        filter_eps=_filter_eps(options, e.dtype, c.shape[0]),
         vocab_parallel=shard,
     )
 
@@ -137,10 +137,16 @@ def _per_token(values: torch.Tensor, targets: torch.Tensor, shift: int) -> torch
     return values[..., : targets.shape[-1] - shift] if shift else values
 
 
-def _filter_eps(options: LossOptions, dtype: torch.dtype) -> float | None:
+def _filter_eps(options: LossOptions, dtype: torch.dtype, vocab_rows: int) -> float | None:
+    """The filtering budget the backend gets for its `vocab_rows` classes: under vocabulary
+    parallelism each shard gets its share, so that a token loses at most filter_eps in all."""
     if options.label_smoothing and options.softcap is not None:
         return None  # the smoothing gradient passes the softcap: no tile is negligible
-    return options.resolved_filter_eps(dtype)
+    eps = options.resolved_filter_eps(dtype)
+    shard = options.vocab_parallel
+    if eps is None or shard is None:
+        return eps
+    return eps * vocab_rows / shard.vocab_size
 
 
 def _fuses(options: LossOptions, backend, *inputs: torch.Tensor | None) -> bool:

@@ -1,27 +1,30 @@
 """Triton backend: the kernels of `logitless.kernels` behind the backend contract.
 
 `stats` is one launch of the forward kernel, deterministic (its vocabulary splits merge in a
-fixed order). `grads` sweeps the vocabulary in chunks of
-positions: grad_e and grad_bias accumulate in fp32 over the whole sweep, grad_c of each chunk in
-an fp32 scratch of at most GRAD_C_SCRATCH_BYTES that is then cast into the output, so 16-bit
-inputs never need a V x D fp32 copy. With filtering on, the vocabulary is first ordered by
-average logit, so that the entries whose gradient matters gather into few tiles. Its fp32
-atomics make the last bits of the gradients vary from run to run; under
-`torch.use_deterministic_algorithms(True)` the gradients come from the portable backend instead,
-bit-identical run after run, at its speed.
+fixed order). `grads` sweeps the vocabulary in chunks: for each, the backward kernel writes the
+logits' gradient d into a buffer of at most LOGIT_GRAD_BUFFER_BYTES, then dense matmuls add
+`d @ c[chunk]` into an fp32 grad_e and write `d.T @ e` as grad_c[chunk] directly in the input
+dtype (fp32 accumulation, one rounding, as eager), and grad_bias[chunk] is the column sum of d.
+Everything is deterministic and runs on tensor cores; no V x D fp32 copy is ever made. With
+filtering on, the vocabulary is first ordered by average logit, so that the entries whose
+gradient matters gather into few tiles, and a chunk whose tiles are all negligible skips its
+matmuls (one host synchronization per chunk reads that). docs/kernels.md has the FLOP and byte
+counts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from logitless.backends import torch_backend
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
 from logitless.kernels.lse_forward import lse_forward
 
-GRAD_C_SCRATCH_BYTES = 64 * 2**20
-"""Most bytes of fp32 scratch for grad_c (16-bit inputs, or a sorted vocabulary). Each chunk
-re-reads e once; at D=2304 this is 7168 vocabulary rows, 36 chunks for V=256000."""
+LOGIT_GRAD_BUFFER_BYTES = 32 * 2**20
+"""Most bytes of the buffer holding one vocabulary chunk of the logits' gradient (N x chunk, in
+the input dtype): 2048 positions at N=8192 in bf16, 125 chunks for V=256000, under 3% of the
+gradients' own 1.2 GB at the Gemma 2 shape."""
+MAX_CHUNK = 2**20
+"""Most vocabulary positions per chunk, so that few rows never make a launch grid too tall."""
 
 
 def stats(
@@ -50,11 +53,6 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    if torch.are_deterministic_algorithms_enabled():
-        return torch_backend.grads(
-            e, c, bias, targets, lse, grad_lse, grad_target, grad_sum,
-            softcap=softcap, filter_eps=filter_eps, needs=needs,
-        )  # fmt: skip
     if grad_sum is not None:
         filter_eps = None  # the smoothing gradient reaches every logit: no tile is negligible
     order = vocabulary_order(e, c, bias) if filter_eps else None
@@ -74,20 +72,20 @@ def tile_census(
     softcap: float | None,
     filter_eps: float,
     sort_vocabulary: bool = True,
-) -> tuple[int, int]:
-    """(tiles, tiles kept) of the backward's gradient filtering, for diagnostics.
+) -> tuple[int, int, int, int]:
+    """(tiles, tiles kept, chunks, chunks kept) of the backward's gradient filtering.
 
-    `lse` is the forward's per-row log-sum-exp (from `stats`).
+    `lse` is the forward's per-row log-sum-exp (from `stats`); for diagnostics and tests.
     """
     order = vocabulary_order(e, c, bias) if sort_vocabulary else None
-    counts = torch.zeros(2, device=e.device, dtype=torch.int32)
+    census = [0, 0, 0, 0]
     unused = torch.zeros_like(lse)
     _sweep(
         e, c, bias, targets, lse, unused, unused, None, softcap=softcap, filter_eps=filter_eps,
-        needs=(False, False, False), order=order, counts=counts,
+        needs=(False, False, False), order=order, census=census,
     )  # fmt: skip
-    tiles, kept = counts.tolist()
-    return tiles, kept
+    tiles, kept, chunks, chunks_kept = census
+    return tiles, kept, chunks, chunks_kept
 
 
 def vocabulary_order(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,24 +112,25 @@ def _sweep(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
     order: torch.Tensor | None,
-    counts: torch.Tensor | None = None,
+    census: list[int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias)."""
+    """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias).
+
+    `census`, when given, receives (tiles, tiles kept, chunks, chunks kept).
+    """
     n, dim = e.shape
     vocab = c.shape[0]
-    fp32 = dict(device=e.device, dtype=torch.float32)
-    grad_e = torch.zeros(n, dim, **fp32) if needs[0] else None
-    grad_bias = torch.zeros(vocab, **fp32) if needs[2] else None
-    grad_c = scratch = None
-    chunk = vocab
-    # grad_c accumulates in place when it is fp32 and in vocabulary order, else chunk by chunk.
-    in_place = needs[1] and e.dtype == torch.float32 and order is None
-    if in_place:
-        grad_c = torch.zeros(vocab, dim, **fp32)
-    elif needs[1]:
-        grad_c = torch.empty(vocab, dim, device=c.device, dtype=c.dtype)
-        chunk = _chunk_positions(vocab, dim)
-        scratch = torch.empty(min(chunk, vocab), dim, **fp32)
+    filtering = filter_eps is not None
+    grad_e = torch.zeros(n, dim, device=e.device, dtype=torch.float32) if needs[0] else None
+    # Chunks skipped by filtering leave their rows of grad_c and grad_bias at zero.
+    new = torch.zeros if filtering or n == 0 else torch.empty
+    grad_c = new(c.shape, device=c.device, dtype=c.dtype) if needs[1] else None
+    grad_bias = new(vocab, device=e.device, dtype=torch.float32) if needs[2] else None
+    if n == 0 or vocab == 0:
+        return grad_e, grad_c, grad_bias
+    chunk = _chunk_positions(n, vocab, e.element_size())
+    buffer = torch.empty(n * min(chunk, vocab), device=e.device, dtype=e.dtype)
+    counts = torch.zeros(2, device=e.device, dtype=torch.int32) if filtering else None
     target_positions = targets.contiguous() if order is None else _positions(order, targets)
     row_vectors = [x.contiguous() for x in (lse, grad_lse, grad_target)]
     if grad_sum is not None:
@@ -139,27 +138,57 @@ def _sweep(
 
     for begin in range(0, vocab, chunk):
         end = min(vocab, begin + chunk)
-        grad_c_rows = grad_c if in_place else None  # in place, one chunk spans the vocabulary
-        if scratch is not None:
-            grad_c_rows = scratch[: end - begin].zero_()
+        d = buffer[: n * (end - begin)].view(n, end - begin)
         lse_backward(
-            e, c, bias, target_positions, *row_vectors, grad_sum,
-            grad_e=grad_e, grad_c=grad_c_rows, grad_bias=grad_bias, order=order,
-            positions=(begin, end), softcap=softcap, filter_eps=filter_eps, counts=counts,
+            e, c, bias, target_positions, *row_vectors, grad_sum, d=d, counts=counts,
+            order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
         )  # fmt: skip
-        if scratch is not None:
-            if order is None:
-                grad_c[begin:end] = grad_c_rows
-            else:
-                grad_c.index_copy_(0, order[begin:end], grad_c_rows.to(c.dtype))
+        if counts is not None:
+            tiles, kept = counts.tolist()  # one synchronization per chunk: skip it or not
+            counts.zero_()
+            if census is not None:
+                census[:] = [
+                    census[0] + tiles,
+                    census[1] + kept,
+                    census[2] + 1,
+                    census[3] + (kept > 0),
+                ]
+            if kept == 0:
+                continue
+        rows = slice(begin, end) if order is None else order[begin:end]
+        if grad_e is not None:
+            _add_product(grad_e, d, c[rows])
+        if grad_c is not None:
+            _set_rows(grad_c, rows, d.T @ e)
+        if grad_bias is not None:
+            _set_rows(grad_bias, rows, d.sum(0, dtype=torch.float32))
     return grad_e, grad_c, grad_bias
 
 
-def _chunk_positions(vocab: int, dim: int) -> int:
-    """Vocabulary positions per grad_c chunk: the scratch bound, in whole tiles."""
+def _set_rows(out: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor) -> None:
+    """out[rows] = values, for a slice or an index tensor of rows."""
+    if isinstance(rows, slice):
+        out[rows] = values
+    else:
+        out.index_copy_(0, rows, values)
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b for an fp32 `out`, accumulating in fp32 without rounding the product to the
+    inputs' dtype (cuBLAS with an fp32 output for 16-bit inputs on CUDA)."""
+    if a.dtype == torch.float32:
+        out.addmm_(a, b)
+    elif out.is_cuda:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.addmm_(a.float(), b.float())
+
+
+def _chunk_positions(n: int, vocab: int, itemsize: int) -> int:
+    """Vocabulary positions per chunk: the buffer bound, in whole tiles."""
     alignment = vocabulary_alignment()
-    rows = GRAD_C_SCRATCH_BYTES // (4 * dim) // alignment * alignment
-    return max(alignment, rows)
+    positions = LOGIT_GRAD_BUFFER_BYTES // (itemsize * n) // alignment * alignment
+    return min(MAX_CHUNK, max(alignment, positions))
 
 
 def _positions(order: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

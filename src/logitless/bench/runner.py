@@ -23,6 +23,7 @@ import torch
 
 import logitless
 from logitless.bench import accuracy, lm, report
+from logitless.bench import worker as worker_module
 from logitless.bench.data import Inputs, Shape, make_inputs
 from logitless.bench.measure import CPU_WORKER_ENV
 from logitless.bench.methods import METHODS, Method
@@ -67,58 +68,113 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Case:
-    """One shape a worker measures: its inputs file and how many timed calls."""
+    """One shape a worker measures: its inputs file, the op, and how many timed calls."""
 
     shape: Shape
     inputs: Path
     repeats: int
+    op: str = "loss+backward"
+    label: str = ""
+    """How the worker's progress lines name this case."""
+
+
+@dataclass
+class _Table:
+    """One config's part of a run: its cases (its shape first, then its sweep) and data."""
+
+    config: BenchConfig
+    cases: list[Case]
+    reference: accuracy.Reference
+    data: dict
+    environment: dict
 
 
 def run(config: BenchConfig) -> list[report.MethodResult]:
     """Measure every method of `config`, write the report files, print the table."""
-    began = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    environment = _environment(config)
-    _progress(
-        f"logitless bench: {config.op}, {config.shape}, {_dtype_name(config.dtype)}, "
-        f"{config.regime} data, on {environment['device_name']}"
-    )
-    _progress("building the inputs and the float64 reference")
-    inputs = make_inputs(config.regime, config.shape, config.dtype, config.device)
-    probe = accuracy.Probe.spread(config.shape.n, config.shape.v, inputs.e.device)
-    reference = accuracy.float64_reference(inputs, probe)
-    data = _describe_data(config, inputs, probe)
+    return run_all([config])[0]
 
+
+def run_all(configs: list[BenchConfig]) -> list[list[report.MethodResult]]:
+    """Measure every method for each config (one table each) and write every table's files.
+
+    The configs share device, dtype, methods, warm-up and threads; each method runs in one worker
+    process over the cases of all of them, so imports and compilation are paid once per method,
+    and inputs shared by several configs (the same shape and data, another op) are built once.
+    """
+    began = time.perf_counter()
+    first = configs[0]
+    if first.threads:
+        torch.set_num_threads(first.threads)
     with tempfile.TemporaryDirectory(prefix="logitless-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        cases = [Case(config.shape, _save_inputs(inputs, probe, tmp / "main.pt"), config.repeats)]
-        del inputs
+        tables = _prepare(configs, tmp)
+        if first.device.type == "cuda":
+            torch.cuda.empty_cache()
+        cases = [case for table in tables for case in table.cases]
+        results: list[list[report.MethodResult]] = [[] for _ in tables]
+        sweeps: list[list[report.MethodResult]] = [[] for _ in tables]
+        for i, method in enumerate(METHODS[name] for name in first.methods):
+            prefix = f"[{i + 1}/{len(first.methods)}] {method.name}"
+            measured = iter(_measure(method, first, cases, tmp, prefix))
+            for table, main, sweep in zip(tables, results, sweeps, strict=True):
+                (result, output), *swept = [next(measured) for _ in table.cases]
+                if result.ok and not method.time_only:
+                    result.errors = table.reference.errors(
+                        result.loss, output.get("grad_e"), output.get("grad_c")
+                    )
+                main.append(result)
+                sweep += [r for r, _ in swept]
+
+    for table, main, sweep in zip(tables, results, sweeps, strict=True):
+        table.environment["wall_time_s"] = round(time.perf_counter() - began, 1)
+        table.environment["load_average_end"] = os.getloadavg()
+        _write_outputs(table.config, table.environment, table.data, main, sweep)
+    _progress(f"done in {time.perf_counter() - began:.0f} s; results in {first.out}/")
+    return results
+
+
+def _prepare(configs: list[BenchConfig], tmp: Path) -> list[_Table]:
+    """Each config's inputs (built once per shape and data regime), reference and cases."""
+    built: dict[tuple[str, Shape], tuple[Path, accuracy.Reference, dict]] = {}
+    tables = []
+    for number, config in enumerate(configs):
+        environment = _environment(config)
+        name = _case_label(config)
+        key = (config.regime, config.shape)
+        if key not in built:
+            _progress(
+                f"logitless bench: {config.shape}, {_dtype_name(config.dtype)}, "
+                f"{config.regime} data, on {environment['device_name']}"
+            )
+            _progress("building the inputs and the float64 reference")
+            inputs = make_inputs(config.regime, config.shape, config.dtype, config.device)
+            probe = accuracy.Probe.spread(config.shape.n, config.shape.v, inputs.e.device)
+            reference = accuracy.float64_reference(inputs, probe)
+            data = _describe_data(config, inputs, probe)
+            path = _save_inputs(inputs, probe, tmp / f"main-{len(built)}.pt")
+            built[key] = (path, reference, data)
+            del inputs
+        path, reference, data = built[key]
+        cases = [Case(config.shape, path, config.repeats, config.op, name)]
         if config.sweep_vocabs:
             vocabs = ", ".join(map(str, config.sweep_vocabs))
             _progress(f"building the sweep's inputs: V = {vocabs}")
             cases += [
-                Case(shape, _sweep_inputs(config, shape, tmp), min(config.repeats, SWEEP_REPEATS))
+                Case(
+                    shape,
+                    _sweep_inputs(config, shape, tmp / f"table-{number}"),
+                    min(config.repeats, SWEEP_REPEATS),
+                    config.op,
+                    f"{name} sweep V={shape.v}",
+                )
                 for shape in config.sweep_shapes()
             ]
-        if config.device.type == "cuda":
-            torch.cuda.empty_cache()
-        main, sweep = [], []
-        for i, method in enumerate(METHODS[name] for name in config.methods):
-            prefix = f"[{i + 1}/{len(config.methods)}] {method.name}"
-            (result, output), *swept = _measure(method, config, cases, tmp, prefix)
-            if result.ok and not method.time_only:
-                result.errors = reference.errors(
-                    result.loss, output.get("grad_e"), output.get("grad_c")
-                )
-            main.append(result)
-            sweep += [r for r, _ in swept]
+        tables.append(_Table(config, cases, reference, data, environment))
+    return tables
 
-    environment["wall_time_s"] = round(time.perf_counter() - began, 1)
-    environment["load_average_end"] = os.getloadavg()
-    _write_outputs(config, environment, data, main, sweep)
-    _progress(f"done in {environment['wall_time_s']:.0f} s; results in {config.out}/")
-    return main
+
+def _case_label(config: BenchConfig) -> str:
+    return f"{config.preset or config.shape} {config.regime} {config.op}"
 
 
 def _write_outputs(config: BenchConfig, environment: dict, data: dict, main, sweep) -> None:
@@ -141,10 +197,11 @@ def _write_outputs(config: BenchConfig, environment: dict, data: dict, main, swe
         _progress(f"no sweep plots: {missing.name} is not installed (the CSV and JSON have it)")
 
 
-def _sweep_inputs(config: BenchConfig, shape: Shape, tmp: Path) -> Path:
+def _sweep_inputs(config: BenchConfig, shape: Shape, folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
     inputs = make_inputs(config.regime, shape, config.dtype, config.device)
     probe = accuracy.Probe.spread(shape.n, shape.v, inputs.e.device)
-    return _save_inputs(inputs, probe, tmp / f"sweep-{shape.v}.pt")
+    return _save_inputs(inputs, probe, folder / f"sweep-{shape.v}.pt")
 
 
 def _measure(
@@ -156,17 +213,17 @@ def _measure(
 ) -> list[tuple[report.MethodResult, dict]]:
     """Run `method` over `cases` in one worker process; n/a results where it cannot run.
 
-    Returns each case's result with the worker's raw output (which holds the probed gradient
-    rows); the cases are the run's shape first, then the sweep's.
+    Returns each case's result, in the order of `cases`, with the worker's raw output (which
+    holds the probed gradient rows). `config` gives the device, dtype, warm-up and threads.
     """
     itemsize = torch.empty((), dtype=config.dtype).element_size()
-    with_grads = config.op == "loss+backward" and not method.time_only
     results = [
         report.MethodResult(
-            method.name, method.kind, method.summary, shape.n, shape.d, shape.v,
-            gradient_bytes=(shape.n + shape.v) * shape.d * itemsize if with_grads else 0,
+            method.name, method.kind, method.summary, case.shape.n, case.shape.d, case.shape.v,
+            gradient_bytes=(case.shape.n + case.shape.v) * case.shape.d * itemsize
+            if case.op == "loss+backward" and not method.time_only else 0,
         )
-        for shape in (case.shape for case in cases)
+        for case in cases
     ]  # fmt: skip
     reason = method.unavailable(config.device, config.dtype)
     if reason:
@@ -175,6 +232,7 @@ def _measure(
             result.reason = reason
         return [(result, {}) for result in results]
 
+    _progress(f"{prefix}: {len(cases)} case(s) in one worker")
     began = time.perf_counter()
     outputs = _run_worker(method, config, cases, tmp)
     for result, output in zip(results, outputs, strict=True):
@@ -185,23 +243,25 @@ def _measure(
         result.peak_bytes = output["peak_bytes"]
         result.memory_method = output["memory_method"]
         result.loss = output.get("loss")
-    _progress(f"{prefix}: {_summary(results)} ({time.perf_counter() - began:.0f} s)")
+    _progress(f"{prefix}: done in {time.perf_counter() - began:.0f} s")
     return list(zip(results, outputs, strict=True))
 
 
 def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Path) -> list[dict]:
-    result_files = [tmp / f"{method.name}-{case.inputs.stem}.result.pt" for case in cases]
+    result_files = [tmp / f"{method.name}-{i}.result.pt" for i in range(len(cases))]
     spec = {
         "method": method.name,
         "device": str(config.device),
-        "op": config.op,
         "warmup": config.warmup,
         "threads": config.threads,
         "cases": [
-            {"inputs": str(case.inputs), "result": str(result), "repeats": case.repeats}
+            {
+                "inputs": str(case.inputs), "result": str(result), "repeats": case.repeats,
+                "op": case.op, "label": case.label,
+            }
             for case, result in zip(cases, result_files, strict=True)
         ],
-    }
+    }  # fmt: skip
     spec_file = tmp / f"{method.name}.spec.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ)
@@ -209,16 +269,24 @@ def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Pat
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     if config.device.type == "cpu":
         env.update(CPU_WORKER_ENV)
-    done = subprocess.run(
+    last_line = "no output"
+    with subprocess.Popen(
         [sys.executable, "-m", "logitless.bench.worker", str(spec_file)],
         env=env,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-    )
-    crash = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    ) as worker:
+        for line in worker.stderr:
+            if line.startswith(worker_module.PROGRESS):
+                _progress(
+                    f"      {method.name}: {line.removeprefix(worker_module.PROGRESS).strip()}"
+                )
+            elif line.strip():
+                last_line = line.strip()
     return [
         torch.load(path) if path.exists()
-        else {"error": f"worker exited with code {done.returncode}: {crash}"}
+        else {"error": f"worker exited with code {worker.returncode}: {last_line}"}
         for path in result_files
     ]  # fmt: skip
 
@@ -283,19 +351,6 @@ def _memory_method(config: BenchConfig) -> str:
     if config.device.type == "cuda":
         return "rise of torch.cuda.max_memory_allocated over the call"
     return "rise of peak resident memory over the call, each method in a fresh process"
-
-
-def _summary(results: list[report.MethodResult]) -> str:
-    """The run's figures, then the sweep's times."""
-    first, *swept = results
-    if not first.ok:
-        return first.reason
-    memory = "" if first.peak_bytes is None else f", peak {first.peak_bytes / report.MB:.0f} MB"
-    text = f"{first.time_s * 1e3:.0f} ms{memory}"
-    if swept:
-        times = [f"{r.time_s * 1e3:.0f}" if r.ok else "failed" for r in swept]
-        text += f"; sweep ms: {', '.join(times)}"
-    return text
 
 
 def _environment(config: BenchConfig) -> dict:

@@ -1,13 +1,16 @@
 """One method measured in a fresh process: `python -m logitless.bench.worker SPEC.json`.
 
-The spec names the method, device, op, warm-up count and CPU threads, and the cases: each an
-inputs file written by the runner, its number of timed calls, and the file to write the result
-to (figures, the loss and the probed gradient rows, or the error the method raised).
+The spec names the method, device, warm-up count and CPU threads, and the cases: each an
+inputs file written by the runner, its op and label, its number of timed calls, and the file to
+write the result to (figures, the loss and the probed gradient rows, or the error the method
+raised). A line on stderr after each case, starting with PROGRESS, says where the worker is, so
+that a run cut off midway still shows how far it got.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import torch
 
 from logitless.bench.measure import measure
 from logitless.bench.methods import METHODS, LossFn
+
+PROGRESS = "progress: "
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,14 +39,25 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:
             result = {"error": _describe(error)}
         torch.save(result, case["result"])
+        _report(case["label"], result)
     return 0
+
+
+def _report(label: str, result: dict) -> None:
+    if "error" in result:
+        summary = f"failed: {result['error']}"
+    else:
+        summary = f"{statistics.median(result['times_s']) * 1e3:.1f} ms"
+        if result["peak_bytes"] is not None:
+            summary += f", peak {result['peak_bytes'] / 2**20:.0f} MB"
+    print(f"{PROGRESS}{label}: {summary}", file=sys.stderr, flush=True)
 
 
 def _run_case(loss_fn: LossFn, time_only: bool, case: dict, spec: dict) -> dict:
     device = torch.device(spec["device"])
     data = torch.load(case["inputs"])
     e, c, targets = (data[k].to(device) for k in ("e", "c", "targets"))
-    with_grad = spec["op"] == "loss+backward" and not time_only
+    with_grad = case["op"] == "loss+backward" and not time_only
     e.requires_grad_(with_grad)
     c.requires_grad_(with_grad)
 

@@ -19,21 +19,26 @@ INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16}
 def dot_options(dtype: torch.dtype) -> dict[str, object]:
     """The constexprs of `mma` for inputs of `dtype`.
 
-    float32 multiplies in IEEE precision: Triton's default, tf32, would miss the accuracy
-    criterion. The interpreter's dot reads bfloat16 operands as raw integers, so there they are
-    widened first; their products are exact in fp32 either way.
+    float32 multiplies as PyTorch's own float32 matmuls are told to
+    (`torch.set_float32_matmul_precision`, or `torch.backends.cuda.matmul.allow_tf32`): IEEE by
+    default ("highest"), TF32 when the user allows it, at a TF32 product's accuracy. The
+    interpreter's dot reads bfloat16 operands as raw integers, so there they are widened first;
+    their products are exact in fp32 either way.
     """
+    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
     return {
-        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "DOT_PRECISION": "tf32" if tf32 else "ieee",
         "DOT_UPCAST": dtype == torch.bfloat16 and triton_interpreter_on(),
     }
 
 
 def launch(kernel, tuned, grid, *args, **kwargs) -> None:
-    """Run `kernel` with INTERPRETER_BLOCKS under the interpreter, else its autotuned version."""
+    """Run `kernel` with INTERPRETER_BLOCKS under the interpreter, else its autotuned version on
+    the device of its first argument (not the current device: an lm_head may live on cuda:1)."""
     if triton_interpreter_on():
         kernel[grid](*args, **kwargs, **INTERPRETER_BLOCKS)
-    else:
+        return
+    with torch.cuda.device(args[0].device):
         tuned[grid](*args, **kwargs)
 
 
@@ -73,9 +78,16 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 @triton.jit
 def tanh(x):
-    """tanh through exp (no libdevice), without overflow for any x."""
-    decay = tl.exp(-2.0 * tl.abs(x))
-    magnitude = (1.0 - decay) / (1.0 + decay)
+    """tanh through exp (no libdevice), without overflow for any x and to full relative precision
+    near 0, where 1 - exp(-2|x|) would cancel: an odd polynomial below |x| = 1/8."""
+    magnitude = tl.abs(x)
+    decay = tl.exp(-2.0 * magnitude)
+    far = (1.0 - decay) / (1.0 + decay)
+    square = magnitude * magnitude
+    near = magnitude * (
+        1.0 + square * (-1.0 / 3.0 + square * (2.0 / 15.0 - square * (17.0 / 315.0)))
+    )
+    magnitude = tl.where(magnitude < 0.125, near, far)
     return tl.where(x < 0, -magnitude, magnitude)
 
 

@@ -1,16 +1,19 @@
-"""Backward kernel: the gradients of the per-row statistics, one logit tile per program.
+"""Backward kernel: the gradient of the logits of one vocabulary chunk, written to a buffer.
 
 Grid: (row blocks, vocabulary blocks of one chunk of positions). A program recomputes its logit
-tile on chip, forms the fp32 gradient of the logits
+tile on chip and forms the fp32 gradient of the logits
 
     d = (grad_lse * softmax + grad_target * onehot(target) + grad_sum) * softcap'(z)
 
-and adds d @ c into grad_e, d.T @ e into grad_c and the column sums of d into grad_bias with
-atomics, one BLOCK_D slice of D at a time. Vocabulary positions map to vocabulary rows through
-an optional order (rows of c are read through it, never copied), so that sorting the vocabulary
-by average logit gathers the entries that matter into few tiles. With filtering on, a tile that
-holds no target is skipped when, in every row, its softmax mass is at most its share
-`filter_eps * BLOCK_V / V` of the budget: no row then loses more than `filter_eps` in all.
+which it stores, rounded to the input dtype as eager PyTorch rounds the logits' gradient, into a
+bounded (rows, chunk) buffer. The caller turns the buffer into gradients with dense matmuls
+(`d @ c[chunk]` into grad_e, `d.T @ e` as grad_c[chunk]): tensor cores, no atomics, deterministic.
+Vocabulary positions map to vocabulary rows through an optional order (rows of c are read through
+it, never copied), so that sorting the vocabulary by average logit gathers the entries that matter
+into few tiles. With filtering on, a tile that holds no target is zeroed when, in every row, its
+softmax mass is at most its share `filter_eps * BLOCK_V / V` of the budget (no row then loses more
+than `filter_eps` in all), and only kept tiles are counted, so that a chunk whose tiles are all
+negligible skips its matmuls.
 """
 
 from __future__ import annotations
@@ -26,20 +29,19 @@ from logitless.kernels._tiles import (
     dot_options,
     launch,
     logit_tile,
-    mma,
     offsets,
 )
 
 HALF_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
 ]
 """Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on)."""
 
 FLOAT32_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=4, num_stages=3),
 ]
 
 
@@ -53,110 +55,68 @@ def vocabulary_alignment() -> int:
 @triton.jit
 def lse_backward_kernel(
     e_ptr, c_ptr, bias_ptr, order_ptr, target_positions_ptr, lse_ptr,
-    grad_lse_ptr, grad_target_ptr, grad_sum_ptr, grad_e_ptr, grad_c_ptr, grad_bias_ptr, counts_ptr,
-    N, D, position_begin, position_end, stride_en, stride_ed, stride_cv, stride_cd,
-    softcap, filter_mass_per_entry, vocab_bucket,
+    grad_lse_ptr, grad_target_ptr, grad_sum_ptr, d_ptr, counts_ptr,
+    N, D, position_begin, position_end, stride_en, stride_ed, stride_cv, stride_cd, stride_dn,
+    softcap, filter_mass_per_entry, row_bucket, vocab_bucket,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SUM: tl.constexpr,
-    SORTED: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr,
-    NEED_E: tl.constexpr, NEED_C: tl.constexpr, NEED_BIAS: tl.constexpr,
+    SORTED: tl.constexpr, FILTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Add one tile's gradients into grad_e (N, D), grad_c (positions, D) and grad_bias (V,).
+    """Write one tile of d into `d_ptr` (rows, positions - position_begin), zeros if filtered.
 
-    grad_c row r holds vocabulary position position_begin + r; the other buffers are indexed
-    by row and vocabulary entry. All three are fp32. `counts_ptr` receives (tiles, tiles kept)
-    when COUNT_TILES; `vocab_bucket` only keys the autotuner.
+    When FILTER, `counts_ptr` (int32 pair) counts (tiles, tiles kept); `row_bucket` and
+    `vocab_bucket` only key the autotuner.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     positions = position_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = positions < position_end
     vocab = tl.load(order_ptr + positions, mask=col_mask, other=0) if SORTED else positions
-    row_offsets = offsets(rows, stride_en)
-    vocab_offsets = offsets(vocab, stride_cv)
     z = logit_tile(
-        e_ptr, c_ptr, bias_ptr, row_offsets, vocab, vocab_offsets, row_mask, col_mask,
-        D, stride_ed, stride_cd, softcap,
+        e_ptr, c_ptr, bias_ptr, offsets(rows, stride_en), vocab, offsets(vocab, stride_cv),
+        row_mask, col_mask, D, stride_ed, stride_cd, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
     )  # fmt: skip
-    in_tile = row_mask[:, None] & col_mask[None, :]
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    probs = tl.where(in_tile, tl.exp(z - lse[:, None]), 0.0)
     target_positions = tl.load(target_positions_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
-    is_target = in_tile & (positions[None, :] == target_positions[:, None])
-
-    keep = True
+    probs = tl.exp(z - lse[:, None])
     if FILTER:
-        tile_mass = tl.max(tl.sum(probs, axis=1))
-        keep = (tile_mass > filter_mass_per_entry * BLOCK_V) | (tl.max(is_target.to(tl.int32)) > 0)
-    if COUNT_TILES:
+        row_mass = tl.sum(tl.where(col_mask[None, :], probs, 0.0), axis=1)
+        tile_mass = tl.max(tl.where(row_mask, row_mass, 0.0))
+        tile_begin = position_begin + tl.program_id(1) * BLOCK_V
+        holds_target = (target_positions >= tile_begin) & (target_positions < tile_begin + BLOCK_V)
+        keep = (tile_mass > filter_mass_per_entry * BLOCK_V) | (
+            tl.max(holds_target.to(tl.int32)) > 0
+        )
+    if HAS_SOFTCAP:
+        scaled = z / softcap
+        slope = 1.0 - scaled * scaled
+    grad_lse = tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0)
+    grad_target = tl.load(grad_target_ptr + rows, mask=row_mask, other=0.0)
+    is_target = positions[None, :] == target_positions[:, None]
+    d = grad_lse[:, None] * probs + tl.where(is_target, grad_target[:, None], 0.0)
+    if HAS_SUM:
+        d += tl.load(grad_sum_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    if HAS_SOFTCAP:
+        d *= slope
+    if FILTER:
+        d = tl.where(keep, d, 0.0)
         tl.atomic_add(counts_ptr, 1, sem="relaxed")
-    if keep:
-        if COUNT_TILES:
-            tl.atomic_add(counts_ptr + 1, 1, sem="relaxed")
-        grad_lse = tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0)
-        grad_target = tl.load(grad_target_ptr + rows, mask=row_mask, other=0.0)
-        d = grad_lse[:, None] * probs + tl.where(is_target, grad_target[:, None], 0.0)
-        if HAS_SUM:
-            d += tl.load(grad_sum_ptr + rows, mask=row_mask, other=0.0)[:, None]
-        if HAS_SOFTCAP:
-            scaled = z / softcap
-            d *= 1.0 - scaled * scaled
-        d = tl.where(in_tile, d, 0.0)
-        if NEED_BIAS:
-            tl.atomic_add(grad_bias_ptr + vocab, tl.sum(d, axis=0), mask=col_mask, sem="relaxed")
-        d_input = d.to(e_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-        dims = tl.arange(0, BLOCK_D)
-        c_columns = offsets(dims, stride_cd)
-        e_columns = offsets(dims, stride_ed)
-        c_step = offsets(BLOCK_D, stride_cd)
-        e_step = offsets(BLOCK_D, stride_ed)
-        grad_e_rows = offsets(rows, D)
-        grad_c_rows = offsets(positions - position_begin, D)
-        for start in range(0, D, BLOCK_D):
-            dim_mask = dims < D - start
-            if NEED_E:
-                c_block = tl.load(
-                    c_ptr + vocab_offsets[:, None] + c_columns[None, :],
-                    mask=col_mask[:, None] & dim_mask[None, :],
-                    other=0.0,
-                )
-                grad_e_block = mma(
-                    d_input, c_block, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32),
-                    DOT_PRECISION, DOT_UPCAST,
-                )  # fmt: skip
-                tl.atomic_add(
-                    grad_e_ptr + grad_e_rows[:, None] + (start + dims)[None, :],
-                    grad_e_block,
-                    mask=row_mask[:, None] & dim_mask[None, :],
-                    sem="relaxed",
-                )
-            if NEED_C:
-                e_block = tl.load(
-                    e_ptr + row_offsets[:, None] + e_columns[None, :],
-                    mask=row_mask[:, None] & dim_mask[None, :],
-                    other=0.0,
-                )
-                grad_c_block = mma(
-                    tl.trans(d_input), e_block, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32),
-                    DOT_PRECISION, DOT_UPCAST,
-                )  # fmt: skip
-                tl.atomic_add(
-                    grad_c_ptr + grad_c_rows[:, None] + (start + dims)[None, :],
-                    grad_c_block,
-                    mask=col_mask[:, None] & dim_mask[None, :],
-                    sem="relaxed",
-                )
-            c_columns += c_step
-            e_columns += e_step
+        tl.atomic_add(counts_ptr + 1, keep.to(tl.int32), sem="relaxed")
+    columns = (positions - position_begin).to(tl.int64)
+    tl.store(
+        d_ptr + offsets(rows, stride_dn)[:, None] + columns[None, :],
+        d.to(d_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
 
 
 lse_backward_tuned = autotune_by_dtype(
     HALF_CONFIGS,
     FLOAT32_CONFIGS,
-    key=["D", "vocab_bucket", "NEED_E", "NEED_C", "FILTER"],
-    restore_value=["grad_e_ptr", "grad_c_ptr", "grad_bias_ptr", "counts_ptr"],
+    key=["D", "row_bucket", "vocab_bucket", "FILTER"],
+    restore_value=["counts_ptr"],
 )(lse_backward_kernel)
 
 
@@ -170,20 +130,18 @@ def lse_backward(
     grad_target: torch.Tensor,
     grad_sum: torch.Tensor | None,
     *,
-    grad_e: torch.Tensor | None,
-    grad_c: torch.Tensor | None,
-    grad_bias: torch.Tensor | None,
+    d: torch.Tensor,
+    counts: torch.Tensor | None,
     order: torch.Tensor | None,
     positions: tuple[int, int],
     softcap: float | None,
     filter_eps: float | None,
-    counts: torch.Tensor | None = None,
 ) -> None:
-    """Add the gradients from vocabulary positions [begin, end) into the fp32 buffers given.
+    """Write the logits' gradient at vocabulary positions [begin, end) into `d` (N, end - begin).
 
     Position p is vocabulary row `order[p]` (p itself without order); `target_positions` holds
-    each row's target as a position, -1 for none; grad_c row r is position begin + r.
-    `counts`, an int32 pair, receives (tiles, tiles kept) for diagnostics.
+    each row's target as a position, -1 for none. With `filter_eps`, negligible tiles are written
+    as zeros and `counts` (an int32 pair) is raised by (tiles, tiles kept).
     """
     n, dim = e.shape
     begin, end = positions
@@ -197,11 +155,11 @@ def lse_backward(
         e, c, placeholder if bias is None else bias.contiguous(),
         placeholder if order is None else order, target_positions, lse,
         grad_lse, grad_target, placeholder if grad_sum is None else grad_sum,
-        *(placeholder if x is None else x for x in (grad_e, grad_c, grad_bias, counts)),
-        n, dim, begin, end, *e.stride(), *c.stride(),
-        float(softcap or 1.0), (filter_eps or 0.0) / c.shape[0], triton.next_power_of_2(c.shape[0]),
+        d, placeholder if counts is None else counts,
+        n, dim, begin, end, *e.stride(), *c.stride(), d.stride(0),
+        float(softcap or 1.0), (filter_eps or 0.0) / c.shape[0],
+        triton.next_power_of_2(n), triton.next_power_of_2(c.shape[0]),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SUM=grad_sum is not None,
-        SORTED=order is not None, FILTER=filter_eps is not None, COUNT_TILES=counts is not None,
-        NEED_E=grad_e is not None, NEED_C=grad_c is not None, NEED_BIAS=grad_bias is not None,
+        SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype),
     )  # fmt: skip

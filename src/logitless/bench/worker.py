@@ -72,6 +72,7 @@ def _run_case(loss_fn: LossFn, time_only: bool, case: dict, spec: dict) -> dict:
     result = {
         "times_s": measurement.times_s,
         "peak_bytes": None if time_only else measurement.peak_bytes,
+        "first_peak_bytes": None if time_only else measurement.first_peak_bytes,
         "memory_method": measurement.memory_method,
     }
     if not time_only:

@@ -6,6 +6,8 @@ reference than eager PyTorch at the input dtype, plus a small stated tolerance.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from logitless import linear_cross_entropy
@@ -45,15 +47,16 @@ def make_inputs(
     return move(e), move(c), targets.to(device), move(b)
 
 
-def outputs_and_grads(fn, inputs, grad_seed: int, **options):
-    """Outputs and input gradients of `fn` under a random upstream gradient."""
+def outputs_and_grads(fn, inputs, grad_seed: int, upstream_scale: float = 1.0, **options):
+    """Outputs and input gradients of `fn` under a random upstream gradient (times
+    `upstream_scale`, as a loss scale or gradient-accumulation factor multiplies it)."""
     e, c, targets, bias = (
         x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in inputs
     )
     out = fn(e, c, targets, bias, **options)
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(grad_seed)
-    upstream = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
+    upstream = [torch.randn(o.shape, generator=gen).to(o.device) * upstream_scale for o in outs]
     params = [x for x in (e, c, bias) if x is not None]
     grads = torch.autograd.grad(
         [o.float() for o in outs], params, [u.float() for u in upstream], allow_unused=True
@@ -63,20 +66,27 @@ def outputs_and_grads(fn, inputs, grad_seed: int, **options):
     ]
 
 
-def check_against_reference(inputs, *, impl: str = "torch", grad_seed: int = 1, **options):
+def check_against_reference(
+    inputs, *, impl: str = "torch", grad_seed: int = 1, upstream_scale: float = 1.0, **options
+):
     """Assert the criterion for every output and gradient; return the errors for reporting."""
-    ours = outputs_and_grads(linear_cross_entropy, inputs, grad_seed, impl=impl, **options)
-    return check_results(ours, inputs, grad_seed=grad_seed, **options)
+    ours = outputs_and_grads(
+        linear_cross_entropy, inputs, grad_seed, upstream_scale, impl=impl, **options
+    )
+    return check_results(
+        ours, inputs, grad_seed=grad_seed, upstream_scale=upstream_scale, **options
+    )
 
 
-def check_results(ours, inputs, *, grad_seed: int = 1, **options):
+def check_results(ours, inputs, *, grad_seed: int = 1, upstream_scale: float = 1.0, **options):
     """`check_against_reference` for results computed elsewhere (`outputs_and_grads`' form)."""
     dtype = inputs[0].dtype
     semantics = {k: v for k, v in options.items() if k != "filter_eps"}
-    exact = outputs_and_grads(reference_linear_cross_entropy, inputs, grad_seed, **semantics)
-    eager = outputs_and_grads(
-        reference_linear_cross_entropy, inputs, grad_seed, dtype=dtype, **semantics
+    reference = functools.partial(
+        outputs_and_grads, reference_linear_cross_entropy, inputs, grad_seed, upstream_scale
     )
+    exact = reference(**semantics)
+    eager = reference(dtype=dtype, **semantics)
     names = ["loss", "lse"][: len(ours[0])] + ["grad_e", "grad_c", "grad_bias"][: len(ours[1])]
     errors = {}
     for name, x, ref, base in zip(

@@ -7,6 +7,7 @@ import torch
 
 from helpers import DTYPES, check_against_reference, make_inputs, outputs_and_grads, rel_error
 from logitless import LinearCrossEntropyLoss, linear_cross_entropy
+from logitless.backends import get_backend
 from logitless.reference import reference_linear_cross_entropy
 
 OPTION_SETS = [
@@ -130,3 +131,22 @@ def test_fused_and_recomputing_paths_agree(reduction):
     recomputed = outputs_and_grads(recomputing, inputs, 0, reduction=reduction)
     for ours, theirs in zip(fused[0] + fused[1], recomputed[0] + recomputed[1], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("ignored", [0.0, 0.5, 1.0])
+def test_rows_without_target_never_reach_the_backend(monkeypatch, ignored, impl):
+    """Ignored and shifted-out rows are dropped before any kernel; per-token outputs keep their
+    full shape. (Triton runs on the interpreter without CUDA.)"""
+    inputs = make_inputs((3, 17), 29, 301, torch.float32, bias=True, ignore_fraction=ignored)
+    backend = get_backend(impl)
+    stats, rows_seen = backend.stats, []
+
+    def counting_stats(e, *args, **kwargs):
+        rows_seen.append(e.shape[0])
+        return stats(e, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "stats", counting_stats)
+    check_against_reference(inputs, impl=impl, reduction="none", return_lse=True, shift=1)
+    with_target = int((inputs[2][..., 1:] != -100).sum())
+    assert rows_seen and set(rows_seen) == {with_target}

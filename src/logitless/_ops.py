@@ -3,7 +3,9 @@
 Backends loop over blocks, sync on filter decisions and launch Triton kernels: nothing
 torch.compile should trace into. Registered as `torch.library.custom_op`s with fake (meta)
 implementations, a compiled training step keeps them in its graph without a break. Ops cannot
-return None, so a gradient that is not needed comes back as an empty tensor.
+return None, so a gradient that is not needed comes back as an empty tensor. They run with
+autocast off: `logitless.functional` has cast the inputs already, and the backends' matmuls must
+keep their dtypes (a backward called inside an autocast region would otherwise run in bf16).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import Tensor
 
 from logitless._loss import TokenLoss
 from logitless.backends import get_backend
+from logitless.backends.torch_backend import accumulation_dtype
 
 
 @torch.library.custom_op("logitless::stats", mutates_args=())
@@ -25,15 +28,16 @@ def stats(
     softcap: float | None,
     with_sum: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    lse, target_logit, logit_sum = get_backend(impl).stats(
-        e, c, bias, targets, softcap=softcap, with_sum=with_sum
-    )
+    with _no_autocast(e):
+        lse, target_logit, logit_sum = get_backend(impl).stats(
+            e, c, bias, targets, softcap=softcap, with_sum=with_sum
+        )
     return lse, target_logit, torch.zeros_like(lse) if logit_sum is None else logit_sum
 
 
 @stats.register_fake
 def _(e, c, bias, targets, impl, softcap, with_sum):
-    return tuple(e.new_empty(e.shape[0], dtype=torch.float32) for _ in range(3))
+    return tuple(e.new_empty(e.shape[0], dtype=accumulation_dtype(e.dtype)) for _ in range(3))
 
 
 @torch.library.custom_op("logitless::grads", mutates_args=())
@@ -52,12 +56,13 @@ def grads(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     in_tiles = grad_sum if softcap is not None else None
-    out = get_backend(impl).grads(
-        e, c, bias, targets, lse, grad_lse, grad_target, in_tiles,
-        softcap=softcap, filter_eps=filter_eps, needs=tuple(needs),
-    )  # fmt: skip
-    if grad_sum is not None and in_tiles is None:
-        add_uniform_gradient(*out, e, c, grad_sum)
+    with _no_autocast(e):
+        out = get_backend(impl).grads(
+            e, c, bias, targets, lse, grad_lse, grad_target, in_tiles,
+            softcap=softcap, filter_eps=filter_eps, needs=tuple(needs),
+        )  # fmt: skip
+        if grad_sum is not None and in_tiles is None:
+            add_uniform_gradient(*out, e, c, grad_sum)
     return _finish(out, e, c, bias)
 
 
@@ -89,12 +94,13 @@ def stats_and_grads(
         grad_lse, grad_target, grad_sum = token_loss.coefficients(lse_rows, token_weights[rows])
         return grad_lse, grad_target, grad_sum if sum_in_tiles else None
 
-    lse, target_logit, logit_sum, *out = get_backend(impl).stats_and_grads(
-        e, c, bias, targets, coefficients, softcap=softcap, with_sum=with_sum,
-        filter_eps=filter_eps, needs=tuple(needs),
-    )  # fmt: skip
-    if with_sum and not sum_in_tiles:
-        add_uniform_gradient(*out, e, c, token_loss.coefficients(lse, token_weights)[2])
+    with _no_autocast(e):
+        lse, target_logit, logit_sum, *out = get_backend(impl).stats_and_grads(
+            e, c, bias, targets, coefficients, softcap=softcap, with_sum=with_sum,
+            filter_eps=filter_eps, needs=tuple(needs),
+        )  # fmt: skip
+        if with_sum and not sum_in_tiles:
+            add_uniform_gradient(*out, e, c, token_loss.coefficients(lse, token_weights)[2])
     logit_sum = torch.zeros_like(lse) if logit_sum is None else logit_sum
     return lse, target_logit, logit_sum, *_finish(out, e, c, bias)
 
@@ -102,7 +108,7 @@ def stats_and_grads(
 @stats_and_grads.register_fake
 def _(e, c, bias, targets, token_weights, impl, softcap, with_sum, filter_eps, label_smoothing,
       z_loss, vocab, needs):  # fmt: skip
-    row = tuple(e.new_empty(e.shape[0], dtype=torch.float32) for _ in range(3))
+    row = tuple(e.new_empty(e.shape[0], dtype=accumulation_dtype(e.dtype)) for _ in range(3))
     return *row, *_fake_grads(e, c, bias, needs)
 
 
@@ -113,17 +119,22 @@ def add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum) -> None:
     gradient filtering can never drop it.
     """
     if grad_e is not None:
-        grad_e.add_(torch.outer(grad_sum, c.sum(0, dtype=torch.float32)).to(grad_e.dtype))
+        grad_e.add_(torch.outer(grad_sum, c.sum(0, dtype=grad_sum.dtype)).to(grad_e.dtype))
     if grad_c is not None:
-        grad_c.add_((grad_sum.unsqueeze(0) @ e.float()).to(grad_c.dtype))
+        grad_c.add_((grad_sum.unsqueeze(0) @ e.to(grad_sum.dtype)).to(grad_c.dtype))
     if grad_bias is not None:
         grad_bias.add_(grad_sum.sum().to(grad_bias.dtype))
 
 
+def _no_autocast(e: Tensor) -> torch.autocast:
+    return torch.autocast(e.device.type, enabled=False)
+
+
 def _finish(grads_out, e: Tensor, c: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """grad_e in float32 (vocabulary shards sum it before rounding), the others in their inputs'
-    dtypes; an empty tensor for a gradient not computed."""
-    dtypes = (torch.float32, c.dtype, c.dtype)
+    """grad_e and grad_bias in the accumulation dtype (vocabulary shards sum grad_e before
+    rounding; the fused path scales both before rounding), grad_c in c's dtype (no V x D float32
+    copy); an empty tensor for a gradient not computed."""
+    dtypes = (accumulation_dtype(e.dtype), c.dtype, accumulation_dtype(e.dtype))
     return tuple(
         e.new_empty(0) if g is None else g.to(dtype)
         for g, dtype in zip(grads_out, dtypes, strict=True)
@@ -132,7 +143,7 @@ def _finish(grads_out, e: Tensor, c: Tensor, bias: Tensor | None) -> tuple[Tenso
 
 def _fake_grads(e, c, bias, needs):
     shapes = (e.shape, c.shape, None if bias is None else bias.shape)
-    dtypes = (torch.float32, c.dtype, c.dtype)
+    dtypes = (accumulation_dtype(e.dtype), c.dtype, accumulation_dtype(e.dtype))
     return tuple(
         e.new_empty(shape, dtype=dtype) if need else e.new_empty(0)
         for shape, dtype, need in zip(shapes, dtypes, needs, strict=True)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from logitless.distributed import VocabParallel
+from logitless.distributed import DTensor, TokenGather, VocabParallel
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
 ASYNC_CHECKS_ENV = "LOGITLESS_ASYNC_CHECKS"
@@ -83,11 +83,12 @@ def check_inputs(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     options: LossOptions,
-) -> None:
+) -> TokenGather | None:
     """Raise TypeError/ValueError naming the first bad argument of a call.
 
     Under vocabulary parallelism every rank raises when any rank does, instead of leaving the
-    others waiting in a collective.
+    others waiting in a collective; the `TokenGather` there if the ranks' tokens differ (only
+    a shard from a DTensor classifier allows that).
     """
     error = None
     try:
@@ -96,8 +97,94 @@ def check_inputs(
         if options.vocab_parallel is None:
             raise
         error = exc
+    if options.vocab_parallel is None:
+        return None
+    return options.vocab_parallel.check_ranks_agree(e, targets, error)
+
+
+def check_dtensors(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LossOptions,
+) -> int | None:
+    """Check the DTensor arguments' layouts; return the mesh dimension that shards c by rows.
+
+    Supported: c (and bias alike) replicated, or sharded by rows (`Shard(0)`) on one mesh
+    dimension and replicated on the others; e and targets local tensors or replicated DTensors.
+    """
+    if DTensor is None or not any(isinstance(x, DTensor) for x in (e, c, targets, bias)):
+        return None
+    for name, tensor in (("e", e), ("targets", targets)):
+        if isinstance(tensor, DTensor) and not all(p.is_replicate() for p in tensor.placements):
+            raise ValueError(
+                f"{name} must be a local tensor or a replicated DTensor, got placements "
+                f"{tensor.placements}: pass this rank's tokens (to_local()) instead"
+            )
+    if not isinstance(c, DTensor):
+        if isinstance(bias, DTensor) and not all(p.is_replicate() for p in bias.placements):
+            raise ValueError(f"bias must be sharded like c (a local tensor), got {bias.placements}")
+        return None
     if options.vocab_parallel is not None:
-        options.vocab_parallel.check_ranks_agree(e, targets, error)
+        raise ValueError(
+            "vocab_parallel must be None when c is a DTensor: its placements decide the sharding"
+        )
+    supported = (
+        "c must be a DTensor replicated, or sharded by rows (Shard(0)) on one mesh dimension and "
+        "replicated on the others"
+    )
+    if any(not (p.is_replicate() or p.is_shard(0)) for p in c.placements):
+        raise ValueError(f"{supported}, got placements {c.placements}")
+    sharded = [dim for dim, p in enumerate(c.placements) if p.is_shard(0)]
+    if len(sharded) > 1:
+        raise ValueError(f"{supported}, got placements {c.placements}")
+    if bias is not None:
+        if sharded:
+            layout = (getattr(bias, "device_mesh", None), getattr(bias, "placements", None))
+            like_c = isinstance(bias, DTensor) and layout == (c.device_mesh, c.placements)
+        else:
+            like_c = not isinstance(bias, DTensor) or all(p.is_replicate() for p in bias.placements)
+        if not like_c:
+            raise ValueError(
+                f"bias must be a DTensor on c's mesh with c's placements {c.placements}, got "
+                f"{getattr(bias, 'placements', 'a local tensor')}"
+            )
+    return sharded[0] if sharded else None
+
+
+def check_no_vmap() -> None:
+    """Refuse `torch.func.vmap`: the checks and the backends' control flow read tensor values.
+    (torch.compile traces no functorch transform into a logitless call.)"""
+    if torch.compiler.is_compiling():
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack):
+        raise RuntimeError(
+            "logitless does not support torch.func.vmap: e and targets take any leading shape, "
+            "so pass the batch as a leading dimension instead (torch.func.grad is supported)"
+        )
+
+
+def check_num_items_in_batch(num_items: object, options: LossOptions) -> None:
+    """num_items_in_batch: None, a positive int, or a one-element real tensor; for "mean" only."""
+    if num_items is None:
+        return
+    if options.reduction != "mean":
+        raise ValueError(
+            f"num_items_in_batch replaces the divisor of reduction='mean', got "
+            f"reduction={options.reduction!r}"
+        )
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1 or num_items.dtype.is_complex or num_items.dtype == torch.bool:
+            raise ValueError(
+                "num_items_in_batch must be a one-element real tensor, got "
+                f"{tuple(num_items.shape)} {num_items.dtype}"
+            )
+        return
+    _check_int("num_items_in_batch", num_items)
+    if num_items <= 0:
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
 
 
 def _check_local_inputs(
@@ -115,9 +202,12 @@ def _check_local_inputs(
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
 
     if e.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"e must be float32, bfloat16 or float16, got {e.dtype}")
+        raise TypeError(f"e must be float32, bfloat16, float16 or float64, got {e.dtype}")
     if c.dtype != e.dtype:
-        raise ValueError(f"c must have the dtype of e ({e.dtype}), got {c.dtype}")
+        raise ValueError(
+            f"c must have the dtype of e ({e.dtype}), got {c.dtype} (under torch.autocast both "
+            "are cast to its dtype)"
+        )
     if bias is not None and bias.dtype != e.dtype:
         raise ValueError(f"bias must have the dtype of e ({e.dtype}), got {bias.dtype}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -135,6 +225,11 @@ def _check_local_inputs(
     if e.shape[-1] != dim:
         raise ValueError(f"e must have hidden size D={dim} of c, got shape {tuple(e.shape)}")
     if vocab == 0:
+        if options.vocab_parallel is not None:
+            raise ValueError(
+                f"c must have at least one vocabulary row on every rank, got none on this one "
+                f"(V={options.vocab_parallel.vocab_size} split over too many ranks)"
+            )
         raise ValueError("c must have at least one vocabulary row, got V=0")
     if targets.shape != e.shape[:-1]:
         raise ValueError(
@@ -180,10 +275,12 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
         raise ValueError(f"{message}, found {targets[outside][0].item()}")
 
 
-def check_impl(impl: str, device: torch.device) -> str:
-    """The backend `impl` resolves to on `device`."""
+def check_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `impl` resolves to on `device` for inputs of `dtype` (float64: "torch")."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if impl == "triton" and dtype == torch.float64:
+        raise ValueError("impl='triton' does not take float64 inputs; use impl='torch' or 'auto'")
     if impl == "triton" and device.type != "cuda" and not triton_interpreter_on():
         raise ValueError(
             f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}"

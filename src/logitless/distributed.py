@@ -11,14 +11,30 @@ their shard. Nothing of size N x V is ever communicated.
 Per call that is, in bytes, with N rows, D hidden and fp32 statistics:
     56 (argument agreement) + 4N (max) + 8N, or 12N with label smoothing (sum) + 4ND (grad_e).
 
+A classifier that is a DTensor sharded by rows (`Shard(0)`, as FSDP2 and a colwise-parallel
+lm_head leave it) implies such a shard over that mesh dimension's group. Its ranks may hold
+different tokens (data parallel): then every rank's tokens are gathered (`TokenGather`) and the
+classifier's gradient is the average over the ranks of each one's, as FSDP reduces it.
+
 The backends know nothing of this: they see a classifier of stop - start rows and targets already
 translated to those rows (-1 where the target lives on another rank).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch without distributed support, or before DTensor was public (2.5)
+    DTensor = None
+
+if TYPE_CHECKING:
+    from logitless._validation import LossOptions
 
 
 class VocabParallel:
@@ -36,6 +52,7 @@ class VocabParallel:
         _require_initialized()
         self.group = group
         self.start, self.stop = start, stop
+        self.tokens_may_differ = False
         ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, stop))
         mine = torch.tensor([start, stop] if ints else [-1, -1], device=self._control_device())
         shards = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -56,32 +73,60 @@ class VocabParallel:
         start = rank * base + min(rank, extra)
         return cls(start, start + base + (rank < extra), group)
 
+    @classmethod
+    def of_row_sharding(cls, vocab_size: int, mesh, mesh_dim: int) -> VocabParallel:
+        """The shard of this rank in a (V, ...) DTensor placed `Shard(0)` on `mesh_dim`: rows in
+        `torch.chunk` order, as DTensor splits them; not collective. Its ranks may hold
+        different tokens: calls then gather them (see `TokenGather`)."""
+        shard = cls.__new__(cls)
+        chunk = -(-vocab_size // mesh.size(mesh_dim))
+        shard.group = mesh.get_group(mesh_dim)
+        shard.start = min(vocab_size, mesh.get_local_rank(mesh_dim) * chunk)
+        shard.stop = min(vocab_size, shard.start + chunk)
+        shard.vocab_size = vocab_size
+        shard.tokens_may_differ = True
+        return shard
+
     def __repr__(self) -> str:
         return f"VocabParallel(start={self.start}, stop={self.stop}, vocab_size={self.vocab_size})"
 
     def check_ranks_agree(
         self, e: torch.Tensor, targets: torch.Tensor, local_error: Exception | None
-    ) -> None:
+    ) -> TokenGather | None:
         """Raise on every rank if any rank's arguments failed their checks (`local_error` on
-        that rank) or if the ranks differ in row count, hidden size or targets.
+        that rank) or if the ranks differ in hidden size, or (unless `tokens_may_differ`) in row
+        count or targets. Where tokens may differ and do, the `TokenGather` for this call.
 
-        One all-reduce of 7 integers: a failure flag and the maximum of (n, d, checksum) and of
-        their complements, whose negation is the minimum, so equality is max == min.
+        One all-reduce of 7 integers (9 where tokens may differ, with a checksum of e): a
+        failure flag and the maximum of (n, d, checksums) and of their complements, whose
+        negation is the minimum, so equality is max == min.
         """
-        facts = [0, 0, 0]
+        facts = [0] * (4 if self.tokens_may_differ else 3)
         if local_error is None:
             facts = [targets.numel(), e.shape[-1], _checksum(targets)]
+            if self.tokens_may_differ:
+                facts.append(_row_checksum(e))
         summary = [local_error is not None, *facts, *(~x for x in facts)]
         summary = torch.tensor(summary, dtype=torch.int64, device=self._control_device())
         dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=self.group)
         if local_error is not None:
             raise local_error
         failed, *highest = summary.tolist()
-        highest, lowest = highest[:3], [~x for x in highest[3:]]
+        count = len(facts)
+        highest, lowest = highest[:count], [~x for x in highest[count:]]
         if failed:
             raise ValueError(
                 "vocab_parallel: another rank failed its argument checks (its error says which)"
             )
+        if self.tokens_may_differ:
+            if highest[1] != lowest[1]:
+                raise ValueError(
+                    "e must have the same hidden size on every rank of the classifier's mesh "
+                    f"dimension, got between {lowest[1]} and {highest[1]}"
+                )
+            if highest == lowest:
+                return None
+            return TokenGather(self.group, targets.numel(), highest[0])
         if highest[0] != lowest[0]:
             raise ValueError(
                 "targets must have the same number of rows on every rank of vocab_parallel, "
@@ -94,6 +139,7 @@ class VocabParallel:
             )
         if highest[2] != lowest[2]:
             raise ValueError("targets must be the same on every rank of vocab_parallel")
+        return None
 
     def localize(self, row_targets: torch.Tensor) -> torch.Tensor:
         """Global row targets as indices into this rank's rows; -1 (the backends' "no target")
@@ -133,6 +179,102 @@ class VocabParallel:
         return torch.device("cuda", torch.cuda.current_device())
 
 
+@dataclass(frozen=True)
+class TokenGather:
+    """Vocabulary shards whose ranks hold different tokens (data parallel, as under FSDP).
+
+    Every rank computes its vocabulary rows for every rank's tokens: the rows of e and the
+    targets are all-gathered (each rank's padded to `padded` rows), the statistics combined as
+    for any shard, and each rank keeps its own tokens' loss. In backward the ranks sum their
+    upstream coefficients (each token's comes from its owner), so each shard's gradient is
+    that of every rank's loss; grad_c and grad_bias are divided by the group size (the
+    average over ranks, as FSDP and DDP reduce gradients), and grad_e, summed over the shards,
+    keeps each rank's own rows.
+    """
+
+    group: dist.ProcessGroup | None
+    count: int
+    """This rank's rows."""
+    padded: int
+    """Rows per rank in the gathered tensors (the most any rank holds)."""
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(world * padded, D) every rank's rows; differentiable (backward keeps this rank's)."""
+        return _GatherRows.apply(rows, self)
+
+    def gather_targets(self, row_targets: torch.Tensor) -> torch.Tensor:
+        """Every rank's row targets, padding rows without target (-1)."""
+        return self._gather(row_targets, fill=-1)
+
+    def own(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of gathered per-row values."""
+        start = dist.get_rank(self.group) * self.padded
+        return values[start : start + self.count]
+
+    def sum_coefficients(self, *coefficients: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Per-row upstream coefficients summed over the ranks (None stays None)."""
+        present = [x for x in coefficients if x is not None]
+        summed = torch.stack(present)
+        dist.all_reduce(summed, group=self.group)
+        rows = iter(summed)
+        return [None if x is None else next(rows) for x in coefficients]
+
+    def average(self, grad: torch.Tensor) -> torch.Tensor:
+        """A classifier gradient as the mean over the ranks' losses."""
+        return grad.div_(self.world) if grad.numel() else grad
+
+    def _gather(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        padded = values.new_full((self.padded, *values.shape[1:]), fill)
+        padded[: self.count] = values
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of row blocks whose backward keeps this rank's block of an already summed
+    gradient (`VocabParallel.reduce_grad_e` has summed it over the shards)."""
+
+    @staticmethod
+    def forward(rows: torch.Tensor, gather: TokenGather) -> torch.Tensor:
+        return gather._gather(rows, fill=0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.gather = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.gather.own(grad), None
+
+
+def local_inputs(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LossOptions,
+    shard_dim: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, LossOptions]:
+    """DTensor arguments (layouts checked by `_validation.check_dtensors`, which gives
+    `shard_dim`, the mesh dimension c is sharded on) as this rank's local tensors, taken
+    differentiably so that each gradient returns as a DTensor with its input's placements; a
+    row-sharded c sets `options.vocab_parallel`."""
+    if DTensor is None or not any(isinstance(x, DTensor) for x in (e, c, targets, bias)):
+        return e, c, targets, bias, options
+    if shard_dim is not None:
+        shard = VocabParallel.of_row_sharding(c.shape[0], c.device_mesh, shard_dim)
+        options = replace(options, vocab_parallel=shard)
+    e, c, targets, bias = (
+        x.to_local() if isinstance(x, DTensor) else x for x in (e, c, targets, bias)
+    )
+    return e, c, targets, bias, options
+
+
 def _require_initialized() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -152,6 +294,16 @@ def _tiled_vocab_size(shards: list[tuple[int, int]]) -> int:
             )
         edge = stop
     return edge
+
+
+def _row_checksum(e: torch.Tensor) -> int:
+    """A checksum of e (its rows projected on a fixed vector, position-weighted), as the bits of
+    a float64: equal for equal tensors on equal devices, different for different batches."""
+    rows = e.reshape(-1, e.shape[-1]).float()
+    probe = torch.linspace(1.0, 2.0, rows.shape[1], device=rows.device)
+    weights = torch.arange(1, rows.shape[0] + 1, device=rows.device, dtype=torch.float64)
+    total = (rows @ probe).double().dot(weights)
+    return int(total.view(torch.int64))
 
 
 def _checksum(targets: torch.Tensor) -> int:

@@ -48,8 +48,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         c: torch.Tensor,
         targets: torch.Tensor,
         bias: torch.Tensor | None = None,
+        *,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return linear_cross_entropy_with_options(e, c, targets, bias, self.options)
+        return linear_cross_entropy_with_options(
+            e, c, targets, bias, self.options, num_items_in_batch
+        )
 
     def extra_repr(self) -> str:
         defaults = LossOptions()

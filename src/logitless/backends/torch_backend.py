@@ -9,6 +9,7 @@ at most `block_bytes(device)` of fp32 working memory (LOGITLESS_BLOCK_MB overrid
 a fraction of its last-level cache, on accelerators far more. 16-bit inputs are multiplied in
 fp32 (each tile's operands are upcast), so their logits keep the fp32 accumulator's precision,
 as the Triton kernels do, instead of being rounded to 16 bits as eager PyTorch rounds them.
+float64 inputs are computed in float64 throughout (for `torch.autograd.gradcheck`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def stats_and_grads(
     return lse, target_logit, logit_sum, grad_e, grad_c, grad_bias
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of logits, statistics and gradient sums for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def block_bytes(device: torch.device) -> int:
     """Bytes of fp32 working memory one tile may take on `device` (LOGITLESS_BLOCK_MB wins)."""
     if BLOCK_MB_ENV in os.environ:
@@ -127,17 +133,24 @@ def _last_level_cache_bytes() -> int | None:
 
 
 def tile_shape(
-    n: int, vocab: int, dim: int, *, budget: int, sixteen_bit: bool, softcap_grad: bool
+    n: int,
+    vocab: int,
+    dim: int,
+    *,
+    budget: int,
+    sixteen_bit: bool,
+    softcap_grad: bool,
+    size: int = 4,
 ) -> tuple[int, int]:
-    """(rows, columns) of a tile whose fp32 buffers fit `budget` bytes.
+    """(rows, columns) of a tile whose buffers (of `size` bytes an entry) fit `budget` bytes.
 
     A tile holds its logits (and, for a softcap's backward, their derivative); 16-bit inputs
     add the fp32 copies of its rows of e and columns of c and the fp32 scratch of grad_c.
     Columns are PREFERRED_COLUMNS where at least MIN_ROWS rows fit beside them, fewer otherwise.
     """
-    per_logit = 8 if softcap_grad else 4
-    per_row = 4 * dim if sixteen_bit else 0
-    per_column = 8 * dim if sixteen_bit else 0
+    per_logit = size * (2 if softcap_grad else 1)
+    per_row = size * dim if sixteen_bit else 0
+    per_column = 2 * size * dim if sixteen_bit else 0
 
     def rows_for(columns: int) -> int:
         room = budget - columns * per_column
@@ -183,21 +196,23 @@ class Tiling:
     ) -> None:
         self.e, self.c, self.softcap = e, c, softcap
         n, dim = e.shape
-        self.sixteen_bit = e.dtype != torch.float32
+        acc = accumulation_dtype(e.dtype)
+        self.sixteen_bit = e.dtype != acc
         softcap_grad = bool(softcap) and backward
         self.rows, self.cols = tile_shape(
             n, c.shape[0], dim, budget=block_bytes(e.device), sixteen_bit=self.sixteen_bit,
-            softcap_grad=softcap_grad,
+            softcap_grad=softcap_grad, size=acc.itemsize,
         )  # fmt: skip
-        fp32 = dict(device=e.device, dtype=torch.float32)
+        fp32 = dict(device=e.device, dtype=acc)
         self.fp32 = fp32
+        """Tensor options of the accumulation dtype (float32; float64 for float64 inputs)."""
         self.logits = torch.empty(self.rows * self.cols, **fp32)
         self.derivs = torch.empty(self.rows * self.cols, **fp32) if softcap_grad else None
-        self.bias32 = None if bias is None else bias.float()
+        self.bias32 = None if bias is None else bias.to(acc)
         self.e32 = None
         if self.sixteen_bit:
             whole = self.rows >= n  # one row tile: upcast e once for the whole sweep
-            self.e32 = e.float() if whole else torch.empty(self.rows, dim, **fp32)
+            self.e32 = e.to(acc) if whole else torch.empty(self.rows, dim, **fp32)
             self.e32_whole = whole
             self.c32 = torch.empty(self.cols, dim, **fp32)
 

@@ -150,3 +150,14 @@ def test_rows_without_target_never_reach_the_backend(monkeypatch, ignored, impl)
     check_against_reference(inputs, impl=impl, reduction="none", return_lse=True, shift=1)
     with_target = int((inputs[2][..., 1:] != -100).sum())
     assert rows_seen and set(rows_seen) == {with_target}
+
+
+def test_sixteen_bit_logits_keep_float32_precision():
+    """bf16 inputs: the lse comes from fp32 logits, as in the Triton kernels, not from logits
+    rounded to bf16 as eager PyTorch forms them."""
+    e, c, targets, _ = make_inputs((64,), 256, 1031, torch.bfloat16, seed=21)
+    _, lse = linear_cross_entropy(e, c, targets, reduction="none", return_lse=True, impl="torch")
+    truth = torch.logsumexp(e.double() @ c.double().T, 1)
+    rounded = torch.logsumexp((e @ c.T).double(), 1)
+    ours = (lse.double() - truth).abs().max().item()
+    assert ours < 1e-5 and ours < (rounded - truth).abs().max().item() / 20

@@ -283,7 +283,7 @@ def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Pat
             if line.startswith(worker_module.PROGRESS):
                 done = line.removeprefix(worker_module.PROGRESS).strip()
                 so_far = time.perf_counter() - began
-                _progress(f"      {method.name} ({so_far:.0f} s so far): {done}")
+                _progress(f"      {method.name}: {done} ({so_far:.0f} s so far)")
             elif line.strip():
                 last_line = line.strip()
     return [

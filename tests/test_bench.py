@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from logitless import cli
-from logitless.bench import accuracy, corpus, data, lm, runner
+from logitless.bench import accuracy, corpus, data, lm, report, runner
 from logitless.bench.measure import CPU_WORKER_ENV
 from logitless.bench.methods import METHODS
 from logitless.reference import reference_linear_cross_entropy
@@ -147,6 +147,38 @@ def test_cpu_memory_meter_sees_each_allocation(tmp_path):
     assert done.returncode == 0, done.stderr
     measured = [float(x) for x in done.stdout.split()]
     assert measured == pytest.approx([96, 16, 96], abs=3)
+
+
+def test_first_call_memory_is_measured_beside_the_warm_one(tmp_path):
+    """A call that fills a 64 MB cache once and then uses 16 MB: 80 MB first, 16 MB warm."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak resident memory over a call needs Linux /proc")
+    script = textwrap.dedent("""
+        import torch
+        from logitless.bench.measure import measure
+        cache = []
+        def call():
+            if not cache:
+                cache.append(torch.ones(64 * 2**18))
+            return torch.ones(16 * 2**18).add_(1).sum()
+        for warmup in (1, 0):
+            cache.clear()
+            m, _ = measure(call, torch.device("cpu"), warmup=warmup, repeats=2)
+            print(m.first_peak_bytes / 2**20, m.peak_bytes / 2**20)
+    """)
+    src = str(Path(runner.__file__).resolve().parents[2])
+    env = {**os.environ, **CPU_WORKER_ENV, "PYTHONPATH": src}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    measured = [float(x) for x in done.stdout.split()]
+    assert measured == pytest.approx([80, 16, 80, 80], abs=6)  # + lazy first-call set-up
+
+
+def test_working_memory_is_never_negative_or_zero():
+    result = report.MethodResult("m", "peer", "", 8, 4, 16, peak_bytes=100, gradient_bytes=120)
+    assert result.working_bytes is None and result.first_working_bytes is None
+    result.peak_bytes, result.first_peak_bytes = 150, 300
+    assert (result.working_bytes, result.first_working_bytes) == (30, 180)
 
 
 def test_cli_rejects_bad_options(capsys):

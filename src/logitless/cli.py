@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from logitless import __version__
 from logitless.bench.data import REGIMES, Shape, check_shape
 from logitless.bench.methods import METHODS
 from logitless.bench.runner import OPS, PRESETS, SWEEP_VOCABS, BenchConfig, run_all
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The `logitless` parser and its `bench` subcommand's."""
     parser = argparse.ArgumentParser(prog="logitless", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"logitless {__version__}")
     commands = parser.add_subparsers(dest="command")
     bench = commands.add_parser(
         "bench",

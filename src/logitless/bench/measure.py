@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-"""Environment of CPU workers: buffers of 128 KiB and more are mmap'ed and returned on free."""
+CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+"""Environment of CPU workers: buffers of 64 KiB and more are mmap'ed and returned on free."""
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -30,6 +30,9 @@ class Measurement:
     times_s: list[float]
     peak_bytes: int | None
     """The largest rise of memory over one timed call; None where it cannot be measured."""
+    first_peak_bytes: int | None
+    """The rise of memory over the process's first call (a warm-up call when there is one): what
+    a user meets once, lazily allocated library buffers included."""
     memory_method: str
 
     @property
@@ -40,10 +43,17 @@ class Measurement:
 def measure(
     call: Callable[[], object], device: torch.device, *, warmup: int, repeats: int
 ) -> tuple[Measurement, object]:
-    """Run `call` `warmup` times, then `repeats` measured times; return the last output too."""
-    for _ in range(warmup):
-        call()
+    """Run `call` `warmup` times, then `repeats` measured times; return the last output too.
+
+    The first call's memory is measured whether or not it is a warm-up call."""
     meter = CudaMeter(device) if device.type == "cuda" else CpuMeter()
+    first_peak = None
+    for i in range(warmup):
+        if i == 0:
+            meter.start()
+        call()
+        if i == 0:
+            first_peak = meter.stop()[1]
     times, peaks, output = [], [], None
     for _ in range(repeats):
         output = None  # what the previous call returned is consumed, as in a training loop
@@ -53,7 +63,9 @@ def measure(
         times.append(elapsed)
         peaks.append(peak)
     peak_bytes = None if None in peaks else max(peaks)
-    return Measurement(times, peak_bytes, meter.method), output
+    if not warmup:
+        first_peak = peaks[0] if peaks else None
+    return Measurement(times, peak_bytes, first_peak, meter.method), output
 
 
 class CudaMeter:

@@ -241,6 +241,7 @@ def _measure(
             continue
         result.times_s = output["times_s"]
         result.peak_bytes = output["peak_bytes"]
+        result.first_peak_bytes = output.get("first_peak_bytes")
         result.memory_method = output["memory_method"]
         result.loss = output.get("loss")
     _progress(f"{prefix}: done in {time.perf_counter() - began:.0f} s")
@@ -270,6 +271,7 @@ def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Pat
     if config.device.type == "cpu":
         env.update(CPU_WORKER_ENV)
     last_line = "no output"
+    began = time.perf_counter()
     with subprocess.Popen(
         [sys.executable, "-m", "logitless.bench.worker", str(spec_file)],
         env=env,
@@ -279,9 +281,9 @@ def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Pat
     ) as worker:
         for line in worker.stderr:
             if line.startswith(worker_module.PROGRESS):
-                _progress(
-                    f"      {method.name}: {line.removeprefix(worker_module.PROGRESS).strip()}"
-                )
+                done = line.removeprefix(worker_module.PROGRESS).strip()
+                so_far = time.perf_counter() - began
+                _progress(f"      {method.name}: {done} ({so_far:.0f} s so far)")
             elif line.strip():
                 last_line = line.strip()
     return [
@@ -335,7 +337,8 @@ def _header(config: BenchConfig, environment: dict, data: dict) -> list[str]:
     lines.append(
         "time: median of "
         f"{config.repeats} after {config.warmup} warm-up; memory: {_memory_method(config)}; "
-        "work = peak - gradients; err = relative error vs float64 (dE, dC on a probe)"
+        "work = peak - gradients (1st: the process's first call; - where below the meter's "
+        "reach); err = relative error vs float64 (dE, dC on a probe)"
     )
     return [*lines, ""]
 

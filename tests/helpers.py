@@ -7,8 +7,10 @@ reference than eager PyTorch at the input dtype, plus a small stated tolerance.
 from __future__ import annotations
 
 import functools
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 import logitless.reference
 from logitless import linear_cross_entropy
@@ -124,3 +126,13 @@ def check_results(
         )
         errors[name] = (ours_err, eager_err)
     return errors
+
+
+def join_gloo_group(rank: int, world: int, out_dir: str, timeout_s: float = 60) -> None:
+    """Join a `world`-rank gloo group that meets in `out_dir`, one thread per rank (the ranks
+    share the cores; spinning thread pools would fight); a hung collective fails in `timeout_s`."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )  # fmt: skip

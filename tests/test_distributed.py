@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from unittest import mock
 
 import pytest
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from torch.multiprocessing import start_processes
 
 import logitless.reference
-from helpers import check_results, make_inputs, outputs_and_grads, rel_error
+from helpers import check_results, join_gloo_group, make_inputs, outputs_and_grads, rel_error
 from logitless import (
     LinearCrossEntropyLoss,
     VocabParallel,
@@ -240,11 +239,7 @@ def test_verl_call_shape_with_a_process_group(ranks):
 def _worker(rank: int, world: int, out_dir: str) -> None:
     """One rank: every case on its shard, the error calls, the bytes sent; saved to out_dir."""
     os.environ[BLOCK_MB_ENV] = "0.01"  # as conftest's small_blocks: cross block boundaries
-    torch.set_num_threads(1)  # ranks share the cores; spinning thread pools would fight
-    dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
-        timeout=timedelta(seconds=TIMEOUT_S),
-    )  # fmt: skip
+    join_gloo_group(rank, world, out_dir, TIMEOUT_S)
     try:
         vp = VocabParallel(*SHARDS[world][rank])
         # Errors first: the cases after them show that a failed call leaves the group usable.

@@ -14,7 +14,6 @@ import functools
 import os
 import re
 import time
-from datetime import timedelta
 from unittest import mock
 
 import pytest
@@ -24,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.multiprocessing import start_processes
 
-from helpers import check_results, make_inputs, outputs_and_grads, rel_error
+from helpers import check_results, join_gloo_group, make_inputs, outputs_and_grads, rel_error
 from logitless import VocabParallel, linear_cross_entropy
 from logitless.backends.torch_backend import BLOCK_MB_ENV
 
@@ -120,11 +119,7 @@ def _bytes(inputs, mesh, **options) -> tuple[int, int]:
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
     os.environ[BLOCK_MB_ENV] = "0.01"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
-        timeout=timedelta(seconds=TIMEOUT_S),
-    )  # fmt: skip
+    join_gloo_group(rank, world, out_dir, TIMEOUT_S)
     try:
         mesh = init_device_mesh("cpu", (world,))
         results = {"errors": _errors(rank, mesh)}
@@ -249,11 +244,7 @@ def _model_worker(rank: int, world: int, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
-        timeout=timedelta(seconds=TIMEOUT_S),
-    )  # fmt: skip
+    join_gloo_group(rank, world, out_dir, TIMEOUT_S)
     try:
         mesh = init_device_mesh("cpu", (world,))
         results = {}

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 import logitless.transformers  # noqa: E402
 from logitless.reference import reference_linear_cross_entropy  # noqa: E402
 from logitless.transformers import patch, unpatch  # noqa: E402
-from tests.helpers import rel_error  # noqa: E402
+from tests.helpers import join_gloo_group, rel_error  # noqa: E402
 
 LOSS_TOLERANCE, GRAD_TOLERANCE = 1e-5, 1e-4
 VOCAB, BATCH, LENGTH = 101, 2, 13
@@ -540,10 +540,7 @@ def _fsdp_worker(rank: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)  # ranks share the cores
-    dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=FSDP_WORLD
-    )
+    join_gloo_group(rank, FSDP_WORLD, out_dir)
     try:
         mesh = init_device_mesh("cpu", (FSDP_WORLD,))
         results = {}

@@ -192,6 +192,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         e, c, needs = inputs[0], inputs[1], inputs[-1]
         _, *grads = output
         ctx.needs, ctx.dtypes = needs, (e.dtype, c.dtype)
+        ctx.set_materialize_grads(False)  # else backward gets a zero tensor per gradient output
         ctx.mark_non_differentiable(*grads)
         ctx.save_for_backward(*grads)
 

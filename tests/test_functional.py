@@ -132,6 +132,23 @@ def test_fused_and_recomputing_paths_agree(reduction):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_logits_keep_the_float32_accumulator(dtype):
+    """Each logit of 16-bit operands is their float32 dot product, not rounded to 16 bits as
+    eager's matmul output is: lse and loss (fused and recomputing paths) are within float32
+    rounding of the float64 result of the same 16-bit operands, as the Triton kernels are."""
+    e, c, targets, _ = make_inputs((37,), 64, 301, dtype, scale=8.0, seed=5)
+    exact_logits = e.double() @ c.double().T
+    exact_lse = torch.logsumexp(exact_logits, 1)
+    exact_loss = torch.nn.functional.cross_entropy(exact_logits, targets)
+    _, lse = linear_cross_entropy(e, c, targets, reduction="none", return_lse=True, impl="torch")
+    loss = linear_cross_entropy(e, c, targets, impl="torch")
+    assert rel_error(lse, exact_lse) <= 1e-6
+    assert rel_error(loss, exact_loss) <= 1e-5
+    eager_lse = torch.logsumexp((e @ c.T).double(), 1)
+    assert rel_error(eager_lse, exact_lse) > 1e-5  # what tells the two apart at this shape
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("ignored", [0.0, 0.5, 1.0])
 def test_rows_without_target_never_reach_the_backend(monkeypatch, ignored, impl):

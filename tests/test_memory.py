@@ -13,8 +13,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import logitless
+from logitless.backends import torch_backend
 from logitless.bench.measure import CPU_WORKER_ENV
 
 SCRIPT = textwrap.dedent("""
@@ -58,3 +60,29 @@ def test_loss_and_backward_hold_about_one_block_beyond_the_gradients(dtype):
     first, *warm = (float(x) for x in done.stdout.split())
     assert max(warm) < 3.0, f"{max(warm):.1f} MiB beyond the gradients in a warm call"
     assert first < 15.0, f"{first:.1f} MiB beyond the gradients in the first call"
+
+
+def test_block_budget_follows_the_device(monkeypatch):
+    """LOGITLESS_BLOCK_MB where set; else half a CPU's last-level cache, or 1/16 of an
+    accelerator's free memory, each within its bounds."""
+    mib = 2**20
+    monkeypatch.setenv(torch_backend.BLOCK_MB_ENV, "3")
+    assert torch_backend.block_bytes(torch.device("cpu")) == 3 * mib
+    monkeypatch.delenv(torch_backend.BLOCK_MB_ENV)
+    for cache_mb, expected_mb in ((32, 16), (2, 4), (1024, 64)):
+        monkeypatch.setattr(torch_backend, "_last_level_cache_mb", lambda mb=cache_mb: mb)
+        assert torch_backend.block_bytes(torch.device("cpu")) == expected_mb * mib
+    for free_mb, expected_mb in ((8192, 512), (100, 64), (2**20, 2048)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _, mb=free_mb: (mb * mib, 0))
+        assert torch_backend.block_bytes(torch.device("cuda")) == expected_mb * mib
+    assert torch_backend.block_bytes(torch.device("meta")) == 64 * mib  # no free memory told
+    cuda_rows = torch_backend.rows_per_block(10**6, 2**16, 4, torch.device("cuda"))
+    assert cuda_rows == 2048 * mib // 2**18
+    assert torch_backend.rows_per_block(1000, 2**20, 4, torch.device("cpu")) == 128
+    assert torch_backend.rows_per_block(100, 2**20, 4, torch.device("cpu")) == 100
+    monkeypatch.setenv(torch_backend.BLOCK_MB_ENV, "4")  # exactly the budget set
+    assert torch_backend.rows_per_block(1000, 2**20, 4, torch.device("cpu")) == 1
+
+
+def test_the_last_level_cache_is_read_as_a_size():
+    assert 0.25 <= torch_backend._last_level_cache_mb() <= 2**12

@@ -3,10 +3,11 @@
 Rows are processed in blocks whose fp32 logits fit a memory budget chosen per device
 (`block_bytes`; LOGITLESS_BLOCK_MB overrides it), never in proportion to N x V. Each block's
 logits are turned into the softmax and then into the gradient of the logits in place, so one
-buffer serves the whole pipeline. Block buffers are laid out vocabulary-major (a transposed
-view), the layout in which the three matmuls of a block run fastest on BLAS: the logits as
-`c @ e_rows.T`, and `P.T` contiguous for grad_c. float64 inputs are computed in float64
-throughout (for `torch.autograd.gradcheck`); every other dtype accumulates in float32.
+buffer serves the whole pipeline. Blocks of the statistics of a cross-entropy are laid out
+vocabulary-major (a transposed view), the layout in which the three matmuls of a block run
+fastest on BLAS: the logits as `c @ e_rows.T`, and `P.T` contiguous for grad_c. float64
+inputs are computed in float64 throughout (for `torch.autograd.gradcheck`); every other dtype
+accumulates in float32.
 """
 
 from __future__ import annotations
@@ -193,9 +194,17 @@ def _sweep(
     need_q = need_ratio or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
     need_p = "mean" in names or "teacher_under_student" in names or need_ratio
     sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
-    bytes_per_logit = acc.itemsize * (1 + sum(sizes)) + (e.element_size() if half else 0)
+    bytes_per_logit = acc.itemsize * (1 + sum(sizes))
     block = rows_per_block(n, vocab, bytes_per_logit, e.device)
-    buffer = lambda needed: torch.empty(vocab, block, **fp32).T if needed else None  # noqa: E731
+    vocab_major = not (need_z or need_y or need_q)  # `_row_dot`'s bmm wants rows contiguous
+
+    def buffer(needed: bool) -> torch.Tensor | None:
+        if not needed:
+            return None
+        shape = (vocab, block) if vocab_major else (block, vocab)
+        out = torch.empty(shape, **fp32)
+        return out.T if vocab_major else out
+
     logits_buffer, z_buffer, y_buffer, q_buffer, gap_buffer, ratio_buffer, deriv_buffer = map(
         buffer, (True, *sizes)
     )

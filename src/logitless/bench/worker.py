@@ -18,27 +18,32 @@ import torch
 
 from logitless.bench.measure import measure
 from logitless.bench.methods import METHODS, LossFn
+from logitless.bench.ops import OPS
 
 PROGRESS = "progress: "
 
 
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    method = METHODS[spec["method"]]
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     _start_libraries(torch.device(spec["device"]))
-    try:
-        loss_fn = method.build()
-    except Exception as error:  # reported in place of every figure of the method
-        for case in spec["cases"]:
-            torch.save({"error": _describe(error)}, case["result"])
-        return 0
+    built: dict[str, LossFn | Exception] = {}  # per task: the method's call, or why it has none
     for case in spec["cases"]:
-        try:
-            result = _run_case(loss_fn, method.time_only, case, spec)
-        except Exception as error:
-            result = {"error": _describe(error)}
+        task = OPS[case["op"]].task
+        if task not in built:
+            try:
+                built[task] = METHODS[task][spec["method"]].build()
+            except Exception as error:  # reported in place of every figure of the task
+                built[task] = error
+        loss_fn = built[task]
+        if isinstance(loss_fn, Exception):
+            result = {"error": _describe(loss_fn)}
+        else:
+            try:
+                result = _run_case(loss_fn, case, spec)
+            except Exception as error:
+                result = {"error": _describe(error)}
         torch.save(result, case["result"])
         _report(case["label"], result)
     return 0
@@ -62,17 +67,19 @@ def _report(label: str, result: dict) -> None:
     print(f"{PROGRESS}{label}: {summary}", file=sys.stderr, flush=True)
 
 
-def _run_case(loss_fn: LossFn, time_only: bool, case: dict, spec: dict) -> dict:
+def _run_case(loss_fn: LossFn, case: dict, spec: dict) -> dict:
     device = torch.device(spec["device"])
+    method = METHODS[OPS[case["op"]].task][spec["method"]]
     data = torch.load(case["inputs"])
-    e, c, targets = (data[k].to(device) for k in ("e", "c", "targets"))
-    with_grad = case["op"] == "loss+backward" and not time_only
+    inputs = {k: t.to(device) for k, t in data.items() if not k.startswith("probe_")}
+    e, c = inputs["e"], inputs["c"]
+    with_grad = OPS[case["op"]].backward and not method.time_only
     e.requires_grad_(with_grad)
     c.requires_grad_(with_grad)
 
     def call():
         with torch.set_grad_enabled(with_grad):
-            loss = loss_fn(e, c, targets)
+            loss = loss_fn(inputs)
             return loss, torch.autograd.grad(loss, (e, c)) if with_grad else None
 
     measurement, (loss, grads) = measure(
@@ -80,11 +87,11 @@ def _run_case(loss_fn: LossFn, time_only: bool, case: dict, spec: dict) -> dict:
     )
     result = {
         "times_s": measurement.times_s,
-        "peak_bytes": None if time_only else measurement.peak_bytes,
-        "first_peak_bytes": None if time_only else measurement.first_peak_bytes,
+        "peak_bytes": None if method.time_only else measurement.peak_bytes,
+        "first_peak_bytes": None if method.time_only else measurement.first_peak_bytes,
         "memory_method": measurement.memory_method,
     }
-    if not time_only:
+    if not method.time_only:
         result["loss"] = loss.float().item()
     if grads is not None:
         result["grad_e"] = grads[0][data["probe_tokens"].to(device)].cpu()

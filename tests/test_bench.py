@@ -234,7 +234,8 @@ def test_logprobs_and_distill_ops_end_to_end(tmp_path, capsys):
             str(shape.v), "--op", "logprobs", "distill", "--teacher-d", "40", "--methods",
             "eager", "logitless", "--repeats", "1", "--warmup", "0", "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
-    tables = capsys.readouterr().out
+    captured = capsys.readouterr()
+    tables = captured.out
     inputs = data.make_inputs("random", shape, torch.float32)
     for op in ("logprobs", "distill"):
         results = json.loads((out / f"cpu-default-random-{op}" / "results.json").read_text())
@@ -254,3 +255,5 @@ def test_logprobs_and_distill_ops_end_to_end(tmp_path, capsys):
             assert row["gradient_bytes"] == (shape.n + shape.v) * shape.d * 4
             assert row["time_vs_eager"] == pytest.approx(row["time_s"] / rows["eager"]["time_s"])
         assert ops.OPS[op].summary in tables
+        for method in rows:  # a line when the first call is done, with the time so far
+            assert f"{method}: N=45 D=24 V=203 random {op}: first call done (" in captured.err

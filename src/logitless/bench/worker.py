@@ -3,8 +3,9 @@
 The spec names the method, device, warm-up count and CPU threads, and the cases: each an
 inputs file written by the runner, its op and label, its number of timed calls, and the file to
 write the result to (figures, the loss and the probed gradient rows, or the error the method
-raised). A line on stderr after each case, starting with PROGRESS, says where the worker is, so
-that a run cut off midway still shows how far it got.
+raised). A line on stderr after the first call of each case (which compiles, where a method
+compiles) and after each case, starting with PROGRESS, says where the worker is, so that a long
+case shows it is moving and a run cut off midway still shows how far it got.
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ def _report(label: str, result: dict) -> None:
         summary = f"{statistics.median(result['times_s']) * 1e3:.1f} ms"
         if result["peak_bytes"] is not None:
             summary += f", peak {result['peak_bytes'] / 2**20:.0f} MB"
-    print(f"{PROGRESS}{label}: {summary}", file=sys.stderr, flush=True)
+    _progress(f"{label}: {summary}")
+
+
+def _progress(message: str) -> None:
+    print(f"{PROGRESS}{message}", file=sys.stderr, flush=True)
 
 
 def _run_case(loss_fn: LossFn, case: dict, spec: dict) -> dict:
@@ -77,10 +82,16 @@ def _run_case(loss_fn: LossFn, case: dict, spec: dict) -> dict:
     e.requires_grad_(with_grad)
     c.requires_grad_(with_grad)
 
+    calls = []
+
     def call():
         with torch.set_grad_enabled(with_grad):
             loss = loss_fn(inputs)
-            return loss, torch.autograd.grad(loss, (e, c)) if with_grad else None
+            output = loss, torch.autograd.grad(loss, (e, c)) if with_grad else None
+        if not calls:
+            _progress(f"{case['label']}: first call done")
+        calls.append(None)
+        return output
 
     measurement, (loss, grads) = measure(
         call, device, warmup=spec["warmup"], repeats=case["repeats"]

@@ -186,6 +186,11 @@ def test_working_memory_is_never_negative_or_zero():
     assert (result.working_bytes, result.first_working_bytes) == (30, 180)
 
 
+def test_small_ratios_keep_their_digits():
+    ratios = [report._x(r) for r in (None, 1.0, 0.587, 0.0039886)]
+    assert ratios == ["-", "1.00x", "0.59x", "0.004x"]
+
+
 def test_cli_rejects_bad_options(capsys):
     for argv in (["bench", "--n", "0"], ["bench", "--methods", "nope"], ["bench", "--op", "x"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -21,12 +21,13 @@ import torch
 
 from logitless.backends import Logits, Teacher, torch_backend
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
-from logitless.kernels.lse_forward import lse_forward
+from logitless.kernels.lse_forward import MAX_TOP_K, lse_forward
 
 KERNEL_STATISTICS = ("lse", "target", "sum", "mean")
 KERNEL_TERMS = ("p", "pz", "target", "sum")
-"""What the kernels compute; the rest of the contract (a teacher's statistics and terms, a
-running top-k) comes from the portable backend on the same device."""
+"""What the kernels compute (and a running top-k up to MAX_TOP_K); the rest of the contract (a
+teacher's statistics and terms, a larger top-k) comes from the portable backend on the same
+device."""
 
 LOGIT_GRAD_BUFFER_BYTES = 32 * 2**20
 """Most bytes of the buffer holding one vocabulary chunk of the logits' gradient (N x chunk, in
@@ -48,19 +49,21 @@ def stats(
     lse: torch.Tensor | None = None,
     top_k: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The student's statistics (`lse`, `target`, `sum`, `mean`) from the forward kernel; a
-    teacher's, the JSD's and a running top-k from the portable backend (on the same device),
-    which has them."""
-    if teacher is not None or lse is not None or top_k or set(names) - set(KERNEL_STATISTICS):
+    """The student's statistics (`lse`, `target`, `sum`, `mean`) and a running top-k from the
+    forward kernel; a teacher's, the JSD's and a top-k above MAX_TOP_K from the portable backend
+    (on the same device), which has them."""
+    kernel_names = set(names) <= set(KERNEL_STATISTICS)
+    if teacher is not None or lse is not None or top_k > MAX_TOP_K or not kernel_names:
         return torch_backend.stats(
             e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse,
             top_k=top_k,
         )  # fmt: skip
     found = lse_forward(
         e, c, bias, targets.contiguous(), softcap=logits.softcap, with_sum="sum" in names,
-        scale=logits.scale, weight=logits.column_weight, with_mean="mean" in names,
+        scale=logits.scale, weight=logits.column_weight, with_mean="mean" in names, top_k=top_k,
     )  # fmt: skip
-    return torch.stack([found[name] for name in names])
+    out = torch.stack([found[name] for name in names])
+    return (out, found["top"]) if top_k else out
 
 
 def grads(

@@ -45,15 +45,22 @@ def launch(kernel, tuned, grid, *args, **kwargs) -> None:
 LARGE_TILE = 128 * 128
 """Tiles of more entries than this are tried only for plain logits (see `config_fits`)."""
 
-SPILLING_OPTIONS = ("HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGHT")
+SPILLING_OPTIONS = ("HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGHT", "TOP_K")
 """Options whose extra tile math spills a large tile's registers on Hopper."""
+
+
+TOP_K_TILE = 64 * 128
+"""The largest tile whose running top-k (MAX_TOP_K slots per row) stays in registers."""
 
 
 def config_fits(config: triton.Config, options: dict[str, object]) -> bool:
     """Whether `config` compiles without spilling for the constexpr `options` of a launch:
-    tiles larger than LARGE_TILE only without the tile math of SPILLING_OPTIONS (sm90_compile)."""
-    large = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"] > LARGE_TILE
-    return not (large and any(options.get(name) for name in SPILLING_OPTIONS))
+    tiles larger than LARGE_TILE only without the tile math of SPILLING_OPTIONS, and with a
+    running top-k none larger than TOP_K_TILE (sm90_compile)."""
+    entries = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"]
+    if options.get("TOP_K"):
+        return entries <= TOP_K_TILE
+    return not (entries > LARGE_TILE and any(options.get(name) for name in SPILLING_OPTIONS))
 
 
 def autotune_by_dtype(

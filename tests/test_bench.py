@@ -20,10 +20,8 @@ import pytest
 import torch
 
 from logitless import cli
-from logitless.bench import accuracy, corpus, data, lm, report, runner
+from logitless.bench import accuracy, corpus, data, lm, ops, report, runner
 from logitless.bench.measure import CPU_WORKER_ENV
-from logitless.bench.methods import METHODS
-from logitless.reference import reference_linear_cross_entropy
 
 TINY_LM = lm.LMConfig(vocab_size=256, width=16, layers=1, heads=2, context=32, batch=4, steps=20)
 
@@ -95,20 +93,27 @@ def test_a_failing_method_reports_its_error(tmp_path):
         sweep_vocabs=(),
     )  # fmt: skip
     case = runner.Case(shape, tmp_path / "missing.pt", repeats=1)
-    [(result, _)] = runner._measure(METHODS["eager"], config, [case], tmp_path, "test")
+    [(result, _)] = runner._measure("eager", config, [case], tmp_path, "test")
     assert result.reason.startswith("failed: FileNotFoundError"), result.reason
     assert not result.ok and result.time_s is None
 
 
-def test_float64_probe_is_the_reference_gradient():
-    inputs = data.make_inputs("random", data.Shape(37, 11, 53), torch.float32)
+@pytest.mark.parametrize("task", ["cross-entropy", "logprobs", "distill"])
+def test_float64_probe_is_the_reference_gradient(task, monkeypatch):
+    """Block by block (three blocks here) and on the probe, the float64 reference equals
+    autograd of the op's objective over all tokens at once."""
+    shape = data.Shape(37, 11, 53)
+    inputs = data.make_inputs("random", shape, torch.float32)
+    extra, _ = ops.extra_inputs(task, shape.n, shape.v, torch.float32, teacher_d=13)
+    tensors = {"e": inputs.e, "c": inputs.c, "targets": inputs.targets, **extra}
     probe = accuracy.Probe(torch.tensor([0, 5, 36]), torch.tensor([1, 7, 52]))
-    e = inputs.e.double().requires_grad_()
-    c = inputs.c.double().requires_grad_()
-    loss = reference_linear_cross_entropy(e, c, inputs.targets)
+    x = {k: t.double() if t.is_floating_point() else t for k, t in tensors.items()}
+    e, c = x["e"].requires_grad_(), x["c"].requires_grad_()
+    loss = ops.objective(task, x, torch.float64)
     grad_e, grad_c = torch.autograd.grad(loss, (e, c))
 
-    ref = accuracy.float64_reference(inputs, probe)
+    monkeypatch.setattr(accuracy, "BLOCK_BYTES", 8 * shape.v * 15)  # 15 rows a block
+    ref = accuracy.float64_reference(task, tensors, probe)
     assert ref.loss == pytest.approx(loss.item(), rel=1e-12)
     torch.testing.assert_close(ref.grad_e, grad_e[probe.tokens], rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(ref.grad_c, grad_c[probe.vocab], rtol=1e-10, atol=1e-14)
@@ -181,12 +186,23 @@ def test_working_memory_is_never_negative_or_zero():
     assert (result.working_bytes, result.first_working_bytes) == (30, 180)
 
 
+def test_small_ratios_keep_their_digits():
+    ratios = [report._x(r) for r in (None, 1.0, 0.587, 0.0039886)]
+    assert ratios == ["-", "1.00x", "0.59x", "0.004x"]
+
+
 def test_cli_rejects_bad_options(capsys):
     for argv in (["bench", "--n", "0"], ["bench", "--methods", "nope"], ["bench", "--op", "x"]):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         assert exit_info.value.code == 2
     assert "invalid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--op", "distill", "--methods", "torch-lce"])
+    assert "none of --methods is one of its methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--op", "distill", "--data", "trained"])
+    assert "random data regime only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "--data", "trained", "--d", "8"])
     model = lm.DEFAULT_CONFIG
@@ -211,3 +227,38 @@ def test_one_run_measures_several_tables(tmp_path, capsys):
         assert (rows["eager"]["errors"]["grad_e"] is not None) == (op == "loss+backward")
         assert f"eager: N=40 D=16 V=100 random {op}: " in progress
     assert progress.count("case(s) in one worker") == 2
+
+
+def test_logprobs_and_distill_ops_end_to_end(tmp_path, capsys):
+    """Both ops in one run through the runner and a worker per method: each table's scalar is
+    the float64 objective of the op on the very inputs (rebuilt here), within float32 rounding,
+    and its ratios are the ratios of its own figures."""
+    out = tmp_path / "out"
+    shape = data.Shape(45, 24, 203)
+    argv = ["bench", "--device", "cpu", "--n", str(shape.n), "--d", str(shape.d), "--v",
+            str(shape.v), "--op", "logprobs", "distill", "--teacher-d", "40", "--methods",
+            "eager", "logitless", "--repeats", "1", "--warmup", "0", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    tables = captured.out
+    inputs = data.make_inputs("random", shape, torch.float32)
+    for op in ("logprobs", "distill"):
+        results = json.loads((out / f"cpu-default-random-{op}" / "results.json").read_text())
+        assert results["environment"]["op"] == op
+        assert results["environment"]["teacher_d"] == (40 if op == "distill" else None)
+        extra, _ = ops.extra_inputs(ops.OPS[op].task, shape.n, shape.v, torch.float32, 40)
+        x = {"e": inputs.e, "c": inputs.c, "targets": inputs.targets, **extra}
+        x = {k: t.double() if t.is_floating_point() else t for k, t in x.items()}
+        expected = ops.objective(ops.OPS[op].task, x, torch.float64).item()
+        rows = {r["method"]: r for r in results["results"]}
+        assert list(rows) == ["eager", "logitless"]  # the order of --methods
+        for row in rows.values():
+            assert row["reason"] == "", row["reason"]
+            assert row["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+            assert row["errors"]["grad_e"] < 1e-4 and row["errors"]["grad_c"] < 1e-4
+            assert row["time_s"] > 0 and row["peak_bytes"] is not None
+            assert row["gradient_bytes"] == (shape.n + shape.v) * shape.d * 4
+            assert row["time_vs_eager"] == pytest.approx(row["time_s"] / rows["eager"]["time_s"])
+        assert ops.OPS[op].summary in tables
+        for method in rows:  # a line when the first call is done, with the time so far
+            assert f"{method}: N=45 D=24 V=203 random {op}: first call done (" in captured.err

@@ -11,8 +11,9 @@ import torch
 
 from logitless import __version__
 from logitless.bench.data import REGIMES, Shape, check_shape
-from logitless.bench.methods import METHODS
-from logitless.bench.runner import OPS, PRESETS, SWEEP_VOCABS, BenchConfig, run_all
+from logitless.bench.methods import METHOD_NAMES, METHODS
+from logitless.bench.ops import OPS
+from logitless.bench.runner import PRESETS, SWEEP_VOCABS, BenchConfig, run_all
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,13 +58,19 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="data regime (default: random)",
     )  # fmt: skip
     bench.add_argument(
-        "--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-        help="methods to measure (default: all): " + ", ".join(METHODS),
+        "--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES),
+        metavar="METHOD",
+        help="methods to measure (default: all of each op's): "
+        + "; ".join(f"{task}: {', '.join(methods)}" for task, methods in METHODS.items()),
     )  # fmt: skip
     bench.add_argument(
         "--op", choices=OPS, nargs="+", default=["loss+backward"],
-        help="each call (default: loss+backward)",
+        help="each call (default: loss+backward): "
+        + "; ".join(f"{op.name}: {op.summary}" for op in OPS.values()),
     )  # fmt: skip
+    bench.add_argument(
+        "--teacher-d", type=_positive, help="the distill op's teacher hidden size (default: 2 D)"
+    )
     bench.add_argument(
         "--repeats", type=_positive, help="measured calls per method (default: 3 CPU, 20 CUDA)"
     )
@@ -71,8 +78,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--warmup", type=_non_negative, help="unmeasured calls first (default: 1 CPU, 3 CUDA)"
     )
     bench.add_argument(
-        "--sweep-v", type=_positive, nargs="*", default=list(SWEEP_VOCABS), metavar="V",
-        help="vocabulary sizes of the plot sweep (default: 32k 64k 128k 256k); none skips it",
+        "--sweep-v", type=_positive, nargs="*", metavar="V",
+        help="vocabulary sizes of the plot sweep (default: 32k 64k 128k 256k on CUDA, none on "
+        "the CPU, where each point costs every torch.compile'd method a recompilation); "
+        "none skips it",
     )  # fmt: skip
     bench.add_argument(
         "--threads", type=_positive, help="CPU threads of every process (default: PyTorch's)"
@@ -109,18 +118,25 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
             dtype=DTYPES[args.dtype or ("bfloat16" if cuda else "float32")],
             shape=shape,
             regime=regime,
-            methods=tuple(dict.fromkeys(args.methods)),
+            methods=tuple(m for m in dict.fromkeys(args.methods) if m in METHODS[OPS[op].task]),
             op=op,
             repeats=args.repeats or (20 if cuda else 3),
             warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
             out=args.out
             if len(tables) == 1
             else args.out / f"{preset}-{regime}-{op.replace('+', '-')}",
-            sweep_vocabs=tuple(args.sweep_v),
+            sweep_vocabs=tuple(
+                SWEEP_VOCABS if args.sweep_v is None and cuda else args.sweep_v or ()
+            ),
             threads=args.threads,
             preset=None if shape != base else preset,
             command=command,
+            teacher_d=args.teacher_d,
         )
+        if not config.methods:
+            parser.error(f"--op {op}: none of --methods is one of its methods")
+        if config.task == "distill" and regime != "random":
+            parser.error("--op distill: its teacher exists in the random data regime only")
         for checked in (config.shape, *config.sweep_shapes()):
             try:
                 check_shape(config.regime, checked)

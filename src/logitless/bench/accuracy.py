@@ -1,9 +1,9 @@
 """The float64 answer every method is checked against, and the softmax statistics of a regime.
 
-The loss is the float64 reference (`logitless.reference`) over all tokens, computed block by block
-so it never holds N x V float64 logits. Gradients are checked on a probe: the dE rows of a spread
-of tokens and the dC rows of a spread of vocabulary entries, which need only those rows' logits
-and the per-token log-sum-exp.
+The op's scalar is its objective (`ops.per_token`, on `logitless.reference`) in float64 over all
+tokens, computed block by block of tokens so it never holds N x V float64 logits. Gradients are
+checked on a probe: the dE rows of a spread of tokens (their own block) and the dC rows of a
+spread of vocabulary entries, summed over the blocks.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from logitless.bench import ops
 from logitless.bench.data import Inputs
-from logitless.reference import reference_linear_cross_entropy, relative_error
+from logitless.reference import relative_error
 
 SOFTMAX_THRESHOLD = 2.0**-12
 """The paper's negligibility threshold for bf16: the share of entries above it shows how peaked
@@ -65,26 +66,23 @@ class Reference:
         }
 
 
-@torch.no_grad()
-def float64_reference(inputs: Inputs, probe: Probe) -> Reference:
-    """The mean loss, the probed gradients and the statistics of `inputs` in float64."""
-    e, c, targets = inputs.e.double(), inputs.c.double(), inputs.targets
-    n, v = len(targets), len(c)
+def float64_reference(task: str, tensors: dict[str, torch.Tensor], probe: Probe) -> Reference:
+    """The mean of `task`'s per-token terms and its probed gradients, in float64."""
+    x = {k: t.double() if t.is_floating_point() else t for k, t in tensors.items()}
+    tokens = ops.TOKEN_KEYS[task]
+    n, v = len(x["targets"]), len(x["c"])
+    c = x["c"].requires_grad_()
     rows = max(1, BLOCK_BYTES // (8 * v))
-    loss_sum = 0.0
-    lse = torch.empty(n, dtype=torch.float64, device=e.device)
+    total, grad_c = 0.0, 0.0
     for start in range(0, n, rows):
-        block = slice(start, start + rows)
-        losses, lse[block] = reference_linear_cross_entropy(
-            e[block], c, targets[block], reduction="none", return_lse=True
-        )
-        loss_sum += losses.sum().item()
-
-    d_rows = torch.softmax(e[probe.tokens] @ c.T, dim=-1)  # softmax - onehot, on probed rows
-    d_rows.scatter_add_(1, targets[probe.tokens, None], -torch.ones_like(d_rows[:, :1]))
-    d_cols = (e @ c[probe.vocab].T - lse[:, None]).exp_()  # the same, on probed columns
-    d_cols -= (targets[:, None] == probe.vocab[None, :]).double()
-    return Reference(loss_sum / n, (d_rows @ c / n).cpu(), (d_cols.T @ e / n).cpu())
+        block = {**x, **{k: x[k][start : start + rows] for k in tokens}}
+        terms = ops.per_token(task, block, torch.float64).sum()
+        total += terms.item()
+        grad_c = grad_c + torch.autograd.grad(terms, c)[0][probe.vocab]
+    probed = {**x, **{k: x[k][probe.tokens] for k in tokens}}
+    e = probed["e"].requires_grad_()
+    (grad_e,) = torch.autograd.grad(ops.per_token(task, probed, torch.float64).sum(), e)
+    return Reference(total / n, (grad_e / n).cpu(), (grad_c / n).cpu())
 
 
 @torch.no_grad()

@@ -1,9 +1,11 @@
-"""Every method the benchmark compares, as an adapter with one call: (e, c, targets) -> mean loss.
+"""Every method the benchmark compares, per op task, as an adapter with one call: the inputs
+(a dict of tensors: e, c, targets and the task's others, see `ops`) -> the op's scalar.
 
-A method says why it cannot run on a device (`Method.unavailable`) instead of disappearing; if it
-fails while running, the runner reports the error in its place. `build` runs inside the worker
-process that measures the method, so imports and compilation stay out of the other methods'
-memory.
+Each task (`ops.Op.task`) has its own registry in `METHODS`; a name such as "eager" means the
+same kind of method in each. A method says why it cannot run on a device (`Method.unavailable`)
+instead of disappearing; if it fails while running, the runner reports the error in its place.
+`build` runs inside the worker process that measures the method, so imports and compilation stay
+out of the other methods' memory.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from logitless.bench import ops
+
+Tensors = dict[str, torch.Tensor]
+LossFn = Callable[[Tensors], torch.Tensor]
+
+TRL_SEQUENCE = 256
+"""Tokens per sequence in TRL's per-sequence loop (GRPO's default completion length)."""
 
 
 def _runs_anywhere(device: torch.device, dtype: torch.dtype) -> None:
@@ -41,31 +49,31 @@ def _logitless(impl: str, filter_eps: float | str | None) -> Callable[[], LossFn
     def build() -> LossFn:
         from logitless import linear_cross_entropy
 
-        return lambda e, c, t: linear_cross_entropy(e, c, t, filter_eps=filter_eps, impl=impl)
+        return lambda x: linear_cross_entropy(
+            x["e"], x["c"], x["targets"], filter_eps=filter_eps, impl=impl
+        )
 
     return build
 
 
-def _eager() -> LossFn:
-    from logitless.reference import reference_linear_cross_entropy
-
-    return lambda e, c, t: reference_linear_cross_entropy(e, c, t, dtype=e.dtype)
+def _eager(task: str) -> Callable[[], LossFn]:
+    return lambda: lambda x: ops.objective(task, x, x["e"].dtype)
 
 
-def _torch_compile() -> LossFn:
-    return torch.compile(_eager())
+def _torch_compile(task: str) -> Callable[[], LossFn]:
+    return lambda: torch.compile(_eager(task)())
 
 
 def _torch_linear_cross_entropy() -> LossFn:
     options = torch.nn.LinearCrossEntropyOptions()
-    return lambda e, c, t: F.linear_cross_entropy(e, c, t, options=options)
+    return lambda x: F.linear_cross_entropy(x["e"], x["c"], x["targets"], options=options)
 
 
 def _cce(impl: str, **options) -> Callable[[], LossFn]:
     def build() -> LossFn:
         from cut_cross_entropy import linear_cross_entropy
 
-        return lambda e, c, t: linear_cross_entropy(e, c, t, impl=impl, **options)
+        return lambda x: linear_cross_entropy(x["e"], x["c"], x["targets"], impl=impl, **options)
 
     return build
 
@@ -74,11 +82,84 @@ def _liger() -> LossFn:
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     loss = LigerFusedLinearCrossEntropyLoss()
-    return lambda e, c, t: loss(c, e, t)
+    return lambda x: loss(x["c"], x["e"], x["targets"])
 
 
 def _matmul() -> LossFn:
-    return lambda e, c, t: torch.mm(e, c.T)
+    return lambda x: torch.mm(x["e"], x["c"].T)
+
+
+def _logitless_log_probs(impl: str) -> Callable[[], LossFn]:
+    def build() -> LossFn:
+        from logitless import linear_log_probs
+
+        def call(x: Tensors) -> torch.Tensor:
+            log_probs, entropy = linear_log_probs(
+                x["e"], x["c"], x["targets"], temperature=ops.TEMPERATURE, return_entropy=True,
+                impl=impl,
+            )  # fmt: skip
+            return ops.policy_terms(x, log_probs, entropy).mean()
+
+        return call
+
+    return build
+
+
+def _liger_log_probs() -> LossFn:
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import (
+        LigerFusedLinearScaledCrossEntropyFunction as Scaled,
+    )
+
+    def call(x: Tensors) -> torch.Tensor:
+        nll, entropy = Scaled.apply(
+            x["e"], x["c"], x["targets"], ops.TEMPERATURE, -100, 1, True
+        )  # positional: temperature, ignore_index, m_tiles_per_cluster, return_entropy
+        return ops.policy_terms(x, -nll, entropy).mean()
+
+    return call
+
+
+def _trl_log_probs() -> LossFn:
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    def call(x: Tensors) -> torch.Tensor:
+        e, targets = x["e"], x["targets"]
+        rows = TRL_SEQUENCE if len(targets) % TRL_SEQUENCE == 0 else len(targets)
+        logits = (e @ x["c"].T).view(-1, rows, len(x["c"]))  # (sequences, tokens, V)
+        log_probs, entropy = selective_log_softmax_and_entropy(
+            logits, targets.view(-1, rows), temperature=ops.TEMPERATURE
+        )
+        return ops.policy_terms(x, log_probs.flatten(), entropy.flatten()).mean()
+
+    return call
+
+
+def _logitless_distillation(impl: str) -> Callable[[], LossFn]:
+    def build() -> LossFn:
+        from logitless import linear_distillation_loss
+
+        return lambda x: linear_distillation_loss(
+            x["e"], x["c"], x["teacher_e"], x["teacher_c"], x["targets"],
+            temperature=ops.TEMPERATURE, impl=impl,
+        )  # fmt: skip
+
+    return build
+
+
+def _liger_jsd() -> LossFn:
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    loss = LigerFusedLinearJSD(jsd_beta=0.0, temperature=ops.TEMPERATURE)  # beta 0: forward KL
+    return lambda x: loss(x["e"], x["c"], x["teacher_e"], x["teacher_c"], x["targets"])
+
+
+def _liger_chunked_jsd() -> LossFn:
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss = LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=ops.TEMPERATURE
+    )  # beta 0: KL(teacher || student), the forward KL
+    return lambda x: loss(x["e"], x["c"], x["teacher_e"], x["teacher_c"], x["targets"])
 
 
 def _needs(*, module: str | None = None, pip: str | None = None, cuda: bool = False):
@@ -118,9 +199,15 @@ def _torch_has_linear_cross_entropy(device: torch.device, dtype: torch.dtype) ->
     return None
 
 
-METHODS = {
-    m.name: m
-    for m in (
+def _registry(*methods: Method) -> dict[str, Method]:
+    return {m.name: m for m in methods}
+
+
+_LIGER = _needs(module="liger_kernel", pip="liger-kernel")
+_LIGER_CUDA = _needs(module="liger_kernel", pip="liger-kernel", cuda=True)
+
+METHODS: dict[str, dict[str, Method]] = {
+    "cross-entropy": _registry(
         Method("logitless", "logitless", "impl='torch', filter_eps='auto'",
                _logitless("torch", "auto")),
         Method("logitless-exact", "logitless", "impl='torch', filter_eps=None",
@@ -130,8 +217,8 @@ METHODS = {
         Method("logitless-triton-exact", "logitless", "impl='triton', filter_eps=None",
                _logitless("triton", None), _logitless_triton_exact),
         Method("eager", "peer", "logits in the input dtype, F.cross_entropy in float32",
-               _eager),
-        Method("torch-compile", "peer", "torch.compile of eager", _torch_compile),
+               _eager("cross-entropy")),
+        Method("torch-compile", "peer", "torch.compile of eager", _torch_compile("cross-entropy")),
         Method("torch-lce", "peer", "F.linear_cross_entropy, LinearCrossEntropyOptions()",
                _torch_linear_cross_entropy, _torch_has_linear_cross_entropy),
         Method("cce", "peer", "cut-cross-entropy impl='cce'", _cce("cce"),
@@ -142,8 +229,46 @@ METHODS = {
         Method("cce-torch-compile", "peer", "cut-cross-entropy impl='torch_compile'",
                _cce("torch_compile"), _needs(module="cut_cross_entropy", pip="cut-cross-entropy")),
         Method("liger", "peer", "liger-kernel LigerFusedLinearCrossEntropyLoss", _liger,
-               _needs(module="liger_kernel", pip="liger-kernel", cuda=True)),
+               _LIGER_CUDA),
         Method("matmul", "floor", "torch.mm (N x D) @ (D x V), forward only: time floor",
                _matmul),
-    )
+    ),
+    "logprobs": _registry(
+        Method("logitless", "logitless", "linear_log_probs(return_entropy=True), impl='torch'",
+               _logitless_log_probs("torch")),
+        Method("logitless-triton", "logitless",
+               "linear_log_probs(return_entropy=True), impl='triton'",
+               _logitless_log_probs("triton"), _logitless_triton),
+        Method("eager", "peer", "logits in the input dtype, float32 log_softmax, gather, entropy",
+               _eager("logprobs")),
+        Method("torch-compile", "peer", "torch.compile of eager", _torch_compile("logprobs")),
+        Method("liger", "peer",
+               "liger-kernel LigerFusedLinearScaledCrossEntropyFunction (return_entropy; on "
+               "CUDA sm90 its CuTe kernel, elsewhere its 512-token chunked PyTorch path)",
+               _liger_log_probs, _LIGER),
+        Method("trl", "peer",
+               "logits, then trl selective_log_softmax_and_entropy (its loops over sequences "
+               f"of {TRL_SEQUENCE} tokens and 128-row entropy chunks; fused Triton on CUDA)",
+               _trl_log_probs, _needs(module="trl")),
+    ),
+    "distill": _registry(
+        Method("logitless", "logitless", "linear_distillation_loss (forward KL), impl='torch'",
+               _logitless_distillation("torch")),
+        Method("logitless-triton", "logitless",
+               "linear_distillation_loss (forward KL), impl='triton'",
+               _logitless_distillation("triton"), _logitless_triton),
+        Method("eager", "peer", "both logit matrices in the input dtype, float32 log_softmax, KL",
+               _eager("distill")),
+        Method("torch-compile", "peer", "torch.compile of eager", _torch_compile("distill")),
+        Method("liger", "peer", "liger-kernel LigerFusedLinearJSD, jsd_beta=0 (forward KL)",
+               _liger_jsd, _LIGER_CUDA),
+        Method("liger-chunked", "peer",
+               "liger-kernel chunked_loss LigerFusedLinearJSDLoss, beta=0 (forward KL), "
+               "1024-token chunks, torch.compile'd",
+               _liger_chunked_jsd, _LIGER),
+    ),
 }  # fmt: skip
+"""Each op task's methods (`ops.Op.task`), by name."""
+
+METHOD_NAMES = tuple(dict.fromkeys(name for task in METHODS.values() for name in task))
+"""Every method name of any task, in registry order."""

@@ -250,7 +250,10 @@ def _mb(nbytes: int | None) -> str:
 
 
 def _x(r: float | None) -> str:
-    return "-" if r is None else f"{r:.2f}x"
+    """A ratio: two decimals, or two significant digits below 0.1 (0.004x, not 0.00x)."""
+    if r is None:
+        return "-"
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
 
 
 def _err(e: float | None) -> str:

@@ -16,17 +16,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 import logitless
-from logitless.bench import accuracy, lm, report
+from logitless.bench import accuracy, lm, ops, report
 from logitless.bench import worker as worker_module
 from logitless.bench.data import Inputs, Shape, make_inputs
 from logitless.bench.measure import CPU_WORKER_ENV
-from logitless.bench.methods import METHODS, Method
+from logitless.bench.methods import METHODS
+from logitless.bench.ops import OPS
 
 PRESETS = {
     "cpu-default": Shape(2048, 512, 32768),
@@ -34,7 +35,6 @@ PRESETS = {
     "llama3-8b": Shape(8192, 4096, 128256),
     "qwen2.5-7b": Shape(8192, 3584, 152064),
 }
-OPS = ("loss", "loss+backward")
 SWEEP_VOCABS = (32768, 65536, 131072, 262144)
 CPU_SWEEP_ND = (128, 128)
 """(N, D) of the vocabulary sweep on CPU, small enough to be cheap; on GPUs the run's own."""
@@ -58,6 +58,15 @@ class BenchConfig:
     threads: int | None = None
     preset: str | None = None
     command: str = ""
+    teacher_d: int | None = None
+    """The distill op's teacher hidden size (default: twice the student's D)."""
+
+    @property
+    def task(self) -> str:
+        return OPS[self.op].task
+
+    def teacher_width(self, shape: Shape) -> int:
+        return self.teacher_d or 2 * shape.d
 
     def sweep_shapes(self) -> list[Shape]:
         n, d = (self.shape.n, self.shape.d)
@@ -80,13 +89,16 @@ class Case:
 
 @dataclass
 class _Table:
-    """One config's part of a run: its cases (its shape first, then its sweep) and data."""
+    """One config's part of a run: its cases (its shape first, then its sweep), data, and the
+    results of its methods on its shape (`main`) and on the sweep."""
 
     config: BenchConfig
     cases: list[Case]
     reference: accuracy.Reference
     data: dict
     environment: dict
+    main: list[report.MethodResult] = field(default_factory=list)
+    sweep: list[report.MethodResult] = field(default_factory=list)
 
 
 def run(config: BenchConfig) -> list[report.MethodResult]:
@@ -97,63 +109,65 @@ def run(config: BenchConfig) -> list[report.MethodResult]:
 def run_all(configs: list[BenchConfig]) -> list[list[report.MethodResult]]:
     """Measure every method for each config (one table each) and write every table's files.
 
-    The configs share device, dtype, methods, warm-up and threads; each method runs in one worker
-    process over the cases of all of them, so imports and compilation are paid once per method,
-    and inputs shared by several configs (the same shape and data, another op) are built once.
+    The configs share device, dtype, warm-up and threads; each method name runs in one worker
+    process over the cases of every config that measures it (a name means that op's method of
+    that name), so imports and compilation are paid once per method, and inputs shared by
+    several configs (the same shape, data and op task) are built once.
     """
     began = time.perf_counter()
     first = configs[0]
     if first.threads:
         torch.set_num_threads(first.threads)
+    names = list(dict.fromkeys(name for config in configs for name in config.methods))
     with tempfile.TemporaryDirectory(prefix="logitless-bench-") as tmp_name:
         tmp = Path(tmp_name)
         tables = _prepare(configs, tmp)
         if first.device.type == "cuda":
             torch.cuda.empty_cache()
-        cases = [case for table in tables for case in table.cases]
-        results: list[list[report.MethodResult]] = [[] for _ in tables]
-        sweeps: list[list[report.MethodResult]] = [[] for _ in tables]
-        for i, method in enumerate(METHODS[name] for name in first.methods):
-            prefix = f"[{i + 1}/{len(first.methods)}] {method.name}"
-            measured = iter(_measure(method, first, cases, tmp, prefix))
-            for table, main, sweep in zip(tables, results, sweeps, strict=True):
+        for i, name in enumerate(names):
+            measuring = [table for table in tables if name in table.config.methods]
+            cases = [case for table in measuring for case in table.cases]
+            measured = iter(_measure(name, first, cases, tmp, f"[{i + 1}/{len(names)}] {name}"))
+            for table in measuring:
                 (result, output), *swept = [next(measured) for _ in table.cases]
-                if result.ok and not method.time_only:
+                if result.ok and result.kind != "floor":
                     result.errors = table.reference.errors(
                         result.loss, output.get("grad_e"), output.get("grad_c")
                     )
-                main.append(result)
-                sweep += [r for r, _ in swept]
+                table.main.append(result)
+                table.sweep += [r for r, _ in swept]
 
-    for table, main, sweep in zip(tables, results, sweeps, strict=True):
+    for table in tables:
         table.environment["wall_time_s"] = round(time.perf_counter() - began, 1)
         table.environment["load_average_end"] = os.getloadavg()
-        _write_outputs(table.config, table.environment, table.data, main, sweep)
+        _write_outputs(table.config, table.environment, table.data, table.main, table.sweep)
     _progress(f"done in {time.perf_counter() - began:.0f} s; results in {first.out}/")
-    return results
+    return [table.main for table in tables]
 
 
 def _prepare(configs: list[BenchConfig], tmp: Path) -> list[_Table]:
-    """Each config's inputs (built once per shape and data regime), reference and cases."""
-    built: dict[tuple[str, Shape], tuple[Path, accuracy.Reference, dict]] = {}
+    """Each config's inputs (built once per shape, data regime and op task), reference, cases."""
+    built: dict[tuple, tuple[Path, accuracy.Reference, dict]] = {}
     tables = []
     for number, config in enumerate(configs):
         environment = _environment(config)
         name = _case_label(config)
-        key = (config.regime, config.shape)
+        key = (config.regime, config.shape, config.task, config.teacher_width(config.shape))
         if key not in built:
             _progress(
                 f"logitless bench: {config.shape}, {_dtype_name(config.dtype)}, "
-                f"{config.regime} data, on {environment['device_name']}"
+                f"{config.regime} data, {config.task}, on {environment['device_name']}"
             )
             _progress("building the inputs and the float64 reference")
             inputs = make_inputs(config.regime, config.shape, config.dtype, config.device)
+            tensors, notes = _op_tensors(config, config.shape, inputs)
             probe = accuracy.Probe.spread(config.shape.n, config.shape.v, inputs.e.device)
-            reference = accuracy.float64_reference(inputs, probe)
+            reference = accuracy.float64_reference(config.task, tensors, probe)
             data = _describe_data(config, inputs, probe)
-            path = _save_inputs(inputs, probe, tmp / f"main-{len(built)}.pt")
+            data["notes"] += notes
+            path = _save_inputs(tensors, probe, tmp / f"main-{len(built)}.pt")
             built[key] = (path, reference, data)
-            del inputs
+            del inputs, tensors
         path, reference, data = built[key]
         cases = [Case(config.shape, path, config.repeats, config.op, name)]
         if config.sweep_vocabs:
@@ -171,6 +185,17 @@ def _prepare(configs: list[BenchConfig], tmp: Path) -> list[_Table]:
             ]
         tables.append(_Table(config, cases, reference, data, environment))
     return tables
+
+
+def _op_tensors(
+    config: BenchConfig, shape: Shape, inputs: Inputs
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every tensor the op's methods get (e, c, targets and the op's others), and notes."""
+    extra, notes = ops.extra_inputs(
+        config.task, shape.n, shape.v, config.dtype, config.teacher_width(shape)
+    )
+    tensors = {"e": inputs.e, "c": inputs.c, "targets": inputs.targets}
+    return {**tensors, **{k: t.to(inputs.e.device) for k, t in extra.items()}}, notes
 
 
 def _case_label(config: BenchConfig) -> str:
@@ -200,42 +225,52 @@ def _write_outputs(config: BenchConfig, environment: dict, data: dict, main, swe
 def _sweep_inputs(config: BenchConfig, shape: Shape, folder: Path) -> Path:
     folder.mkdir(exist_ok=True)
     inputs = make_inputs(config.regime, shape, config.dtype, config.device)
+    tensors, _ = _op_tensors(config, shape, inputs)
     probe = accuracy.Probe.spread(shape.n, shape.v, inputs.e.device)
-    return _save_inputs(inputs, probe, folder / f"sweep-{shape.v}.pt")
+    return _save_inputs(tensors, probe, folder / f"sweep-{shape.v}.pt")
 
 
 def _measure(
-    method: Method,
+    name: str,
     config: BenchConfig,
     cases: list[Case],
     tmp: Path,
     prefix: str,
 ) -> list[tuple[report.MethodResult, dict]]:
-    """Run `method` over `cases` in one worker process; n/a results where it cannot run.
+    """Run the method `name` of each case's op over `cases` in one worker process; n/a results
+    where it cannot run.
 
     Returns each case's result, in the order of `cases`, with the worker's raw output (which
     holds the probed gradient rows). `config` gives the device, dtype, warm-up and threads.
     """
     itemsize = torch.empty((), dtype=config.dtype).element_size()
-    results = [
-        report.MethodResult(
-            method.name, method.kind, method.summary, case.shape.n, case.shape.d, case.shape.v,
-            gradient_bytes=(case.shape.n + case.shape.v) * case.shape.d * itemsize
-            if case.op == "loss+backward" and not method.time_only else 0,
-        )
-        for case in cases
-    ]  # fmt: skip
-    reason = method.unavailable(config.device, config.dtype)
-    if reason:
+    results, runnable = [], []
+    for case in cases:
+        method = METHODS[OPS[case.op].task][name]
+        shape = case.shape
+        result = report.MethodResult(
+            method.name, method.kind, method.summary, shape.n, shape.d, shape.v,
+            gradient_bytes=(shape.n + shape.v) * shape.d * itemsize
+            if OPS[case.op].backward and not method.time_only else 0,
+        )  # fmt: skip
+        result.reason = method.unavailable(config.device, config.dtype) or ""
+        results.append(result)
+        if result.ok:
+            runnable.append(case)
+    for reason in dict.fromkeys(r.reason for r in results if not r.ok):
         _progress(f"{prefix}: n/a: {reason}")
-        for result in results:
-            result.reason = reason
+    if not runnable:
         return [(result, {}) for result in results]
 
-    _progress(f"{prefix}: {len(cases)} case(s) in one worker")
+    _progress(f"{prefix}: {len(runnable)} case(s) in one worker")
     began = time.perf_counter()
-    outputs = _run_worker(method, config, cases, tmp)
-    for result, output in zip(results, outputs, strict=True):
+    outputs = iter(_run_worker(name, config, runnable, tmp))
+    measured = []
+    for result in results:
+        output = next(outputs) if result.ok else {}
+        measured.append((result, output))
+        if not result.ok:
+            continue
         if "error" in output:
             result.reason = f"failed: {output['error']}"
             continue
@@ -245,13 +280,13 @@ def _measure(
         result.memory_method = output["memory_method"]
         result.loss = output.get("loss")
     _progress(f"{prefix}: done in {time.perf_counter() - began:.0f} s")
-    return list(zip(results, outputs, strict=True))
+    return measured
 
 
-def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Path) -> list[dict]:
-    result_files = [tmp / f"{method.name}-{i}.result.pt" for i in range(len(cases))]
+def _run_worker(name: str, config: BenchConfig, cases: list[Case], tmp: Path) -> list[dict]:
+    result_files = [tmp / f"{name}-{i}.result.pt" for i in range(len(cases))]
     spec = {
-        "method": method.name,
+        "method": name,
         "device": str(config.device),
         "warmup": config.warmup,
         "threads": config.threads,
@@ -263,7 +298,7 @@ def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Pat
             for case, result in zip(cases, result_files, strict=True)
         ],
     }  # fmt: skip
-    spec_file = tmp / f"{method.name}.spec.json"
+    spec_file = tmp / f"{name}.spec.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ)
     package_root = str(Path(logitless.__file__).resolve().parent.parent)
@@ -283,7 +318,7 @@ def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Pat
             if line.startswith(worker_module.PROGRESS):
                 done = line.removeprefix(worker_module.PROGRESS).strip()
                 so_far = time.perf_counter() - began
-                _progress(f"      {method.name}: {done} ({so_far:.0f} s so far)")
+                _progress(f"      {name}: {done} ({so_far:.0f} s so far)")
             elif line.strip():
                 last_line = line.strip()
     return [
@@ -293,12 +328,9 @@ def _run_worker(method: Method, config: BenchConfig, cases: list[Case], tmp: Pat
     ]  # fmt: skip
 
 
-def _save_inputs(inputs: Inputs, probe: accuracy.Probe, path: Path) -> Path:
-    tensors = {
-        "e": inputs.e, "c": inputs.c, "targets": inputs.targets,
-        "probe_tokens": probe.tokens, "probe_vocab": probe.vocab,
-    }  # fmt: skip
-    torch.save({k: v.cpu() for k, v in tensors.items()}, path)
+def _save_inputs(tensors: dict[str, torch.Tensor], probe: accuracy.Probe, path: Path) -> Path:
+    probes = {"probe_tokens": probe.tokens, "probe_vocab": probe.vocab}
+    torch.save({k: v.cpu() for k, v in {**tensors, **probes}.items()}, path)
     return path
 
 
@@ -328,6 +360,7 @@ def _header(config: BenchConfig, environment: dict, data: dict) -> list[str]:
         f"device: {environment['device_name']} ({environment['device']}, "
         f"{environment['threads']} threads)  torch {environment['versions']['torch']}  "
         f"commit {environment['commit']}  {environment['date']}",
+        f"op: {OPS[config.op].summary}",
         *(f"data: {note}" for note in data["notes"]),
         f"softmax: {_softmax_line(stats)}",
     ]
@@ -369,6 +402,8 @@ def _environment(config: BenchConfig) -> dict:
         "versions": {"logitless": logitless.__version__, **_versions()},
         "dtype": _dtype_name(config.dtype),
         "op": config.op,
+        "op_summary": OPS[config.op].summary,
+        "teacher_d": config.teacher_width(config.shape) if config.task == "distill" else None,
         "regime": config.regime,
         "preset": config.preset,
         "shape": asdict(config.shape),

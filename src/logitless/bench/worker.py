@@ -3,8 +3,9 @@
 The spec names the method, device, warm-up count and CPU threads, and the cases: each an
 inputs file written by the runner, its op and label, its number of timed calls, and the file to
 write the result to (figures, the loss and the probed gradient rows, or the error the method
-raised). A line on stderr after each case, starting with PROGRESS, says where the worker is, so
-that a run cut off midway still shows how far it got.
+raised). A line on stderr after the first call of each case (which compiles, where a method
+compiles) and after each case, starting with PROGRESS, says where the worker is, so that a long
+case shows it is moving and a run cut off midway still shows how far it got.
 """
 
 from __future__ import annotations
@@ -18,27 +19,32 @@ import torch
 
 from logitless.bench.measure import measure
 from logitless.bench.methods import METHODS, LossFn
+from logitless.bench.ops import OPS
 
 PROGRESS = "progress: "
 
 
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    method = METHODS[spec["method"]]
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     _start_libraries(torch.device(spec["device"]))
-    try:
-        loss_fn = method.build()
-    except Exception as error:  # reported in place of every figure of the method
-        for case in spec["cases"]:
-            torch.save({"error": _describe(error)}, case["result"])
-        return 0
+    built: dict[str, LossFn | Exception] = {}  # per task: the method's call, or why it has none
     for case in spec["cases"]:
-        try:
-            result = _run_case(loss_fn, method.time_only, case, spec)
-        except Exception as error:
-            result = {"error": _describe(error)}
+        task = OPS[case["op"]].task
+        if task not in built:
+            try:
+                built[task] = METHODS[task][spec["method"]].build()
+            except Exception as error:  # reported in place of every figure of the task
+                built[task] = error
+        loss_fn = built[task]
+        if isinstance(loss_fn, Exception):
+            result = {"error": _describe(loss_fn)}
+        else:
+            try:
+                result = _run_case(loss_fn, case, spec)
+            except Exception as error:
+                result = {"error": _describe(error)}
         torch.save(result, case["result"])
         _report(case["label"], result)
     return 0
@@ -59,32 +65,44 @@ def _report(label: str, result: dict) -> None:
         summary = f"{statistics.median(result['times_s']) * 1e3:.1f} ms"
         if result["peak_bytes"] is not None:
             summary += f", peak {result['peak_bytes'] / 2**20:.0f} MB"
-    print(f"{PROGRESS}{label}: {summary}", file=sys.stderr, flush=True)
+    _progress(f"{label}: {summary}")
 
 
-def _run_case(loss_fn: LossFn, time_only: bool, case: dict, spec: dict) -> dict:
+def _progress(message: str) -> None:
+    print(f"{PROGRESS}{message}", file=sys.stderr, flush=True)
+
+
+def _run_case(loss_fn: LossFn, case: dict, spec: dict) -> dict:
     device = torch.device(spec["device"])
+    method = METHODS[OPS[case["op"]].task][spec["method"]]
     data = torch.load(case["inputs"])
-    e, c, targets = (data[k].to(device) for k in ("e", "c", "targets"))
-    with_grad = case["op"] == "loss+backward" and not time_only
+    inputs = {k: t.to(device) for k, t in data.items() if not k.startswith("probe_")}
+    e, c = inputs["e"], inputs["c"]
+    with_grad = OPS[case["op"]].backward and not method.time_only
     e.requires_grad_(with_grad)
     c.requires_grad_(with_grad)
 
+    calls = []
+
     def call():
         with torch.set_grad_enabled(with_grad):
-            loss = loss_fn(e, c, targets)
-            return loss, torch.autograd.grad(loss, (e, c)) if with_grad else None
+            loss = loss_fn(inputs)
+            output = loss, torch.autograd.grad(loss, (e, c)) if with_grad else None
+        if not calls:
+            _progress(f"{case['label']}: first call done")
+        calls.append(None)
+        return output
 
     measurement, (loss, grads) = measure(
         call, device, warmup=spec["warmup"], repeats=case["repeats"]
     )
     result = {
         "times_s": measurement.times_s,
-        "peak_bytes": None if time_only else measurement.peak_bytes,
-        "first_peak_bytes": None if time_only else measurement.first_peak_bytes,
+        "peak_bytes": None if method.time_only else measurement.peak_bytes,
+        "first_peak_bytes": None if method.time_only else measurement.first_peak_bytes,
         "memory_method": measurement.memory_method,
     }
-    if not time_only:
+    if not method.time_only:
         result["loss"] = loss.float().item()
     if grads is not None:
         result["grad_e"] = grads[0][data["probe_tokens"].to(device)].cpu()

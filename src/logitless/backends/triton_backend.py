@@ -20,11 +20,6 @@ from logitless.backends import Logits, Teacher, torch_backend
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
 from logitless.kernels.lse_forward import lse_forward
 
-KERNEL_STATISTICS = ("lse", "target", "sum", "mean")
-KERNEL_TERMS = ("p", "pz", "target", "sum")
-"""What the kernels compute; the rest of the contract (a teacher's statistics and terms, a
-running top-k) comes from the portable backend on the same device."""
-
 LOGIT_GRAD_BUFFER_BYTES = 32 * 2**20
 """Most bytes of the buffer holding one vocabulary chunk of the logits' gradient (N x chunk, in
 the input dtype): 2048 positions at N=8192 in bf16, 125 chunks for V=256000, under 3% of the
@@ -45,10 +40,9 @@ def stats(
     lse: torch.Tensor | None = None,
     top_k: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The student's statistics (`lse`, `target`, `sum`, `mean`) from the forward kernel; a
-    teacher's, the JSD's and a running top-k from the portable backend (on the same device),
-    which has them."""
-    if teacher is not None or lse is not None or top_k or set(names) - set(KERNEL_STATISTICS):
+    """The statistics from the forward kernel, a teacher's and the JSD's second sweep
+    included; a running top-k from the portable backend (on the same device), which has it."""
+    if top_k:
         return torch_backend.stats(
             e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse,
             top_k=top_k,
@@ -56,6 +50,7 @@ def stats(
     found = lse_forward(
         e, c, bias, targets.contiguous(), softcap=logits.softcap, with_sum="sum" in names,
         scale=logits.scale, weight=logits.column_weight, with_mean="mean" in names,
+        teacher=teacher, lse=lse,
     )  # fmt: skip
     return torch.stack([found[name] for name in names])
 
@@ -74,22 +69,19 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of the student's terms (`p`, `pz`, `target`, `sum`) from the backward
-    kernel; the teacher's terms from the portable backend."""
-    if set(terms) - set(KERNEL_TERMS):
-        return torch_backend.grads(
-            e, c, bias, targets, lse, coefficients, terms, logits=logits, teacher=teacher,
-            filter_eps=filter_eps, needs=needs,
-        )  # fmt: skip
+    """The gradients from the backward kernel, the teacher's terms (`q`, `py`, `plogr`)
+    included."""
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse)
-    if "sum" in rows or "pz" in rows:
+    teacher_terms = {term: rows[term] for term in ("q", "py", "plogr") if term in rows}
+    if "sum" in rows or "pz" in rows or teacher_terms:
         filter_eps = None  # these gradients reach every logit: no tile is negligible
     order = vocabulary_order(e, c, bias) if filter_eps else None
     return _sweep(
         e, c, bias, targets, lse, rows.get("p", zeros), rows.get("target", zeros),
         rows.get("sum"), softcap=logits.softcap, filter_eps=filter_eps, needs=needs, order=order,
         scale=logits.scale, grad_pz=rows.get("pz"), weight=logits.column_weight,
+        teacher=teacher, teacher_terms=teacher_terms,
     )  # fmt: skip
 
 
@@ -147,6 +139,8 @@ def _sweep(
     scale: float = 1.0,
     grad_pz: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    teacher: Teacher | None = None,
+    teacher_terms: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias).
 
@@ -175,7 +169,8 @@ def _sweep(
         lse_backward(
             e, c, bias, target_positions, *row_vectors, grad_sum, d=d, counts=counts,
             order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
-            scale=scale, grad_pz=grad_pz, weight=weight,
+            scale=scale, grad_pz=grad_pz, weight=weight, teacher=teacher,
+            teacher_terms=teacher_terms,
         )  # fmt: skip
         if counts is not None:
             tiles, kept = counts.tolist()  # one synchronization per chunk: skip it or not

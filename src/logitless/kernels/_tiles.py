@@ -45,7 +45,7 @@ def launch(kernel, tuned, grid, *args, **kwargs) -> None:
 LARGE_TILE = 128 * 128
 """Tiles of more entries than this are tried only for plain logits (see `config_fits`)."""
 
-SPILLING_OPTIONS = ("HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGHT")
+SPILLING_OPTIONS = ("HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGHT", "TEACHER")
 """Options whose extra tile math spills a large tile's registers on Hopper."""
 
 
@@ -150,3 +150,17 @@ def logit_tile(
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc * scale
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x >= 0 to full relative precision near 0, where 1 + x rounds: log(u) times
+    x / (u - 1) for u = 1 + x corrects the rounding of u (exact when u == 1: x itself)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def log_add_exp(a, b):
+    """log(exp(a) + exp(b)) for finite a and b, without overflow."""
+    return tl.maximum(a, b) + log1p(tl.exp(-tl.abs(a - b)))

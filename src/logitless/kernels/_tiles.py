@@ -49,9 +49,18 @@ SPILLING_OPTIONS = ("HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGH
 """Options whose extra tile math spills a large tile's registers on Hopper."""
 
 
+TEACHER_ENTRIES_PER_THREAD = 16
+"""Most entries of a logit tile per thread in a launch with a teacher, which holds two tiles:
+larger ones spill on Hopper (sm90_compile)."""
+
+
 def config_fits(config: triton.Config, options: dict[str, object]) -> bool:
     """Whether `config` compiles without spilling for the constexpr `options` of a launch:
-    tiles larger than LARGE_TILE only without the tile math of SPILLING_OPTIONS (sm90_compile)."""
+    tiles larger than LARGE_TILE only without the tile math of SPILLING_OPTIONS, and with a
+    teacher at most TEACHER_ENTRIES_PER_THREAD per thread (sm90_compile)."""
+    entries = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"]
+    if options.get("TEACHER") and entries > TEACHER_ENTRIES_PER_THREAD * 32 * config.num_warps:
+        return False
     large = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"] > LARGE_TILE
     return not (large and any(options.get(name) for name in SPILLING_OPTIONS))
 

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.multiprocessing import start_processes
 
 from helpers import check_results, join_gloo_group, make_inputs, outputs_and_grads, rel_error
-from logitless import VocabParallel, linear_cross_entropy
+from logitless import VocabParallel, linear_cross_entropy, linear_log_probs
 from logitless.backends.torch_backend import BLOCK_MB_ENV
 
 DIM, VOCAB = 37, 1031
@@ -42,6 +42,7 @@ DATA_PARALLEL = {
     "mean": {},
     "smoothing-none-lse": {"label_smoothing": 0.1, "reduction": "none", "return_lse": True},
 }
+LOG_PROBS = {"temperature": 0.7, "return_entropy": True, "softcap": 4.0}
 
 
 def _rank_inputs(rank: int):
@@ -53,12 +54,12 @@ def _rank_inputs(rank: int):
     return e, c, targets, bias
 
 
-def _distributed_call(inputs, placement, mesh, options):
+def _distributed_call(inputs, placement, mesh, options, function=linear_cross_entropy):
     """Outputs and gradients with c and bias distributed as `placement`; the gradients of c
     and bias are checked to come back with that placement, then gathered."""
     e, c, targets, bias = inputs
     c, bias = (distribute_tensor(x, mesh, [placement]) for x in (c, bias))
-    outs, grads = outputs_and_grads(linear_cross_entropy, (e, c, targets, bias), 1, **options)
+    outs, grads = outputs_and_grads(function, (e, c, targets, bias), 1, **options)
     for grad in grads[1:]:
         assert isinstance(grad, DTensor) and grad.placements == (placement,), grad
     return outs, [grads[0], *(g.full_tensor() for g in grads[1:])]
@@ -129,6 +130,9 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
                 results[name, key] = _distributed_call(inputs, placement, mesh, options)
         for name, options in DATA_PARALLEL.items():
             results["dp", name] = _distributed_call(_rank_inputs(rank), Shard(0), mesh, options)
+        same = make_inputs((45,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=3)
+        for key, inputs in (("log_probs", same), ("log_probs dp", _rank_inputs(rank))):
+            results[key] = _distributed_call(inputs, Shard(0), mesh, LOG_PROBS, linear_log_probs)
         same = make_inputs((45,), DIM, VOCAB, seed=3)
         results["bytes"] = {
             "same tokens": _bytes(same, mesh),
@@ -187,6 +191,22 @@ def test_different_tokens_per_rank_average_the_classifier_gradient(ranks, name):
     for rank, results in enumerate(ranks):
         outs, grads = singles[rank]
         _assert_agrees(results["dp", name], (outs, [grads[0], *mean_grads]), f"rank {rank}")
+
+
+def test_log_probs_and_entropy_of_a_sharded_classifier(ranks):
+    """Same tokens: one process's values and gradients; different tokens: each rank's own
+    values and grad_e, and the mean of the ranks' classifier gradients."""
+    same = make_inputs((45,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=3)
+    expected = outputs_and_grads(linear_log_probs, same, 1, **LOG_PROBS)
+    singles = [
+        outputs_and_grads(linear_log_probs, _rank_inputs(rank), 1, **LOG_PROBS)
+        for rank in range(len(ranks))
+    ]
+    mean_grads = [sum(single[1][i] for single in singles) / len(ranks) for i in (1, 2)]
+    for rank, results in enumerate(ranks):
+        _assert_agrees(results["log_probs"], expected, f"rank {rank}")
+        outs, grads = singles[rank]
+        _assert_agrees(results["log_probs dp"], (outs, [grads[0], *mean_grads]), f"rank {rank}")
 
 
 def test_bad_layouts_raise_on_every_rank(ranks):

@@ -8,7 +8,7 @@ import torch
 
 from helpers import TOLERANCE, check_against_reference, check_results, make_inputs
 from helpers import outputs_and_grads as outputs_and_grads_of
-from logitless import LinearCrossEntropyLoss, linear_cross_entropy
+from logitless import LinearCrossEntropyLoss, linear_cross_entropy, linear_log_probs, linear_top_k
 from logitless.reference import reference_linear_cross_entropy, relative_error
 
 LEAD, DIM, VOCAB = (3, 13), 21, 307
@@ -155,6 +155,36 @@ def test_autocast_computes_in_its_dtype_and_returns_each_gradient_in_its_input_d
         assert torch.equal(x, y.to(x.dtype))
     bf16_grads = [g.to(torch.bfloat16) for g in grads]
     check_results((outs, bf16_grads), cast, **PATHS[path])
+
+
+@pytest.mark.parametrize(
+    ("function", "options"),
+    [
+        (linear_log_probs, {"temperature": 0.7, "return_entropy": True}),
+        (linear_top_k, {"k": 3}),
+    ],
+    ids=["log_probs", "top_k"],
+)
+def test_autocast_holds_for_log_probs_and_top_k(function, options):
+    """fp32 master weights, bf16 activations: computed on the bf16 casts, gradients back in
+    each input's dtype."""
+    e, c, targets, bias = make_inputs(LEAD, DIM, VOCAB, bias=True, ignore_fraction=0.1, seed=13)
+    e = e.bfloat16()
+    if function is linear_top_k:
+        call = lambda e, c, targets, bias, **kw: linear_top_k(e, c, bias=bias, **kw)  # noqa: E731
+    else:
+        call = function
+
+    def under_autocast(*args, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call(*args, **kw)
+
+    outs, grads = outputs_and_grads_of(under_autocast, (e, c, targets, bias), 1, **options)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    cast = (e, c.bfloat16(), targets, bias.bfloat16())
+    expected = outputs_and_grads_of(call, cast, 1, **options)
+    for x, y in zip(outs + grads, expected[0] + expected[1], strict=True):
+        assert torch.equal(x, y.to(x.dtype))
 
 
 def test_float64_is_not_autocast_and_mixed_dtypes_stay_an_error_outside():

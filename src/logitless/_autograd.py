@@ -215,17 +215,18 @@ class GatheredDots(torch.autograd.Function):
 
     Row blocks gather at most a memory budget of classifier rows at a time (the portable
     backend's, `LOGITLESS_BLOCK_MB`), in forward and again in backward: never N x k x D at
-    once. grad_c is accumulated in the accumulation dtype over the distinct classes hit only,
-    then rounded once into a (V, D) gradient of c's dtype.
+    once, with autocast off. grad_c is accumulated in the accumulation dtype over the distinct
+    classes hit only, then rounded once into a (V, D) gradient of c's dtype.
     """
 
     @staticmethod
     def forward(e, c, indices):
         acc = accumulation_dtype(e.dtype)
         out = torch.empty(indices.shape, device=e.device, dtype=acc)
-        for rows in _gather_blocks(indices, c.shape[1]):
-            gathered = c[indices[rows]].to(acc)  # (rows, k, D)
-            out[rows] = (gathered @ e[rows].to(acc).unsqueeze(2)).squeeze(2)
+        with torch.autocast(e.device.type, enabled=False):
+            for rows in _gather_blocks(indices, c.shape[1]):
+                gathered = c[indices[rows]].to(acc)  # (rows, k, D)
+                out[rows] = (gathered @ e[rows].to(acc).unsqueeze(2)).squeeze(2)
         return out
 
     @staticmethod
@@ -244,7 +245,7 @@ class GatheredDots(torch.autograd.Function):
         if need_c:
             classes, slots = torch.unique(indices, return_inverse=True)
             grad_rows = torch.zeros(len(classes), c.shape[1], device=c.device, dtype=acc)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(e.device.type, enabled=False):
             for rows in _gather_blocks(indices, c.shape[1]):
                 g = grad[rows]
                 if need_e:

@@ -29,7 +29,7 @@ from logitless._validation import (
 )
 from logitless.backends import get_backend
 from logitless.backends.torch_backend import accumulation_dtype
-from logitless.distributed import VocabParallel, local_inputs
+from logitless.distributed import TokenGather, VocabParallel, local_inputs
 
 NO_TARGET = -1
 """Row target that backends skip: ignored, shifted out, or (vocabulary parallel) off-shard."""
@@ -125,14 +125,22 @@ def linear_cross_entropy_with_options(
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`linear_cross_entropy` with its options already checked into a `LossOptions`."""
-    check_no_vmap()
     check_num_items_in_batch(num_items_in_batch, options)
+    e, c, targets, bias, options = _local_inputs(e, c, targets, bias, options)
+    return _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight)
+
+
+def _local_inputs(e, c, targets, bias, options: LossOptions):
+    """The arguments as the backends take them: DTensors as this rank's local tensors (a
+    row-sharded c as vocabulary parallel, see `check_dtensors`) and, under `torch.autocast`,
+    e, c and bias in the autocast dtype, as `F.linear` gets them."""
+    check_no_vmap()
     shard_dim = check_dtensors(e, c, targets, bias, options)
     e, c, targets, bias, options = local_inputs(e, c, targets, bias, options, shard_dim)
     device = e.device.type if isinstance(e, torch.Tensor) else "cpu"
     if torch.is_autocast_enabled(device):
         e, c, bias = (_autocast(x, torch.get_autocast_dtype(device)) for x in (e, c, bias))
-    return _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight)
+    return e, c, targets, bias, options
 
 
 def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight):
@@ -140,14 +148,8 @@ def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weig
     gather = check_inputs(e, c, targets, bias, options)
     check_weight(weight, e, c, options)
     impl = check_impl(options.impl, e.device, e.dtype)
-    rows = e.reshape(-1, e.shape[-1])
-    row_targets = _row_targets(targets, options)
-    kept = None
+    rows, row_targets, kept = _backend_rows(e, targets, options, gather)
     shard = options.vocab_parallel
-    if gather is not None:  # vocabulary shards whose ranks hold different tokens
-        rows, row_targets = gather.gather_rows(rows), gather.gather_targets(row_targets)
-    else:
-        rows, row_targets, kept = _rows_with_target(rows, row_targets)
     valid = row_targets != NO_TARGET
     vocab = c.shape[0] if shard is None else shard.vocab_size
     target_weights = column_weight = weight_total = None
@@ -238,10 +240,9 @@ def linear_log_probs(
     scale = temperature_scale(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    check_inputs(e, c, targets, bias, options)
-    rows, row_targets, kept = _rows_with_target(
-        e.reshape(-1, e.shape[-1]), _row_targets(targets, options)
-    )
+    e, c, targets, bias, options = _local_inputs(e, c, targets, bias, options)
+    gather = check_inputs(e, c, targets, bias, options)
+    rows, row_targets, kept = _backend_rows(e, targets, options, gather)
     valid = row_targets != NO_TARGET
     shard = options.vocab_parallel
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
@@ -250,10 +251,13 @@ def linear_log_probs(
         softcap=softcap,
         filter_eps=_filter_eps(options, e.dtype, c.shape[0]),
         vocab_parallel=shard,
+        token_gather=gather,
         scale=scale,
     )
     names = ("lse", "target", "mean") if return_entropy else ("lse", "target")
     found = _stats(rows, c, bias, backend_targets, plan, names)
+    if gather is not None:  # this rank's values are those of its own tokens
+        found, valid = gather.own(found.T).T, gather.own(valid)
     log_probs = _per_token(torch.where(valid, found[1] - found[0], 0.0), targets, shift, kept)
     if not return_entropy:
         return log_probs
@@ -286,6 +290,9 @@ def linear_top_k(
     options = LossOptions(softcap=softcap, impl=impl)
     scale = temperature_scale(temperature)
     no_targets = torch.full(e.shape[:-1], NO_TARGET, dtype=torch.long, device=e.device)
+    e, c, _, bias, local = _local_inputs(e, c, no_targets, bias, options)
+    if local.vocab_parallel is not None:
+        raise ValueError("c must not be sharded by rows for linear_top_k: pass c.full_tensor()")
     check_inputs(e, c, no_targets, bias, dataclasses.replace(options, ignore_index=NO_TARGET))
     check_top_k(k, c.shape[0])
     rows = e.reshape(-1, e.shape[-1])
@@ -501,7 +508,8 @@ def gathered_logits(
     scale: float,
 ) -> torch.Tensor:
     """Differentiable logits `scale * softcap(rows @ c[indices].T + bias[indices])` at (N, k)
-    indices, in the accumulation dtype: N x k dot products over row blocks (`GatheredDots`)."""
+    indices, in the accumulation dtype (under autocast too): N x k dot products over row blocks
+    (`GatheredDots`)."""
     x = GatheredDots.apply(rows, c, indices)
     if bias is not None:
         x = x + bias.to(x.dtype)[indices]
@@ -532,6 +540,18 @@ def _reduce(
     if reduction == "sum":
         return losses.sum()
     return _per_token(losses, targets, shift, kept)
+
+
+def _backend_rows(
+    e: torch.Tensor, targets: torch.Tensor, options: LossOptions, gather: TokenGather | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The rows of e the backend gets, their targets (NO_TARGET for none) and the indices of
+    the kept rows (see `_rows_with_target`): every rank's rows where vocabulary shards hold
+    different tokens (`gather`), else this call's rows that have a target."""
+    rows, row_targets = e.reshape(-1, e.shape[-1]), _row_targets(targets, options)
+    if gather is not None:
+        return gather.gather_rows(rows), gather.gather_targets(row_targets), None
+    return _rows_with_target(rows, row_targets)
 
 
 def _rows_with_target(

@@ -5,7 +5,8 @@ fixed order). `grads` sweeps the vocabulary in chunks: for each, the backward ke
 logits' gradient d into a buffer of at most LOGIT_GRAD_BUFFER_BYTES, then dense matmuls add
 `d @ c[chunk]` into an fp32 grad_e and write `d.T @ e` as grad_c[chunk] directly in the input
 dtype (fp32 accumulation, one rounding, as eager), and grad_bias[chunk] is the column sum of d.
-Everything is deterministic and runs on tensor cores; no V x D fp32 copy is ever made. With
+Everything is deterministic and runs on tensor cores; no V x D fp32 copy is ever made.
+float16's d is written times a power of two that keeps it out of the subnormal range. With
 filtering on, the vocabulary is first ordered by average logit, so that the entries whose
 gradient matters gather into few tiles, and a chunk whose tiles are all negligible skips its
 matmuls (one host synchronization per chunk reads that). docs/kernels.md has the FLOP and byte
@@ -13,6 +14,8 @@ counts.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -160,8 +163,18 @@ def _sweep(
     buffer = torch.empty(n * min(chunk, vocab), device=e.device, dtype=e.dtype)
     counts = torch.zeros(2, device=e.device, dtype=torch.int32) if filtering else None
     target_positions = targets.contiguous() if order is None else _positions(order, targets)
-    row_vectors = [x.contiguous() for x in (lse, grad_lse, grad_target)]
-    grad_sum, grad_pz = (None if x is None else x.contiguous() for x in (grad_sum, grad_pz))
+    teacher_terms = teacher_terms or {}
+    gain = (
+        _float16_gain(grad_lse, grad_target, grad_sum, grad_pz, *teacher_terms.values())
+        if e.dtype == torch.float16
+        else 1
+    )
+    grad_lse, grad_target, grad_sum, grad_pz = (
+        None if x is None else (x * gain if gain != 1 else x).contiguous()
+        for x in (grad_lse, grad_target, grad_sum, grad_pz)
+    )
+    teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
+    row_vectors = [lse.contiguous(), grad_lse, grad_target]
 
     for begin in range(0, vocab, chunk):
         end = min(vocab, begin + chunk)
@@ -186,11 +199,11 @@ def _sweep(
                 continue
         rows = slice(begin, end) if order is None else order[begin:end]
         if grad_e is not None:
-            _add_product(grad_e, d, c[rows])
+            _add_product(grad_e, d, c[rows], alpha=1 / gain)
         if grad_c is not None:
-            _set_rows(grad_c, rows, d.T @ e)
+            _set_rows(grad_c, rows, torch.addmm(e.new_empty(()), d.T, e, beta=0, alpha=1 / gain))
         if grad_bias is not None:
-            _set_rows(grad_bias, rows, d.sum(0, dtype=torch.float32))
+            _set_rows(grad_bias, rows, d.sum(0, dtype=torch.float32).mul_(1 / gain))
     return grad_e, grad_c, grad_bias
 
 
@@ -202,15 +215,28 @@ def _set_rows(out: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tenso
         out.index_copy_(0, rows, values)
 
 
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b for an fp32 `out`, accumulating in fp32 without rounding the product to the
-    inputs' dtype (cuBLAS with an fp32 output for 16-bit inputs on CUDA)."""
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """out += alpha * a @ b for an fp32 `out`, accumulating in fp32 without rounding the product
+    to the inputs' dtype (cuBLAS with an fp32 output for 16-bit inputs on CUDA)."""
     if a.dtype == torch.float32:
-        out.addmm_(a, b)
+        out.addmm_(a, b, alpha=alpha)
     elif out.is_cuda:
-        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        torch.addmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
     else:
-        out.addmm_(a.float(), b.float())
+        out.addmm_(a.float(), b.float(), alpha=alpha)
+
+
+def _float16_gain(*coefficients: torch.Tensor | None) -> float:
+    """A power of two that lifts the largest per-row coefficient into [1, 2).
+
+    float16's normal range ends at 6e-5: a logit gradient of softmax / N is mostly subnormal at a
+    large vocabulary and loses its digits when stored. The backward writes d times this gain and
+    divides it out of the fp32 matmul results, exactly (a power of two). One synchronization.
+    """
+    largest = torch.stack([x.abs().max() for x in coefficients if x is not None]).max().item()
+    if not 0 < largest < float("inf"):
+        return 1
+    return 2.0 ** -math.floor(math.log2(largest))
 
 
 def _chunk_positions(n: int, vocab: int, itemsize: int) -> int:

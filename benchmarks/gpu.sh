@@ -9,6 +9,7 @@
 #   TESTS=0 bash benchmarks/gpu.sh            # the benchmark only
 #
 # OUT/machine.txt: date, commit, nvidia-smi, versions; OUT/gpu-tests.log: `pytest -m gpu`;
+# OUT/filtering.txt: what a per-token filtering budget can skip on trained data (FILTERING=0: not);
 # OUT/bench.log: the benchmark's progress, a line per method and table as each finishes (so a run
 # cut off still says where it was), then every table; OUT/bench.tgz: <preset>-<regime>-<op>/ with
 # table.txt, results.csv and results.json of each table (one archive: the device tool returns at
@@ -52,6 +53,12 @@ if [ "$TESTS" = 1 ]; then
     echo "== pytest -m gpu" >&2
     timeout 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -25
+fi
+
+if [ "${FILTERING:-1}" = 1 ]; then
+    echo "== gradient filtering on the trained regime (benchmarks/filtering.py)" >&2
+    # shellcheck disable=SC2086
+    timeout 150 "$PYTHON" benchmarks/filtering.py --preset $PRESETS 2>&1 | tee "$OUT/filtering.txt"
 fi
 
 echo "== benchmark: $PRESETS / $REGIMES / $OPS" >&2

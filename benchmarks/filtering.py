@@ -1,0 +1,168 @@
+"""Gradient filtering on the benchmark's trained regime: what a per-token budget can skip, and
+at what gradient error, before a kernel is built for it.
+
+    python benchmarks/filtering.py [--preset gemma2-2b llama3-8b] [--rows 1024] [--device cuda]
+
+For each preset it reports, on the trained regime (`logitless.bench.data`):
+
+- the Triton backward's census at filter_eps="auto" for bfloat16 (tiles kept, chunks kept), on a
+  CUDA device: the rule in use, which skips a tile only if every row's mass in it is under the
+  tile's equal share `filter_eps * BLOCK_V / V` of the budget;
+- the share of (row block, vocabulary chunk) cells a budget decided from each chunk's exact
+  softmax mass could skip (the mass a forward pass can record per vocabulary split): per row
+  block, the chunks of least mass are skipped while the sum of their largest row masses stays
+  within filter_eps, and a chunk holding a row's target is always kept. Chunks of the natural
+  vocabulary order and of the order by average logit, at two chunk sizes;
+- on the first `--rows` rows, the relative errors of dE and dC that this skipping causes
+  against float64, beside eager bfloat16's own errors there.
+
+The trained regime's logits have the model's rank (its width plus one): the masses are computed
+at that width, which gives the same logits as the preset's D at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from logitless._validation import AUTO_FILTER_EPS
+from logitless.bench import data, lm
+from logitless.bench.runner import PRESETS
+from logitless.reference import relative_error
+
+ROW_BLOCK = 128
+CHUNKS = (2048, 8192)
+BLOCK_ROWS = 512
+"""Rows per step when sweeping logits in float32, to bound memory."""
+
+
+def chunk_masses(e: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, chunks) softmax mass of each row in each chunk of `chunk` vocabulary rows, and each
+    row's log-sum-exp."""
+    n, vocab = len(e), len(c)
+    chunks = math.ceil(vocab / chunk)
+    masses = torch.empty(n, chunks, dtype=torch.float64, device=e.device)
+    lse = torch.empty(n, dtype=torch.float64, device=e.device)
+    for begin in range(0, n, BLOCK_ROWS):
+        z = (e[begin : begin + BLOCK_ROWS] @ c.T).double()
+        lse[begin : begin + len(z)] = torch.logsumexp(z, 1)
+        p = (z - lse[begin : begin + len(z), None]).exp()
+        p = torch.nn.functional.pad(p, (0, chunks * chunk - vocab))
+        masses[begin : begin + len(z)] = p.view(len(z), chunks, chunk).sum(2)
+    return masses, lse
+
+
+def skippable(masses: torch.Tensor, target_chunks: torch.Tensor, eps: float) -> torch.Tensor:
+    """(row blocks, chunks) cells to skip: per row block, the chunks of least block mass (the
+    largest mass of a row of the block) while their sum stays within `eps`; a chunk holding a
+    target of the block is kept. No row then loses more than `eps` of its softmax mass."""
+    n, chunks = masses.shape
+    blocks = math.ceil(n / ROW_BLOCK)
+    padded = torch.nn.functional.pad(masses, (0, 0, 0, blocks * ROW_BLOCK - n))
+    block_mass = padded.view(blocks, ROW_BLOCK, chunks).amax(1)
+    block_of_row = torch.arange(n, device=masses.device) // ROW_BLOCK
+    holds_target = torch.zeros(blocks, chunks, dtype=torch.bool, device=masses.device)
+    holds_target[block_of_row, target_chunks] = True
+    block_mass = block_mass.masked_fill(holds_target, math.inf)
+    ascending, rank = block_mass.sort(1)
+    skip = torch.zeros_like(holds_target)
+    skip.scatter_(1, rank, ascending.cumsum(1) <= eps)
+    return skip
+
+
+def filtered_errors(
+    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, skip_rows: torch.Tensor, chunk: int
+) -> tuple[float, float]:
+    """Relative errors of dE and dC (summed loss) when the softmax entries of each row's skipped
+    chunks (`skip_rows`, (rows, chunks) bool) are dropped, against float64."""
+    c64 = c.double()
+    exact = [torch.zeros(len(e), c.shape[1], dtype=torch.float64, device=e.device), 0.0]
+    dropped = [torch.zeros_like(exact[0]), 0.0]
+    for begin in range(0, len(e), BLOCK_ROWS // 4):
+        rows = slice(begin, begin + BLOCK_ROWS // 4)
+        e64 = e[rows].double()
+        grad = torch.softmax(e64 @ c64.T, 1)
+        lost = grad * skip_rows[rows].repeat_interleave(chunk, 1)[:, : len(c)]
+        grad[torch.arange(len(e64), device=e.device), targets[rows]] -= 1
+        exact[0][rows], dropped[0][rows] = grad @ c64, lost @ c64
+        exact[1] = exact[1] + grad.T @ e64
+        dropped[1] = dropped[1] + lost.T @ e64
+    return tuple(relative_error(x - lost, x) for x, lost in zip(exact, dropped, strict=True))
+
+
+def eager_errors(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Relative errors of eager PyTorch's bfloat16 dE and dC (mean loss) against float64."""
+    results = []
+    for dtype in (torch.float64, torch.bfloat16):
+        ee, cc = (x.detach().to(dtype).requires_grad_() for x in (e, c))
+        loss = torch.nn.functional.cross_entropy((ee @ cc.T).float(), targets)
+        results.append(torch.autograd.grad(loss, (ee, cc)))
+    return tuple(
+        relative_error(ours, exact) for ours, exact in zip(results[1], results[0], strict=True)
+    )
+
+
+def study(preset: str, rows: int, device: torch.device) -> None:
+    shape = PRESETS[preset]
+    eps = AUTO_FILTER_EPS[torch.bfloat16]
+    width = lm.DEFAULT_CONFIG.width + 1
+    low = data.make_inputs("trained", data.Shape(shape.n, width, shape.v), torch.float32, device)
+    e, c, targets = low.e, low.c, low.targets
+    print(f"== {preset} ({shape}), trained, filter_eps = 2^{int(math.log2(eps))}", flush=True)
+    if device.type == "cuda":
+        census(preset, shape, device, eps)
+    average = c @ e.mean(0)
+    for order_name, order in (
+        ("natural", None),
+        ("by average logit", average.argsort(descending=True)),
+    ):
+        ordered = c if order is None else c[order]
+        positions = targets if order is None else torch.argsort(order)[targets]
+        for chunk in CHUNKS:
+            masses, _ = chunk_masses(e, ordered, chunk)
+            skip = skippable(masses, positions // chunk, eps)
+            skip_rows = skip.repeat_interleave(ROW_BLOCK, 0)[: len(e)]
+            de, dc = filtered_errors(e[:rows], ordered, positions[:rows], skip_rows[:rows], chunk)
+            cells, whole = skip.float().mean(), skip.all(0).float().mean()
+            print(
+                f"  {order_name:16s} chunk {chunk:5d}: {cells:6.1%} of {skip.numel()} (row "
+                f"block, chunk) cells skippable, {whole:6.1%} of chunks for every row block; "
+                f"first {rows} rows: dE {de:.2e}, dC {dc:.2e} from float64",
+                flush=True,
+            )
+    full = data.make_inputs("trained", shape, torch.float32, device)
+    de, dc = eager_errors(full.e[:rows], full.c, full.targets[:rows])
+    print(f"  eager bfloat16 on the first {rows} rows: dE {de:.2e}, dC {dc:.2e} from float64")
+
+
+def census(preset: str, shape: data.Shape, device: torch.device, eps: float) -> None:
+    """The Triton backward's filtering census at the preset's full shape in bfloat16."""
+    from logitless import linear_cross_entropy
+    from logitless.backends import triton_backend
+
+    inputs = data.make_inputs("trained", shape, torch.bfloat16, device)
+    e, c, targets = inputs.e, inputs.c, inputs.targets
+    _, lse = linear_cross_entropy(e, c, targets, reduction="none", return_lse=True, impl="triton")
+    tiles, kept, chunks, chunks_kept = triton_backend.tile_census(
+        e, c, None, targets, lse, softcap=None, filter_eps=eps
+    )
+    print(
+        f"  Triton backward, tile share rule: {kept / tiles:6.1%} of {tiles} tiles kept, "
+        f"{chunks_kept} of {chunks} chunks"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", nargs="+", default=["gemma2-2b", "llama3-8b"])
+    parser.add_argument("--rows", type=int, default=1024, help="rows of the error measurement")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    for preset in args.preset:
+        study(preset, args.rows, torch.device(args.device))
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,8 @@ def forward_signature(dtype: str) -> dict[str, str]:
     return {
         **{name: f"*{kind}" for name, kind in pointers.items()},
         "partials_ptr": "*fp32",
+        "top_values_ptr": "*fp32",
+        "top_indices_ptr": "*i32",
         **dict.fromkeys(("N", "V", "D", "stride_en", "stride_cv", "vocab_bucket"), "i32"),
         "softcap": "fp32",
         "scale": "fp32",
@@ -70,8 +72,8 @@ def backward_signature(dtype: str) -> dict[str, str]:
 
 TEACHER_FLAGS = ("TEACHER", "TEACHER_BIAS", "TEACHER_SOFTCAP")
 FLAGS = {
-    "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_MEAN", *TEACHER_FLAGS,
-                "MIXTURE"),
+    "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_MEAN", "TOP_K",
+                *TEACHER_FLAGS, "MIXTURE"),
     "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PZ", "HAS_WEIGHT", "SORTED", "FILTER",
                  *TEACHER_FLAGS, "HAS_Q", "HAS_PY", "HAS_PLOGR"),
 }  # fmt: skip
@@ -79,6 +81,7 @@ VARIANTS = {
     "forward": {
         "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT"),
         "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_MEAN"),
+        "top_k": ("HAS_BIAS", "HAS_SOFTCAP", "TOP_K"),
         "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_MEAN", *TEACHER_FLAGS),
         "mixture": ("HAS_BIAS", "HAS_SOFTCAP", *TEACHER_FLAGS, "MIXTURE"),
     },
@@ -92,14 +95,20 @@ VARIANTS = {
 }  # fmt: skip
 """The register worst cases of real calls, every option a call can set together: label
 smoothing with class weights (which turns filtering off), a filtered loss, log-probs with
-entropy (no logit sum, no filtering), and a distillation with a teacher head (every
-divergence's statistics, or the JSD's second sweep; every teacher term)."""
+entropy (no logit sum, no filtering), the largest top-k the forward kernel keeps, and a
+distillation with a teacher head (every divergence's statistics, or the JSD's second sweep;
+every teacher term)."""
 
 
 def flags(kernel: str, variant: str) -> dict[str, bool]:
-    """The flags of one variant: a worst case of `VARIANTS`, or "minimal" (a plain loss)."""
+    """The flags of one variant: a worst case of `VARIANTS`, or "minimal" (a plain loss); TOP_K
+    is the kernel's largest k when on."""
     on = () if variant == "minimal" else VARIANTS[kernel][variant]
-    return {name: name in on for name in FLAGS[kernel]}
+    flags = {name: name in on for name in FLAGS[kernel]}
+    if "TOP_K" in flags:
+        flags["TOP_K"] = lse_forward.MAX_TOP_K if flags["TOP_K"] else 0
+        flags["TOP_K_SLOTS"] = triton.next_power_of_2(max(1, flags["TOP_K"]))
+    return flags
 
 
 def compile_variant(kernel, signature, constants, config) -> dict[str, object]:

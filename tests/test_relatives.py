@@ -93,8 +93,14 @@ def _reference_top_k(k):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     ("k", "options"),
-    [(1, {}), (5, {"temperature": 0.7}), (3, {"temperature": 1.3, "softcap": 3.0})],
-    ids=["argmax", "k5-T0.7", "k3-T1.3-softcap"],
+    [
+        (1, {}),
+        (5, {"temperature": 0.7}),
+        (3, {"temperature": 1.3, "softcap": 3.0}),
+        (17, {}),
+        (70, {"temperature": 0.7}),  # above the Triton kernel's MAX_TOP_K
+    ],
+    ids=["argmax", "k5-T0.7", "k3-T1.3-softcap", "k17", "k70-T0.7"],
 )
 def test_top_k(impl, dtype, k, options):
     """Descending log-probs and indices equal to the float64 reference's; value gradients."""

@@ -282,3 +282,23 @@ def test_float16_gradients_below_the_normal_range_keep_their_digits(options):
     errors = check_against_reference(inputs, impl="triton", upstream_scale=1e-3, **options)
     ours, eager = errors["grad_e"]
     assert ours < eager / 4
+
+
+@pytest.mark.parametrize("k", [1, 17])
+def test_top_k_comes_from_the_forward_kernel(monkeypatch, k):
+    """The running top-k of the forward kernel (no portable fallback), across splits and tiles,
+    with masked classes (-inf bias) among the candidates: the float64 top-k classes in order."""
+    e, c, _, bias = inputs_for(torch.float32, bias=True)
+    bias[VOCAB // 3 : VOCAB // 3 + 70] = float("-inf")
+
+    def portable(*args, **kwargs):
+        raise AssertionError("the top-k came from the portable backend")
+
+    monkeypatch.setattr(triton_backend.torch_backend, "stats", portable)
+    no_targets = torch.full((ROWS,), -1, dtype=torch.long, device=DEVICE)
+    found, top = triton_backend.stats(
+        e, c, bias, no_targets, logits=Logits(softcap=3.0), names=("lse",), top_k=k
+    )
+    logits = 3.0 * torch.tanh((e.double() @ c.double().T + bias.double()) / 3.0)
+    assert top.dtype == torch.int64 and torch.equal(top, logits.topk(k, dim=1).indices)
+    assert rel_error(found[0], torch.logsumexp(logits, 1)) < 1e-6

@@ -303,6 +303,9 @@ def linear_top_k(
         rows, c, bias, no_targets.reshape(-1), None, None, None, plan, ("lse",), k
     )
     logits = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
+    # float32 values of classes picked from 16-bit logits may order near-ties otherwise
+    logits, order = logits.sort(dim=1, descending=True)
+    indices = indices.gather(1, order)
     values = logits - found[0].unsqueeze(1)  # every row: top-k has no targets to drop
     lead = e.shape[:-1]
     return values.reshape(*lead, k), indices.reshape(*lead, k)

@@ -21,7 +21,7 @@ import torch
 
 from logitless.backends import Logits, Teacher, torch_backend
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
-from logitless.kernels.lse_forward import lse_forward
+from logitless.kernels.lse_forward import MAX_TOP_K, lse_forward
 
 LOGIT_GRAD_BUFFER_BYTES = 32 * 2**20
 """Most bytes of the buffer holding one vocabulary chunk of the logits' gradient (N x chunk, in
@@ -44,18 +44,20 @@ def stats(
     top_k: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The statistics from the forward kernel, a teacher's and the JSD's second sweep
-    included; a running top-k from the portable backend (on the same device), which has it."""
-    if top_k:
+    included, and a running top-k up to MAX_TOP_K; a larger top-k from the portable backend (on
+    the same device), which has it."""
+    if top_k > MAX_TOP_K:
         return torch_backend.stats(
             e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse,
             top_k=top_k,
         )  # fmt: skip
     found = lse_forward(
         e, c, bias, targets.contiguous(), softcap=logits.softcap, with_sum="sum" in names,
-        scale=logits.scale, weight=logits.column_weight, with_mean="mean" in names,
+        scale=logits.scale, weight=logits.column_weight, with_mean="mean" in names, top_k=top_k,
         teacher=teacher, lse=lse,
     )  # fmt: skip
-    return torch.stack([found[name] for name in names])
+    out = torch.stack([found[name] for name in names])
+    return (out, found["top"]) if top_k else out
 
 
 def grads(

@@ -45,9 +45,14 @@ def launch(kernel, tuned, grid, *args, **kwargs) -> None:
 LARGE_TILE = 128 * 128
 """Tiles of more entries than this are tried only for plain logits (see `config_fits`)."""
 
-SPILLING_OPTIONS = ("HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGHT", "TEACHER")
+SPILLING_OPTIONS = (
+    "HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGHT", "TOP_K", "TEACHER",
+)  # fmt: skip
 """Options whose extra tile math spills a large tile's registers on Hopper."""
 
+
+TOP_K_TILE = 64 * 128
+"""The largest tile whose running top-k (MAX_TOP_K slots per row) stays in registers."""
 
 TEACHER_ENTRIES_PER_THREAD = 16
 """Most entries of a logit tile per thread in a launch with a teacher, which holds two tiles:
@@ -57,12 +62,14 @@ larger ones spill on Hopper (sm90_compile)."""
 def config_fits(config: triton.Config, options: dict[str, object]) -> bool:
     """Whether `config` compiles without spilling for the constexpr `options` of a launch:
     tiles larger than LARGE_TILE only without the tile math of SPILLING_OPTIONS, and with a
-    teacher at most TEACHER_ENTRIES_PER_THREAD per thread (sm90_compile)."""
+    running top-k none larger than TOP_K_TILE, and with a teacher at most
+    TEACHER_ENTRIES_PER_THREAD per thread (sm90_compile)."""
     entries = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"]
     if options.get("TEACHER") and entries > TEACHER_ENTRIES_PER_THREAD * 32 * config.num_warps:
         return False
-    large = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"] > LARGE_TILE
-    return not (large and any(options.get(name) for name in SPILLING_OPTIONS))
+    if options.get("TOP_K"):
+        return entries <= TOP_K_TILE
+    return not (entries > LARGE_TILE and any(options.get(name) for name in SPILLING_OPTIONS))
 
 
 def autotune_by_dtype(

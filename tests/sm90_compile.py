@@ -22,7 +22,7 @@ from logitless.kernels import lse_backward, lse_forward
 from logitless.kernels._tiles import SPILLING_OPTIONS, config_fits
 
 HOPPER = GPUTarget("cuda", 90, 32)
-ALIGNED = ("N", "V", "D", "stride_en", "stride_cv", "stride_dn")
+ALIGNED = ("N", "V", "D", "stride_en", "stride_cv", "stride_dn", "D_t", "stride_ten", "stride_tcv")
 """Integer arguments Triton specializes as multiples of 16 at model shapes."""
 
 
@@ -37,6 +37,18 @@ def forward_signature(dtype: str) -> dict[str, str]:
         **dict.fromkeys(("N", "V", "D", "stride_en", "stride_cv", "vocab_bucket"), "i32"),
         "softcap": "fp32",
         "scale": "fp32",
+        **teacher_signature(dtype, ("lse", "teacher_lse")),
+    }
+
+
+def teacher_signature(dtype: str, fp32_pointers: tuple[str, ...]) -> dict[str, str]:
+    """The teacher head's arguments, shared by both kernels, and their fp32 row vectors."""
+    pointers = {f"teacher_{name}_ptr": f"*{dtype}" for name in ("e", "c", "bias")}
+    return {
+        **pointers,
+        **{f"{name}_ptr": "*fp32" for name in fp32_pointers},
+        **dict.fromkeys(("D_t", "stride_ten", "stride_tcv"), "i32"),
+        **dict.fromkeys(("teacher_softcap", "log_beta", "log_one_minus_beta"), "fp32"),
     }
 
 
@@ -54,28 +66,38 @@ def backward_signature(dtype: str) -> dict[str, str]:
         "softcap": "fp32",
         "scale": "fp32",
         "filter_mass_per_entry": "fp32",
+        **teacher_signature(dtype, ("teacher_lse", "grad_q", "grad_py", "grad_plogr")),
     }
 
 
+TEACHER_FLAGS = ("TEACHER", "TEACHER_BIAS", "TEACHER_SOFTCAP")
 FLAGS = {
-    "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_MEAN", "TOP_K"),
-    "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PZ", "HAS_WEIGHT", "SORTED", "FILTER"),
-}
+    "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_MEAN", "TOP_K",
+                *TEACHER_FLAGS, "MIXTURE"),
+    "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PZ", "HAS_WEIGHT", "SORTED", "FILTER",
+                 *TEACHER_FLAGS, "HAS_Q", "HAS_PY", "HAS_PLOGR"),
+}  # fmt: skip
 VARIANTS = {
     "forward": {
         "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT"),
         "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_MEAN"),
         "top_k": ("HAS_BIAS", "HAS_SOFTCAP", "TOP_K"),
+        "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_MEAN", *TEACHER_FLAGS),
+        "mixture": ("HAS_BIAS", "HAS_SOFTCAP", *TEACHER_FLAGS, "MIXTURE"),
     },
     "backward": {
         "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_WEIGHT"),
         "filtered": ("HAS_BIAS", "HAS_SOFTCAP", "SORTED", "FILTER"),
         "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PZ"),
+        "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PZ", *TEACHER_FLAGS, "HAS_Q", "HAS_PY",
+                         "HAS_PLOGR"),
     },
-}
+}  # fmt: skip
 """The register worst cases of real calls, every option a call can set together: label
 smoothing with class weights (which turns filtering off), a filtered loss, log-probs with
-entropy (no logit sum, no filtering), the largest top-k the forward kernel keeps."""
+entropy (no logit sum, no filtering), the largest top-k the forward kernel keeps, and a
+distillation with a teacher head (every divergence's statistics, or the JSD's second sweep;
+every teacher term)."""
 
 
 def flags(kernel: str, variant: str) -> dict[str, bool]:
@@ -91,7 +113,8 @@ def flags(kernel: str, variant: str) -> dict[str, bool]:
 
 def compile_variant(kernel, signature, constants, config) -> dict[str, object]:
     """Compile one variant; its registers, spilled bytes and shared memory."""
-    constants = {**constants, **config.kwargs, "stride_ed": 1, "stride_cd": 1}
+    unit_strides = dict.fromkeys(("stride_ed", "stride_cd", "stride_ted", "stride_tcd"), 1)
+    constants = {**constants, **config.kwargs, **unit_strides}
     full_signature = {
         name: "constexpr" if name in constants else signature[name] for name in kernel.arg_names
     }
@@ -145,6 +168,8 @@ def main() -> None:
                 variants = list(VARIANTS[name])
                 for variant in [*variants, "minimal"] if index == 0 else variants:
                     constants = flags(name, variant)
+                    if constants.get("TEACHER") and not config_fits(config, constants):
+                        continue  # never launched with a teacher
                     if not config_fits(config, constants):  # the most this config is run with
                         constants.update(
                             dict.fromkeys(set(SPILLING_OPTIONS) & set(constants), False)

@@ -1,5 +1,6 @@
-"""linear_distillation_loss against the float64 reference: every divergence, temperature,
-hard_weight, reduction, ignored tokens and dtype, teacher of another hidden size."""
+"""linear_distillation_loss and linear_top_k_distillation_loss against the float64 reference:
+every divergence, temperature, hard_weight, reduction, ignored tokens and dtype, teacher of
+another hidden size, on both backends (the Triton kernels on the interpreter without CUDA)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ import pytest
 import torch
 
 from helpers import DTYPES, check_results, make_inputs, outputs_and_grads
-from logitless import linear_distillation_loss
-from logitless.reference import reference_linear_distillation_loss
+from logitless import (
+    LinearDistillationLoss,
+    linear_distillation_loss,
+    linear_top_k_distillation_loss,
+)
+from logitless.backends import torch_backend, triton_backend
+from logitless.reference import (
+    reference_linear_distillation_loss,
+    reference_linear_top_k_distillation_loss,
+)
 
 ROWS, DIM, TEACHER_DIM, VOCAB = 37, 29, 43, 301
 
@@ -45,13 +54,46 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("options", CASES, ids=repr)
-def test_divergences(impl, dtype, options):
+BACKENDS = [("torch", dtype) for dtype in DTYPES] + [
+    ("triton", torch.float32),
+    ("triton", torch.bfloat16),
+]
+"""The portable backend at every dtype; the kernels (on the interpreter without CUDA) at
+float32 and bfloat16, whose dots they compute differently (float16's are bfloat16's)."""
+
+
+@pytest.fixture
+def kernels_only(monkeypatch):
+    """impl="triton" computes on the kernels: the portable backend refuses to run, and the
+    backward sweeps several vocabulary chunks (a buffer of about 100 float32 columns)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("impl='triton' fell back to the portable backend")
+
+    for name in ("stats", "grads", "stats_and_grads"):
+        monkeypatch.setattr(torch_backend, name, refuse)
+    monkeypatch.setattr(triton_backend, "LOGIT_GRAD_BUFFER_BYTES", 100 * 4 * ROWS)
+
+
+def backend_fixture(request, impl):
+    if impl == "triton":
+        request.getfixturevalue("kernels_only")
+
+
+FLOAT16_KERNEL_CASES = [CASES[3], CASES[5]]
+"""float16 on the kernels (its logit gradient is stored times a power of two): the teacher's
+terms of the reverse KL and of the JSD, with both softcaps and a temperature."""
+
+
+@pytest.mark.parametrize(
+    ("impl", "dtype", "options"),
+    [(impl, dtype, options) for impl, dtype in BACKENDS for options in CASES]
+    + [("triton", torch.float16, options) for options in FLOAT16_KERNEL_CASES],
+    ids=str,
+)
+def test_divergences(request, impl, dtype, options):
     """Loss and the student's gradients (e, c, bias) against float64."""
-    if impl == "triton" and dtype != torch.float32:
-        pytest.skip("the Triton backend routes a teacher to the portable one: one dtype shows it")
+    backend_fixture(request, impl)
     inputs = make_inputs(
         (ROWS,), DIM, VOCAB, dtype, bias=True, ignore_fraction=0.2, seed=3,
         ignore_index=options.get("ignore_index", -100),
@@ -65,7 +107,9 @@ def test_divergences(impl, dtype, options):
     )
 
 
-def test_shift_on_batched_sequences_without_bias():
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_shift_on_batched_sequences_without_bias(request, impl):
+    backend_fixture(request, impl)
     inputs = make_inputs((ROWS,), DIM, VOCAB, bias=False, ignore_fraction=0.1, seed=5)
     e, c, targets, _ = inputs
     batched = (e.view(1, ROWS, DIM), c, targets.view(1, ROWS), None)
@@ -73,7 +117,7 @@ def test_shift_on_batched_sequences_without_bias():
     options = {"divergence": "jsd", "shift": 2, "reduction": "none", "temperature": 0.7}
     lead = (1, ROWS)
     ours = outputs_and_grads(
-        adapter(linear_distillation_loss, teacher, lead), batched, 1, **options
+        adapter(linear_distillation_loss, teacher, lead), batched, 1, impl=impl, **options
     )
     check_results(
         ours, batched, reference=adapter(reference_linear_distillation_loss, teacher, lead),
@@ -122,3 +166,135 @@ def test_bad_teacher():
         linear_distillation_loss(e, c, e.double(), c, targets)
     with pytest.raises(TypeError, match="teacher_bias"):
         linear_distillation_loss(e, c, e, c, targets, teacher_bias=[0.0])
+
+
+def cached_teacher(k: int, temperature: float, pad_rows: int = 0, lead=(ROWS,)):
+    """A teacher's top-k log-probabilities and classes at `temperature`, as offline
+    distillation caches them (float32); the first `pad_rows` rows hold fewer than k classes
+    (-inf padding on class 0)."""
+    teacher_e, teacher_c, teacher_bias = teacher_head(torch.float64, bias=True)
+    log_q = torch.log_softmax((teacher_e @ teacher_c.T + teacher_bias) / temperature, dim=-1)
+    log_probs, indices = log_q.topk(k, dim=-1)
+    log_probs = log_probs.float()
+    log_probs[:pad_rows, k // 2 :] = -torch.inf
+    indices[:pad_rows, k // 2 :] = 0
+    return indices.reshape(*lead, k), log_probs.reshape(*lead, k)
+
+
+def top_k_adapter(function, teacher):
+    """(e, c, targets, bias, **options) -> the top-k distillation loss, the teacher fixed."""
+
+    def loss(e, c, targets, bias, **options):
+        return function(e, c, *teacher, targets, bias, **options)
+
+    return loss
+
+
+TOP_K_CASES = [
+    {"k": 5},
+    {"k": 17, "temperature": 0.7, "reduction": "sum"},
+    {"k": 8, "temperature": 1.3, "softcap": 3.0, "reduction": "none"},
+    {"k": 5, "hard_weight": 0.3, "ignore_index": 4},
+    {"k": 5, "hard_weight": 0.5, "temperature": 1.3, "filter_eps": 2.0**-12},
+]
+
+
+@pytest.mark.parametrize(("impl", "dtype"), BACKENDS, ids=str)
+@pytest.mark.parametrize("options", TOP_K_CASES, ids=repr)
+def test_top_k_distillation(request, impl, dtype, options):
+    """The cached-teacher loss (tail bucket, padded supports) and the student's gradients
+    against float64 through the full logits."""
+    backend_fixture(request, impl)
+    options = dict(options)
+    k = options.pop("k")
+    inputs = make_inputs(
+        (ROWS,), DIM, VOCAB, dtype, bias=True, ignore_fraction=0.2, seed=4,
+        ignore_index=options.get("ignore_index", -100),
+    )  # fmt: skip
+    teacher = cached_teacher(k, options.get("temperature", 1.0), pad_rows=3)
+    ours = outputs_and_grads(
+        top_k_adapter(linear_top_k_distillation_loss, teacher), inputs, 1, impl=impl, **options
+    )
+    check_results(
+        ours, inputs, reference=top_k_adapter(reference_linear_top_k_distillation_loss, teacher),
+        **options,
+    )  # fmt: skip
+
+
+def test_top_k_distillation_with_shift_on_batched_sequences():
+    e, c, targets, _ = make_inputs((ROWS,), DIM, VOCAB, ignore_fraction=0.1, seed=6)
+    batched = (e.view(1, ROWS, DIM), c, targets.view(1, ROWS), None)
+    teacher = cached_teacher(6, 0.7, lead=(1, ROWS))
+    options = {"shift": 1, "reduction": "none", "temperature": 0.7}
+    ours = outputs_and_grads(
+        top_k_adapter(linear_top_k_distillation_loss, teacher), batched, 1, **options
+    )
+    check_results(
+        ours, batched, reference=top_k_adapter(reference_linear_top_k_distillation_loss, teacher),
+        **options,
+    )  # fmt: skip
+
+
+def test_top_k_distillation_of_the_whole_support_is_the_forward_kl():
+    """k = V: no tail, the loss is the full forward KL of `linear_distillation_loss`."""
+    e, c, _, bias = make_inputs((ROWS,), DIM, VOCAB, bias=True, seed=7)
+    teacher_e, teacher_c, teacher_bias = (x.float() for x in teacher_head(torch.float64, True))
+    log_q = torch.log_softmax(teacher_e @ teacher_c.T + teacher_bias, dim=-1)
+    indices = torch.randperm(VOCAB).expand(ROWS, VOCAB)
+    top_k = linear_top_k_distillation_loss(e, c, indices, log_q.gather(1, indices), bias=bias)
+    full = linear_distillation_loss(
+        e, c, teacher_e, teacher_c, bias=bias, teacher_bias=teacher_bias
+    )
+    assert top_k.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda i, lp: (i.float(), lp), TypeError, "teacher_indices must be an integer"),
+        (lambda i, lp: (i, lp.long()), TypeError, "teacher_log_probs must be a floating"),
+        (lambda i, lp: (i[:-1], lp[:-1]), ValueError, "teacher_indices must have shape"),
+        (lambda i, lp: (i, lp[:, :-1]), ValueError, "teacher_log_probs must have the shape"),
+        (lambda i, lp: (i + VOCAB, lp), ValueError, "teacher_indices must lie in"),
+        (lambda i, lp: (i, -lp), ValueError, "teacher_log_probs must be log-probabilities"),
+        (lambda i, lp: (i, lp.clamp(max=-0.01) * 0), ValueError, "sum to more than 1"),
+        (lambda i, lp: (i.clamp(max=3), lp), ValueError, "must not repeat a class"),
+    ],
+)
+def test_top_k_distillation_bad_teacher(change, error, match):
+    e, c, targets, _ = make_inputs((ROWS,), DIM, VOCAB)
+    indices, log_probs = change(*cached_teacher(5, 1.0))
+    with pytest.raises(error, match=match):
+        linear_top_k_distillation_loss(e, c, indices, log_probs, targets)
+
+
+def test_top_k_distillation_bad_options():
+    e, c, targets, _ = make_inputs((ROWS,), DIM, VOCAB)
+    teacher = cached_teacher(5, 1.0)
+    with pytest.raises(ValueError, match="needs targets"):
+        linear_top_k_distillation_loss(e, c, *teacher, hard_weight=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_top_k_distillation_loss(e, c, *teacher, targets, temperature=0.0)
+
+
+def test_module_equals_the_function():
+    inputs = make_inputs((ROWS,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=8)
+    teacher_e, teacher_c, teacher_bias = teacher_head(torch.float32, bias=True)
+    options = {"divergence": "jsd", "beta": 0.3, "temperature": 1.3, "hard_weight": 0.2}
+    module = LinearDistillationLoss(**options)
+    assert "divergence='jsd'" in repr(module) and "reduction" not in repr(module)
+    ours = outputs_and_grads(
+        lambda e, c, t, b: module(e, c, teacher_e, teacher_c, t, b, teacher_bias), inputs, 1
+    )
+    expected = outputs_and_grads(
+        adapter(linear_distillation_loss, (teacher_e, teacher_c, teacher_bias)), inputs, 1,
+        **options,
+    )  # fmt: skip
+    for x, y in zip(ours[0] + ours[1], expected[0] + expected[1], strict=True):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="beta"):
+        LinearDistillationLoss(divergence="jsd", beta=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        LinearDistillationLoss(reduction="avg")
+    with pytest.raises(ValueError, match="temperature"):
+        LinearDistillationLoss(temperature=-2.0)

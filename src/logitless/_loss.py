@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,28 @@ class TokenLoss:
         if self.z_loss:
             grad_lse = grad_lse + weights * (2.0 * self.z_loss) * lse
         return grad_lse, grad_target, -(self.label_smoothing / self.vocab) * weights
+
+
+def top_k_forward_kl(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor):
+    """Forward KL from a teacher known on k classes per row, the rest of its mass one bucket:
+
+        sum_{i in S} q_i (log q_i - log p_i) + q_tail (log q_tail - log p_tail)
+
+    with q_tail = 1 - sum_S q_i and p_tail = 1 - sum_S p_i (the KL of the k + 1 buckets, at most
+    the full KL). (N, k) log-probabilities in, (N,) out; a teacher entry of -inf is padding, not
+    in S. p_tail is formed as 1 - (the student's support mass), so its relative precision is
+    about eps / p_tail; it is floored at the smallest normal float, so that a student with all
+    its mass on S gets a large finite loss and gradient where the teacher has a tail.
+    """
+    in_support = teacher_log_probs != -math.inf
+    log_q = torch.where(in_support, teacher_log_probs, 0.0)
+    q = torch.where(in_support, log_q.exp(), 0.0)
+    support = (q * (log_q - student_log_probs)).sum(-1)
+    tiny = torch.finfo(student_log_probs.dtype).tiny
+    student_support = torch.logsumexp(
+        torch.where(in_support, student_log_probs, -math.inf), dim=-1
+    )  # log sum_S p
+    log_p_tail = torch.log(torch.clamp(-torch.expm1(student_support), min=tiny))
+    q_tail = torch.clamp(1.0 - q.sum(-1), min=0.0)
+    tail = q_tail * (torch.log(torch.clamp(q_tail, min=tiny)) - log_p_tail)
+    return support + tail

@@ -356,25 +356,98 @@ def check_teacher(
         )
 
 
-def check_distillation(
-    divergence: str, beta: float, hard_weight: float, teacher_softcap: float | None, targets
+TOP_K_MASS_TOLERANCE = 2.0**-6
+"""How far above 1 a cached teacher's support mass may sum (log-probs stored in 16 bits)."""
+
+
+def check_teacher_top_k(
+    e: torch.Tensor, c: torch.Tensor, teacher_indices: torch.Tensor, teacher_log_probs: torch.Tensor
 ) -> None:
-    """The options of `linear_distillation_loss` beyond the shared ones."""
+    """A cached teacher: (..., k) integer class indices in [0, V) and floating log-probs <= 0
+    (-inf marks padding) with the leading shape of e, on its device, whose probabilities sum to
+    at most 1 per token, and no class twice in a token's support (one host synchronization)."""
+    if not isinstance(teacher_indices, torch.Tensor):
+        raise TypeError(
+            f"teacher_indices must be a torch.Tensor, got {type(teacher_indices).__name__}"
+        )
+    if not isinstance(teacher_log_probs, torch.Tensor):
+        raise TypeError(
+            f"teacher_log_probs must be a torch.Tensor, got {type(teacher_log_probs).__name__}"
+        )
+    dtype = teacher_indices.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"teacher_indices must be an integer tensor, got {teacher_indices.dtype}")
+    if not teacher_log_probs.dtype.is_floating_point:
+        raise TypeError(
+            f"teacher_log_probs must be a floating-point tensor, got {teacher_log_probs.dtype}"
+        )
+    for name, tensor in (
+        ("teacher_indices", teacher_indices),
+        ("teacher_log_probs", teacher_log_probs),
+    ):
+        if tensor.device != e.device:
+            raise ValueError(f"{name} must be on the device of e ({e.device}), got {tensor.device}")
+    lead = tuple(e.shape[:-1])
+    if teacher_indices.dim() != len(lead) + 1 or tuple(teacher_indices.shape[:-1]) != lead:
+        raise ValueError(
+            f"teacher_indices must have shape (*{lead}, k) (the leading shape of e), "
+            f"got {tuple(teacher_indices.shape)}"
+        )
+    vocab, k = c.shape[0], teacher_indices.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_indices must hold k in [1, {vocab}] classes per token, got {k}")
+    if teacher_log_probs.shape != teacher_indices.shape:
+        raise ValueError(
+            f"teacher_log_probs must have the shape of teacher_indices "
+            f"{tuple(teacher_indices.shape)}, got {tuple(teacher_log_probs.shape)}"
+        )
+    indices = teacher_indices.reshape(-1, k).long()
+    log_probs = teacher_log_probs.reshape(-1, k).float()
+    if bool(((indices < 0) | (indices >= vocab)).any()):
+        raise ValueError(f"teacher_indices must lie in [0, {vocab}) (the rows of c)")
+    if bool((log_probs.isnan() | (log_probs > 0)).any()):
+        raise ValueError("teacher_log_probs must be log-probabilities: <= 0 (or -inf), not NaN")
+    if bool((log_probs.exp().sum(-1) > 1.0 + TOP_K_MASS_TOLERANCE).any()):
+        raise ValueError(
+            "teacher_log_probs must be log-probabilities of one distribution: their "
+            "probabilities sum to more than 1 in some token"
+        )
+    in_support = log_probs != -math.inf
+    distinct_padding = -1 - torch.arange(k, device=e.device)
+    ordered = torch.where(in_support, indices, distinct_padding).sort(-1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("teacher_indices must not repeat a class within a token's support")
+
+
+def check_distillation(
+    divergence: str, beta: float, hard_weight: float, teacher_softcap: float | None
+) -> None:
+    """The options of `linear_distillation_loss` beyond the shared ones (its module checks
+    them at construction)."""
     _check_choice("divergence", divergence, DIVERGENCES)
     _check_real("beta", beta)
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
-    _check_real("hard_weight", hard_weight)
-    if not 0.0 <= hard_weight <= 1.0:
-        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight}")
-    if hard_weight and targets is None:
-        raise ValueError("hard_weight > 0 needs targets (the labels of the hard loss)")
+    check_hard_weight(hard_weight)
     if teacher_softcap is not None:
         _check_real("teacher_softcap", teacher_softcap)
         if not (teacher_softcap > 0 and math.isfinite(teacher_softcap)):
             raise ValueError(
                 f"teacher_softcap must be a finite number > 0 or None, got {teacher_softcap}"
             )
+
+
+def check_hard_weight(hard_weight: float) -> None:
+    """hard_weight in [0, 1] (the share of the hard-label cross-entropy in a distillation)."""
+    _check_real("hard_weight", hard_weight)
+    if not 0.0 <= hard_weight <= 1.0:
+        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight}")
+
+
+def check_hard_targets(hard_weight: float, targets: torch.Tensor | None) -> None:
+    """A call with hard_weight > 0 gives targets, the labels of the hard loss."""
+    if hard_weight and targets is None:
+        raise ValueError("hard_weight > 0 needs targets (the labels of the hard loss)")
 
 
 def check_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -9,17 +9,20 @@ import dataclasses
 
 import torch
 
-from logitless._autograd import FusedLinearCrossEntropy, LinearLogitStats, Plan
-from logitless._loss import TokenLoss
+from logitless._autograd import FusedLinearCrossEntropy, GatheredDots, LinearLogitStats, Plan
+from logitless._loss import TokenLoss, top_k_forward_kl
 from logitless._validation import (
     LossOptions,
     check_distillation,
     check_dtensors,
+    check_hard_targets,
+    check_hard_weight,
     check_impl,
     check_inputs,
     check_no_vmap,
     check_num_items_in_batch,
     check_teacher,
+    check_teacher_top_k,
     check_top_k,
     check_weight,
     temperature_scale,
@@ -276,9 +279,9 @@ def linear_top_k(
     `softmax(softcap(e @ c.T + bias) / temperature)`, without forming the logits.
 
     One sweep over the vocabulary keeps a running top-k of the logits and their log-sum-exp.
-    The values are recomputed from the k selected rows of `c` (N x k x D floats, which autograd
-    keeps), so they are differentiable in e, c and bias; the log-sum-exp's gradient is one
-    more sweep. k = 1 gives argmax predictions (and accuracy) without logits.
+    The values are recomputed from the k selected rows of `c` (gathered in row blocks, never
+    N x k x D at once), so they are differentiable in e, c and bias; the log-sum-exp's gradient
+    is one more sweep. k = 1 gives argmax predictions (and accuracy) without logits.
 
     Returns:
         (values, indices), both (..., k): float32 log-probabilities in descending order and
@@ -359,7 +362,8 @@ def linear_distillation_loss(
         filter_eps=filter_eps, impl=impl, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     scale = temperature_scale(temperature)
-    check_distillation(divergence, beta, hard_weight, teacher_softcap, targets)
+    check_distillation(divergence, beta, hard_weight, teacher_softcap)
+    check_hard_targets(hard_weight, targets)
     labels = targets
     if labels is None:
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
@@ -405,12 +409,96 @@ def linear_distillation_loss(
         )
         hard = _stats(rows, c, bias, backend_targets, hard_plan, ("lse", "target"))
         losses = (1.0 - hard_weight) * losses + hard_weight * (hard[0] - hard[1])
-    losses = torch.where(valid, losses, 0.0)
-    if reduction == "mean":
-        return losses.sum() / valid.sum().clamp(min=1)
-    if reduction == "sum":
-        return losses.sum()
-    return _per_token(losses, labels, shift, kept)
+    return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
+
+
+def linear_top_k_distillation_loss(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: int = 0,
+    softcap: float | None = None,
+    filter_eps: float | str | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Forward KL from a cached teacher, known by its top-k log-probabilities per token (as
+    offline distillation stores them), to the student, without forming the student's logits.
+
+    The teacher's mass outside its k classes, 1 - sum exp(teacher_log_probs), is one more
+    bucket, compared with the student's mass outside them: the loss is the KL divergence of
+    the k + 1 buckets,
+
+        sum_{i in S} q_i (log q_i - log p_i) + q_tail (log q_tail - log p_tail),
+
+    the full KL when the teacher's tail is empty, never more than it otherwise, and 0 only
+    when the student matches the teacher on S and in total outside it. Unlike renormalizing
+    both over S, it keeps pushing the student's mass out of classes the teacher finds
+    unlikely. The student needs its log-sum-exp (one sweep over the vocabulary, whose
+    gradient is one more) and its logits at the k classes (N x k dot products, in row blocks).
+
+    Args:
+        e, c, bias: the student (gradients flow to these); P_s = softmax(softcap(e @ c.T +
+            bias) / temperature).
+        teacher_indices: (..., k) integer classes of the teacher's support, the leading
+            shape of e (row t: the teacher's prediction at position t, like e's).
+        teacher_log_probs: (..., k) the teacher's log-probabilities of those classes, at
+            `temperature` (taken as given: a cached teacher cannot be re-tempered); -inf
+            marks padding (fewer than k classes). Gets no gradient.
+        targets: optional: ignore_index marks tokens left out, shift aligns them, and they are
+            the labels of the hard loss.
+        temperature: T > 0 divides the student's (softcapped) logits.
+        hard_weight: h mixes in the student's cross-entropy at T = 1:
+            (1 - h) divergence + h cross-entropy.
+        reduction, ignore_index, shift, softcap, impl: as in `linear_cross_entropy`.
+        filter_eps: None (exact) by default; the log-sum-exp's gradient may skip negligible
+            tiles with a budget, as in `linear_cross_entropy`.
+
+    Returns:
+        The float32 loss: a scalar, or per token (the shape of `targets[..., shift:]`).
+    """
+    options = LossOptions(
+        ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
+        filter_eps=filter_eps, impl=impl,
+    )  # fmt: skip
+    scale = temperature_scale(temperature)
+    check_hard_weight(hard_weight)
+    check_hard_targets(hard_weight, targets)
+    labels = targets
+    if labels is None:
+        labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+    check_inputs(e, c, labels, bias, options)
+    check_teacher_top_k(e, c, teacher_indices, teacher_log_probs)
+    rows, row_targets, kept = _rows_with_target(
+        e.reshape(-1, e.shape[-1]), _row_targets(labels, options)
+    )
+    k = teacher_indices.shape[-1]
+    indices = teacher_indices.reshape(-1, k).long()
+    teacher_log_q = teacher_log_probs.detach().reshape(-1, k).to(accumulation_dtype(e.dtype))
+    if kept is not None:
+        indices, teacher_log_q = indices[kept], teacher_log_q[kept]
+    valid = row_targets != NO_TARGET
+    plan = Plan(
+        impl=check_impl(impl, e.device, e.dtype), softcap=softcap,
+        filter_eps=_filter_eps(options, e.dtype, c.shape[0]), scale=scale,
+    )  # fmt: skip
+    shared = hard_weight and scale == 1.0  # the hard loss's statistics come in the same sweep
+    found = _stats(rows, c, bias, row_targets, plan, ("lse", "target") if shared else ("lse",))
+    student_log_p = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
+    losses = top_k_forward_kl(teacher_log_q, student_log_p - found[0].unsqueeze(1))
+    if hard_weight:
+        if not shared:
+            found = _stats(rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0),
+                           ("lse", "target"))  # fmt: skip
+        losses = (1.0 - hard_weight) * losses + hard_weight * (found[0] - found[1])
+    return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
 
 
 def gathered_logits(
@@ -422,13 +510,12 @@ def gathered_logits(
     softcap: float | None,
     scale: float,
 ) -> torch.Tensor:
-    """Differentiable float32 logits `scale * softcap(rows @ c[indices].T + bias[indices])` at
-    (N, k) indices: N x k dot products, with autograd's gather and scatter for the gradients
-    (in float32 under autocast too)."""
-    with torch.autocast(rows.device.type, enabled=False):
-        x = (c[indices].float() @ rows.float().unsqueeze(2)).squeeze(2)
+    """Differentiable logits `scale * softcap(rows @ c[indices].T + bias[indices])` at (N, k)
+    indices, in the accumulation dtype (under autocast too): N x k dot products over row blocks
+    (`GatheredDots`)."""
+    x = GatheredDots.apply(rows, c, indices)
     if bias is not None:
-        x = x + bias.float()[indices]
+        x = x + bias.to(x.dtype)[indices]
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     return x * scale if scale != 1.0 else x
@@ -439,6 +526,23 @@ def _stats(rows, c, bias, backend_targets, plan: Plan, names: tuple[str, ...]) -
     return LinearLogitStats.apply(rows, c, bias, backend_targets, None, None, None, plan, names, 0)[
         0
     ]
+
+
+def _reduce(
+    losses: torch.Tensor,
+    valid: torch.Tensor,
+    reduction: str,
+    targets: torch.Tensor,
+    shift: int,
+    kept: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-row losses (0 where not `valid`) reduced: the mean over valid rows, the sum, or per
+    token in the shape of `targets[..., shift:]`."""
+    if reduction == "mean":
+        return losses.sum() / valid.sum().clamp(min=1)
+    if reduction == "sum":
+        return losses.sum()
+    return _per_token(losses, targets, shift, kept)
 
 
 def _backend_rows(

@@ -149,6 +149,64 @@ def reference_linear_distillation_loss(
         )
         losses = beta * (log_q.exp() * (log_q - log_m)).sum(-1)
         losses = losses + (1 - beta) * (log_p.exp() * (log_p - log_m)).sum(-1)
+    return _mix_hard_and_reduce(
+        losses, student, flat_targets, targets, hard_weight, ignore_index, reduction, shift
+    )
+
+
+def reference_linear_top_k_distillation_loss(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: int = 0,
+    softcap: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """`linear_top_k_distillation_loss` through the student's full logits: the KL of the
+    teacher's k classes and its tail bucket, the student's tail mass summed over the classes
+    outside the support (not 1 minus its support mass)."""
+    if targets is None:
+        targets = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+    student, flat_targets = reference_logits(e, c, targets, bias, shift, softcap, dtype)
+    if shift:
+        teacher_indices = teacher_indices[..., :-shift, :]
+        teacher_log_probs = teacher_log_probs[..., :-shift, :]
+    k = teacher_indices.shape[-1]
+    indices = teacher_indices.reshape(-1, k).long()
+    log_q = teacher_log_probs.detach().reshape(-1, k).to(student.dtype)
+    log_p = torch.log_softmax(student / temperature, dim=-1)
+    in_support = log_q != -math.inf
+    outside = torch.zeros_like(log_p).scatter_add(1, indices, in_support.to(log_p.dtype)) == 0
+    q = torch.where(in_support, log_q.exp(), 0.0)
+    losses = (q * (torch.where(in_support, log_q, 0.0) - log_p.gather(1, indices))).sum(-1)
+    q_tail = torch.clamp(1.0 - q.sum(-1), min=0.0)
+    p_tail = torch.where(outside, log_p.exp(), 0.0).sum(-1)
+    losses = losses + torch.xlogy(q_tail, q_tail) - torch.xlogy(q_tail, p_tail)
+    return _mix_hard_and_reduce(
+        losses, student, flat_targets, targets, hard_weight, ignore_index, reduction, shift
+    )
+
+
+def _mix_hard_and_reduce(
+    losses: torch.Tensor,
+    student: torch.Tensor,
+    flat_targets: torch.Tensor,
+    targets: torch.Tensor,
+    hard_weight: float,
+    ignore_index: int,
+    reduction: str,
+    shift: int,
+) -> torch.Tensor:
+    """A distillation's per-row losses, (1 - h) of them plus h times the cross-entropy of the
+    student's logits (at T = 1), ignored rows 0, reduced."""
     if hard_weight:
         hard = F.cross_entropy(student, flat_targets.clamp(min=0), reduction="none")
         losses = (1 - hard_weight) * losses + hard_weight * hard

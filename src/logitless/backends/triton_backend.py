@@ -23,12 +23,6 @@ from logitless.backends import Logits, Teacher, torch_backend
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
 from logitless.kernels.lse_forward import MAX_TOP_K, lse_forward
 
-KERNEL_STATISTICS = ("lse", "target", "sum", "mean")
-KERNEL_TERMS = ("p", "pz", "target", "sum")
-"""What the kernels compute (and a running top-k up to MAX_TOP_K); the rest of the contract (a
-teacher's statistics and terms, a larger top-k) comes from the portable backend on the same
-device."""
-
 LOGIT_GRAD_BUFFER_BYTES = 32 * 2**20
 """Most bytes of the buffer holding one vocabulary chunk of the logits' gradient (N x chunk, in
 the input dtype): 2048 positions at N=8192 in bf16, 125 chunks for V=256000, under 3% of the
@@ -49,11 +43,10 @@ def stats(
     lse: torch.Tensor | None = None,
     top_k: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The student's statistics (`lse`, `target`, `sum`, `mean`) and a running top-k from the
-    forward kernel; a teacher's, the JSD's and a top-k above MAX_TOP_K from the portable backend
-    (on the same device), which has them."""
-    kernel_names = set(names) <= set(KERNEL_STATISTICS)
-    if teacher is not None or lse is not None or top_k > MAX_TOP_K or not kernel_names:
+    """The statistics from the forward kernel, a teacher's and the JSD's second sweep
+    included, and a running top-k up to MAX_TOP_K; a larger top-k from the portable backend (on
+    the same device), which has it."""
+    if top_k > MAX_TOP_K:
         return torch_backend.stats(
             e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse,
             top_k=top_k,
@@ -61,6 +54,7 @@ def stats(
     found = lse_forward(
         e, c, bias, targets.contiguous(), softcap=logits.softcap, with_sum="sum" in names,
         scale=logits.scale, weight=logits.column_weight, with_mean="mean" in names, top_k=top_k,
+        teacher=teacher, lse=lse,
     )  # fmt: skip
     out = torch.stack([found[name] for name in names])
     return (out, found["top"]) if top_k else out
@@ -80,22 +74,19 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of the student's terms (`p`, `pz`, `target`, `sum`) from the backward
-    kernel; the teacher's terms from the portable backend."""
-    if set(terms) - set(KERNEL_TERMS):
-        return torch_backend.grads(
-            e, c, bias, targets, lse, coefficients, terms, logits=logits, teacher=teacher,
-            filter_eps=filter_eps, needs=needs,
-        )  # fmt: skip
+    """The gradients from the backward kernel, the teacher's terms (`q`, `py`, `plogr`)
+    included."""
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse)
-    if "sum" in rows or "pz" in rows:
+    teacher_terms = {term: rows[term] for term in ("q", "py", "plogr") if term in rows}
+    if "sum" in rows or "pz" in rows or teacher_terms:
         filter_eps = None  # these gradients reach every logit: no tile is negligible
     order = vocabulary_order(e, c, bias) if filter_eps else None
     return _sweep(
         e, c, bias, targets, lse, rows.get("p", zeros), rows.get("target", zeros),
         rows.get("sum"), softcap=logits.softcap, filter_eps=filter_eps, needs=needs, order=order,
         scale=logits.scale, grad_pz=rows.get("pz"), weight=logits.column_weight,
+        teacher=teacher, teacher_terms=teacher_terms,
     )  # fmt: skip
 
 
@@ -153,6 +144,8 @@ def _sweep(
     scale: float = 1.0,
     grad_pz: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    teacher: Teacher | None = None,
+    teacher_terms: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias).
 
@@ -172,13 +165,17 @@ def _sweep(
     buffer = torch.empty(n * min(chunk, vocab), device=e.device, dtype=e.dtype)
     counts = torch.zeros(2, device=e.device, dtype=torch.int32) if filtering else None
     target_positions = targets.contiguous() if order is None else _positions(order, targets)
+    teacher_terms = teacher_terms or {}
     gain = (
-        _float16_gain(grad_lse, grad_target, grad_sum, grad_pz) if e.dtype == torch.float16 else 1
+        _float16_gain(grad_lse, grad_target, grad_sum, grad_pz, *teacher_terms.values())
+        if e.dtype == torch.float16
+        else 1
     )
     grad_lse, grad_target, grad_sum, grad_pz = (
         None if x is None else (x * gain if gain != 1 else x).contiguous()
         for x in (grad_lse, grad_target, grad_sum, grad_pz)
     )
+    teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
     row_vectors = [lse.contiguous(), grad_lse, grad_target]
 
     for begin in range(0, vocab, chunk):
@@ -187,7 +184,8 @@ def _sweep(
         lse_backward(
             e, c, bias, target_positions, *row_vectors, grad_sum, d=d, counts=counts,
             order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
-            scale=scale, grad_pz=grad_pz, weight=weight,
+            scale=scale, grad_pz=grad_pz, weight=weight, teacher=teacher,
+            teacher_terms=teacher_terms,
         )  # fmt: skip
         if counts is not None:
             tiles, kept = counts.tolist()  # one synchronization per chunk: skip it or not

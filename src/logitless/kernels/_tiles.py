@@ -45,19 +45,28 @@ def launch(kernel, tuned, grid, *args, **kwargs) -> None:
 LARGE_TILE = 128 * 128
 """Tiles of more entries than this are tried only for plain logits (see `config_fits`)."""
 
-SPILLING_OPTIONS = ("HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGHT", "TOP_K")
+SPILLING_OPTIONS = (
+    "HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PZ", "HAS_WEIGHT", "TOP_K", "TEACHER",
+)  # fmt: skip
 """Options whose extra tile math spills a large tile's registers on Hopper."""
 
 
 TOP_K_TILE = 64 * 128
 """The largest tile whose running top-k (MAX_TOP_K slots per row) stays in registers."""
 
+TEACHER_ENTRIES_PER_THREAD = 16
+"""Most entries of a logit tile per thread in a launch with a teacher, which holds two tiles:
+larger ones spill on Hopper (sm90_compile)."""
+
 
 def config_fits(config: triton.Config, options: dict[str, object]) -> bool:
     """Whether `config` compiles without spilling for the constexpr `options` of a launch:
     tiles larger than LARGE_TILE only without the tile math of SPILLING_OPTIONS, and with a
-    running top-k none larger than TOP_K_TILE (sm90_compile)."""
+    running top-k none larger than TOP_K_TILE, and with a teacher at most
+    TEACHER_ENTRIES_PER_THREAD per thread (sm90_compile)."""
     entries = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"]
+    if options.get("TEACHER") and entries > TEACHER_ENTRIES_PER_THREAD * 32 * config.num_warps:
+        return False
     if options.get("TOP_K"):
         return entries <= TOP_K_TILE
     return not (entries > LARGE_TILE and any(options.get(name) for name in SPILLING_OPTIONS))
@@ -157,3 +166,17 @@ def logit_tile(
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc * scale
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x >= 0 to full relative precision near 0, where 1 + x rounds: log(u) times
+    x / (u - 1) for u = 1 + x corrects the rounding of u (exact when u == 1: x itself)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def log_add_exp(a, b):
+    """log(exp(a) + exp(b)) for finite a and b, without overflow."""
+    return tl.maximum(a, b) + log1p(tl.exp(-tl.abs(a - b)))

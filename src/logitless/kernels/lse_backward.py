@@ -22,16 +22,20 @@ negligible skips its matmuls.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from logitless._validation import triton_interpreter_on
+from logitless.backends import Teacher
 from logitless.kernels._tiles import (
     INTERPRETER_BLOCKS,
     autotune_by_dtype,
     dot_options,
     launch,
+    log_add_exp,
     logit_tile,
     offsets,
 )
@@ -40,6 +44,8 @@ HALF_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    # for launches with a teacher (two logit tiles, see TEACHER_ENTRIES_PER_THREAD):
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
 ]
 """Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on)."""
 
@@ -67,11 +73,19 @@ def lse_backward_kernel(
     SORTED: tl.constexpr, FILTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    teacher_e_ptr=None, teacher_c_ptr=None, teacher_bias_ptr=None, teacher_lse_ptr=None,
+    grad_q_ptr=None, grad_py_ptr=None, grad_plogr_ptr=None, D_t=0, stride_ten=0, stride_ted=0,
+    stride_tcv=0, stride_tcd=0, teacher_softcap=1.0, log_beta=0.0, log_one_minus_beta=0.0,
+    TEACHER: tl.constexpr = False, TEACHER_BIAS: tl.constexpr = False,
+    TEACHER_SOFTCAP: tl.constexpr = False, HAS_Q: tl.constexpr = False,
+    HAS_PY: tl.constexpr = False, HAS_PLOGR: tl.constexpr = False,
 ):  # fmt: skip
     """Write one tile of d into `d_ptr` (rows, positions - position_begin), zeros if filtered.
 
     When FILTER, `counts_ptr` (int32 pair) counts (tiles, tiles kept); `row_bucket` and
-    `vocab_bucket` only key the autotuner.
+    `vocab_bucket` only key the autotuner. With TEACHER, the teacher's logit tile y (its own
+    D_t, bias and softcap) adds the terms g q (HAS_Q), p b_y y (HAS_PY) and p b_r log(m / p)
+    (HAS_PLOGR) of the gradient formula, q = exp(y - teacher_lse), m = beta q + (1 - beta) p.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -94,6 +108,29 @@ def lse_backward_kernel(
         keep = (tile_mass > filter_mass_per_entry * BLOCK_V) | (
             tl.max(holds_target.to(tl.int32)) > 0
         )
+    if TEACHER:
+        y = logit_tile(
+            teacher_e_ptr, teacher_c_ptr, teacher_bias_ptr, offsets(rows, stride_ten), vocab,
+            offsets(vocab, stride_tcv), row_mask, col_mask, D_t, stride_ted, stride_tcd,
+            teacher_softcap, scale, TEACHER_BIAS, TEACHER_SOFTCAP,
+            BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip
+        teacher_terms = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        if HAS_PY:
+            grad_py = tl.load(grad_py_ptr + rows, mask=row_mask, other=0.0)
+            teacher_terms += probs * grad_py[:, None] * y
+        if HAS_Q or HAS_PLOGR:
+            teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)
+            log_q = y - teacher_lse[:, None]
+        if HAS_Q:
+            grad_q = tl.load(grad_q_ptr + rows, mask=row_mask, other=0.0)
+            teacher_terms += tl.exp(log_q) * grad_q[:, None]
+        if HAS_PLOGR:
+            grad_plogr = tl.load(grad_plogr_ptr + rows, mask=row_mask, other=0.0)
+            gap = (z - lse[:, None]) - log_q  # log p - log q
+            teacher_terms += (
+                probs * grad_plogr[:, None] * log_add_exp(log_beta - gap, log_one_minus_beta)
+            )
     if HAS_SOFTCAP:
         capped = z * (1.0 / (softcap * scale))
         slope = (1.0 - capped * capped) * scale
@@ -112,6 +149,8 @@ def lse_backward_kernel(
             probs += grad_sum[:, None] * column_weight[None, :]
         else:
             probs += grad_sum[:, None]
+    if TEACHER:
+        probs += teacher_terms
     d = tl.where(is_target, probs + grad_target[:, None], probs)
     if HAS_SOFTCAP:
         d *= slope
@@ -156,11 +195,15 @@ def lse_backward(
     scale: float = 1.0,
     grad_pz: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    teacher: Teacher | None = None,
+    teacher_terms: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the logits' gradient at vocabulary positions [begin, end) into `d` (N, end - begin).
 
     `grad_lse`, `grad_pz`, `grad_target` and `grad_sum` are the coefficients a, b, t and s of
     the gradient formula, `weight` the column weight of the s term (by vocabulary row).
+    `teacher_terms` holds the teacher's coefficient rows present (`q`, `py`, `plogr`: g, b_y
+    and b_r), with `teacher` (whose `lse` the `q` and `plogr` terms need).
 
     Position p is vocabulary row `order[p]` (p itself without order); `target_positions` holds
     each row's target as a position, -1 for none. With `filter_eps`, negligible tiles are written
@@ -186,5 +229,26 @@ def lse_backward(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SUM=grad_sum is not None,
         HAS_PZ=grad_pz is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
-        **dot_options(e.dtype),
+        **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
+    )  # fmt: skip
+
+
+def _teacher_arguments(
+    teacher: Teacher | None, terms: dict[str, torch.Tensor], placeholder: torch.Tensor
+) -> dict[str, object]:
+    """The kernel's teacher arguments for the coefficient rows in `terms` (none without)."""
+    if teacher is None or not terms:
+        return {}
+    teacher_e, teacher_c = teacher.e, teacher.c
+    optional = lambda x: placeholder if x is None else x.contiguous()  # noqa: E731
+    return dict(
+        teacher_e_ptr=teacher_e, teacher_c_ptr=teacher_c, teacher_bias_ptr=optional(teacher.bias),
+        teacher_lse_ptr=optional(teacher.lse), grad_q_ptr=optional(terms.get("q")),
+        grad_py_ptr=optional(terms.get("py")), grad_plogr_ptr=optional(terms.get("plogr")),
+        D_t=teacher_e.shape[1], stride_ten=teacher_e.stride(0), stride_ted=teacher_e.stride(1),
+        stride_tcv=teacher_c.stride(0), stride_tcd=teacher_c.stride(1),
+        teacher_softcap=float(teacher.softcap or 1.0), log_beta=math.log(teacher.beta),
+        log_one_minus_beta=math.log1p(-teacher.beta), TEACHER=True,
+        TEACHER_BIAS=teacher.bias is not None, TEACHER_SOFTCAP=teacher.softcap is not None,
+        HAS_Q="q" in terms, HAS_PY="py" in terms, HAS_PLOGR="plogr" in terms,
     )  # fmt: skip

@@ -13,16 +13,20 @@ per split; the merge takes the top-k of the splits' candidates.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from logitless._validation import triton_interpreter_on
+from logitless.backends import Teacher
 from logitless.kernels._tiles import (
     INTERPRETER_BLOCKS,
     autotune_by_dtype,
     dot_options,
     launch,
+    log_add_exp,
     logit_tile,
     offsets,
 )
@@ -48,9 +52,11 @@ HALF_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    # for launches with a teacher (two logit tiles, see TEACHER_ENTRIES_PER_THREAD):
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
 ]
 """Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on); the
-last is the one a running top-k fits (TOP_K_TILE)."""
+last two are those a running top-k fits (TOP_K_TILE), the last the one a teacher fits."""
 
 FLOAT32_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
@@ -69,14 +75,24 @@ def lse_forward_kernel(
     TOP_K_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    teacher_e_ptr=None, teacher_c_ptr=None, teacher_bias_ptr=None, lse_ptr=None,
+    teacher_lse_ptr=None, D_t=0, stride_ten=0, stride_ted=0, stride_tcv=0, stride_tcd=0,
+    teacher_softcap=1.0, log_beta=0.0, log_one_minus_beta=0.0,
+    TEACHER: tl.constexpr = False, TEACHER_BIAS: tl.constexpr = False,
+    TEACHER_SOFTCAP: tl.constexpr = False, MIXTURE: tl.constexpr = False,
 ):  # fmt: skip
     """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max) z])
     of a row block on a split; the logit sum weighs column v by weight[v] when HAS_WEIGHT.
 
-    `partials_ptr` is (3 + WITH_SUM + WITH_MEAN, splits, N) fp32; `vocab_bucket` only keys the
-    autotuner. With TOP_K > 0, `top_values_ptr` (fp32) and `top_indices_ptr` (int32), both
-    (splits, N, TOP_K), receive the split's TOP_K largest logits of each row and their classes
-    (TOP_K_SLOTS: TOP_K rounded up to a power of two).
+    `partials_ptr` is (3 + WITH_SUM + WITH_MEAN [+ 5 | + 2], splits, N) fp32; `vocab_bucket`
+    only keys the autotuner. With TOP_K > 0, `top_values_ptr` (fp32) and `top_indices_ptr`
+    (int32), both (splits, N, TOP_K), receive the split's TOP_K largest logits of each row and
+    their classes (TOP_K_SLOTS: TOP_K rounded up to a power of two).
+
+    With TEACHER, the teacher's logit tile y (its own D_t, bias and softcap, the same scale)
+    adds the partials (teacher max, sum of exp(y - max), sum of exp(y - max) y, sum of
+    exp(y - max) z, sum of exp(z - max) y); with MIXTURE instead, given both log-sum-exps, the
+    JSD's sums (sum p log(m / p), sum q log(m / q)) for m = beta q + (1 - beta) p.
     """
     row_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -95,6 +111,16 @@ def lse_forward_kernel(
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     weighted_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if TEACHER:
+        teacher_rows = offsets(rows, stride_ten)
+        teacher_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        teacher_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        teacher_mean_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        cross_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        under_student_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if MIXTURE:
+            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+            teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)
     if TOP_K:
         slots = tl.arange(0, TOP_K_SLOTS)
         # empty slots hold -inf, padding slots +inf (never the minimum, never stored)
@@ -132,6 +158,41 @@ def lse_forward_kernel(
                 tl.where(exps > 0, exps * z, 0.0), axis=1
             )
         running_max = new_max
+        if TEACHER:
+            y = logit_tile(
+                teacher_e_ptr, teacher_c_ptr, teacher_bias_ptr, teacher_rows, vocab,
+                offsets(vocab, stride_tcv), row_mask, col_mask, D_t, stride_ted, stride_tcd,
+                teacher_softcap, scale, TEACHER_BIAS, TEACHER_SOFTCAP,
+                BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+            )  # fmt: skip
+            if MIXTURE:  # teacher_mean_sum: sum p log(m / p); cross_sum: sum q log(m / q)
+                log_p = z - lse[:, None]
+                log_q = y - teacher_lse[:, None]
+                gap = tl.where(col_mask[None, :], log_p - log_q, 0.0)
+                to_student = log_add_exp(log_beta - gap, log_one_minus_beta)
+                to_teacher = log_add_exp(gap + log_one_minus_beta, log_beta)
+                teacher_mean_sum += tl.sum(tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
+                                           * to_student, axis=1)  # fmt: skip
+                cross_sum += tl.sum(tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
+                                    * to_teacher, axis=1)  # fmt: skip
+            else:
+                y = tl.where(col_mask[None, :], y, float("-inf"))
+                new_teacher_max = tl.maximum(teacher_max, tl.max(y, axis=1))
+                teacher_shift = tl.where(new_teacher_max == float("-inf"), 0.0, new_teacher_max)
+                teacher_rescale = tl.exp(teacher_max - teacher_shift)
+                teacher_exps = tl.exp(y - teacher_shift[:, None])
+                kept = teacher_exps > 0
+                teacher_sum = teacher_sum * teacher_rescale + tl.sum(teacher_exps, axis=1)
+                teacher_mean_sum = teacher_mean_sum * teacher_rescale + tl.sum(
+                    tl.where(kept, teacher_exps * y, 0.0), axis=1
+                )
+                cross_sum = cross_sum * teacher_rescale + tl.sum(
+                    tl.where(kept, teacher_exps * z, 0.0), axis=1
+                )
+                under_student_sum = under_student_sum * rescale + tl.sum(
+                    tl.where(exps > 0, exps * y, 0.0), axis=1
+                )
+                teacher_max = new_teacher_max
 
     plane = splits.to(tl.int64) * N
     out = partials_ptr + split.to(tl.int64) * N + rows
@@ -142,6 +203,14 @@ def lse_forward_kernel(
         tl.store(out + 3 * plane, logit_sum, mask=row_mask)
     if WITH_MEAN:
         tl.store(out + (3 + WITH_SUM) * plane, weighted_sum, mask=row_mask)
+    if TEACHER:
+        out += (3 + WITH_SUM + WITH_MEAN) * plane
+        tl.store(out, teacher_mean_sum, mask=row_mask)
+        tl.store(out + plane, cross_sum, mask=row_mask)
+        if not MIXTURE:
+            tl.store(out + 2 * plane, teacher_max, mask=row_mask)
+            tl.store(out + 3 * plane, teacher_sum, mask=row_mask)
+            tl.store(out + 4 * plane, under_student_sum, mask=row_mask)
     if TOP_K:
         top = (split.to(tl.int64) * N + rows)[:, None] * TOP_K + slots[None, :]
         top_mask = row_mask[:, None] & (slots < TOP_K)[None, :]
@@ -189,17 +258,41 @@ def lse_forward(
     weight: torch.Tensor | None = None,
     with_mean: bool = False,
     top_k: int = 0,
+    teacher: Teacher | None = None,
+    lse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """fp32 per-row `lse`, `target` and, if asked, `sum` (weighted by `weight`) and `mean`
     (the softmax-weighted mean logit) of e; see `logitless.backends`. With `top_k` (at most
     MAX_TOP_K), also `top`: the (N, top_k) int64 classes of each row's largest logits, in
-    descending order."""
+    descending order.
+
+    With a `teacher`, also `teacher_lse`, `teacher_mean`, `cross_mean` and
+    `teacher_under_student`; with the student's `lse` given (and the teacher's in
+    `teacher.lse`), the second sweep's `jsd` and `jsd_p` instead.
+    """
     n, dim = e.shape
     vocab = c.shape[0]
     splits = vocabulary_splits(n, vocab, e.device)
+    mixture = lse is not None
+    teacher_planes = 0 if teacher is None else 2 if mixture else 5
     partials = torch.empty(
-        3 + with_sum + with_mean, splits, n, device=e.device, dtype=torch.float32
+        3 + with_sum + with_mean + teacher_planes, splits, n, device=e.device, dtype=torch.float32
     )
+    teacher_args = {}
+    if teacher is not None:
+        teacher_e, teacher_c = teacher.e, teacher.c
+        teacher_args = dict(
+            teacher_e_ptr=teacher_e, teacher_c_ptr=teacher_c,
+            teacher_bias_ptr=teacher_e if teacher.bias is None else teacher.bias.contiguous(),
+            lse_ptr=lse.contiguous() if mixture else partials,
+            teacher_lse_ptr=teacher.lse.contiguous() if mixture else partials,
+            D_t=teacher_e.shape[1], stride_ten=teacher_e.stride(0),
+            stride_ted=teacher_e.stride(1), stride_tcv=teacher_c.stride(0),
+            stride_tcd=teacher_c.stride(1), teacher_softcap=float(teacher.softcap or 1.0),
+            log_beta=math.log(teacher.beta), log_one_minus_beta=math.log1p(-teacher.beta),
+            TEACHER=True, TEACHER_BIAS=teacher.bias is not None,
+            TEACHER_SOFTCAP=teacher.softcap is not None, MIXTURE=mixture,
+        )  # fmt: skip
     top_values = torch.empty(splits, n, top_k, device=e.device, dtype=torch.float32)
     top_indices = torch.empty(splits, n, top_k, device=e.device, dtype=torch.int32)
     if n:
@@ -214,7 +307,7 @@ def lse_forward(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum,
             HAS_WEIGHT=weight is not None, WITH_MEAN=with_mean,
             TOP_K=top_k, TOP_K_SLOTS=triton.next_power_of_2(max(1, top_k)),
-            **dot_options(e.dtype),
+            **dot_options(e.dtype), **teacher_args,
         )  # fmt: skip
     split_max, split_sum = partials[0], partials[1]
     peak = split_max.amax(0)
@@ -225,12 +318,35 @@ def lse_forward(
         found["sum"] = partials[3].sum(0)
     if with_mean:
         found["mean"] = (partials[3 + with_sum] * rescale).sum(0) / total
+    if teacher is not None:
+        found.update(_teacher_statistics(partials[3 + with_sum + with_mean :], rescale, total,
+                                         teacher.beta, mixture))  # fmt: skip
     if top_k:
         candidates = top_values.permute(1, 0, 2).reshape(n, splits * top_k)
         best = candidates.topk(top_k, dim=1).indices
         classes = top_indices.permute(1, 0, 2).reshape(n, splits * top_k)
         found["top"] = classes.gather(1, best).long()
     return found
+
+
+def _teacher_statistics(
+    partials: torch.Tensor, rescale: torch.Tensor, total: torch.Tensor, beta: float, mixture: bool
+) -> dict[str, torch.Tensor]:
+    """The teacher's statistics from its planes of the splits' partials (`rescale` and `total`
+    normalize the student's sums)."""
+    if mixture:
+        jsd_p, to_teacher = partials[0].sum(0), partials[1].sum(0)
+        return {"jsd_p": jsd_p, "jsd": -(beta * to_teacher + (1.0 - beta) * jsd_p)}
+    teacher_max, teacher_sum = partials[2], partials[3]
+    peak = teacher_max.amax(0)
+    teacher_rescale = torch.exp(teacher_max - peak)
+    teacher_total = (teacher_sum * teacher_rescale).sum(0)
+    return {
+        "teacher_lse": peak + teacher_total.log(),
+        "teacher_mean": (partials[0] * teacher_rescale).sum(0) / teacher_total,
+        "cross_mean": (partials[1] * teacher_rescale).sum(0) / teacher_total,
+        "teacher_under_student": (partials[4] * rescale).sum(0) / total,
+    }
 
 
 def vocabulary_splits(n: int, vocab: int, device: torch.device) -> int:

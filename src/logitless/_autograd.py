@@ -263,7 +263,7 @@ def _gather_blocks(indices: torch.Tensor, dim: int) -> list[slice]:
     """Row blocks whose gathered (rows, k, D) classifier rows fit the portable backend's
     memory budget."""
     n, k = indices.shape
-    block = rows_per_block(n, k * dim, 4)
+    block = rows_per_block(n, k * dim, 4, indices.device)
     return [slice(start, min(n, start + block)) for start in range(0, n, block)]
 
 

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Everything a lent GPU (one H100/H200) is for, in one call of about 7 minutes: the machine, the
-# GPU tests, then the benchmark at gemma2-2b and llama3-8b, bf16, trained and random data, loss
-# and loss+backward, logitless against every peer, every table and log under one folder.
+# Everything a lent GPU (one H100/H200) is for, in one call of under 9 minutes, in order of need
+# (a run cut off loses the last parts): the machine, the GPU tests, the tuning study, the
+# benchmark at gemma2-2b and llama3-8b (bf16, loss and loss+backward, logitless against every
+# peer), the rest of the test suite on CUDA, then the filtering study. Every table and log lands
+# under one folder; each part has its own time limit (seconds, below).
 #
 #   bash benchmarks/gpu.sh [OUT]              OUT defaults to $OUT (the device tool's), else
 #                                             bench-gpu-<UTC time>
 #   PRESETS="gemma2-2b" REGIMES="trained" OPS="loss+backward" bash benchmarks/gpu.sh   # a part
-#   TESTS=0 bash benchmarks/gpu.sh            # the benchmark only
+#   TESTS=0 TUNE=0 SUITE=0 FILTERING=0 bash benchmarks/gpu.sh    # the benchmark only
 #
 # OUT/machine.txt: date, commit, nvidia-smi, versions; OUT/gpu-tests.log: `pytest -m gpu`;
-# OUT/filtering.txt: what a per-token filtering budget can skip on trained data (FILTERING=0: not);
-# OUT/bench.log: the benchmark's progress, a line per method and table as each finishes (so a run
-# cut off still says where it was), then every table; OUT/bench.tgz: <preset>-<regime>-<op>/ with
-# table.txt, results.csv and results.json of each table (one archive: the device tool returns at
-# most 8 files). Each method runs in one worker process for all tables, so its imports and
-# compilation are paid once.
+# OUT/tune.txt: benchmarks/tune.py (where the time goes; buffer sizes; the tiles chosen);
+# OUT/bench.log: the benchmark's progress, a line per method and table as each finishes, then
+# every table; OUT/bench.tgz: <preset>-<regime>-<op>/ with table.txt, results.csv and
+# results.json of each table (one archive: the device tool returns at most 8 files);
+# OUT/suite.log: every other test, on CUDA; OUT/filtering.txt: what a per-token filtering budget
+# can skip on trained data. Each benchmark method runs in one worker process for all tables, so
+# its imports and compilation are paid once. Tests run on pytest-xdist workers where it is
+# installed, which compile the kernels' variants in parallel.
 #
 # No network is needed. Peers come as wheels from .whl/ (cut-cross-entropy, liger-kernel:
 # pure Python, installed without dependencies). The trained regime's model and token ids come
@@ -25,10 +29,9 @@ cd "$(dirname "$0")/.."
 
 OUT=${1:-${OUT:-bench-gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
 PRESETS=${PRESETS:-gemma2-2b llama3-8b}
-REGIMES=${REGIMES:-trained random}
+REGIMES=${REGIMES:-trained}
 OPS=${OPS:-loss loss+backward}
-METHODS=${METHODS:-logitless-triton logitless-triton-exact cce cce-exact liger torch-compile eager matmul}
-TESTS=${TESTS:-1}
+METHODS=${METHODS:-logitless-triton logitless-triton-exact cce torch-compile eager matmul}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -49,23 +52,43 @@ fi
 } > "$OUT/machine.txt" 2>&1
 head -20 "$OUT/machine.txt"
 
-if [ "$TESTS" = 1 ]; then
+run_tests() {  # log, time limit, xdist workers, pytest arguments
+    local log=$1 limit=$2 workers=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n "$3")
+    shift 3
+    timeout "$limit" "$PYTHON" -m pytest "${workers[@]}" -q -p no:cacheprovider "$@" tests 2>&1 \
+        | tee "$OUT/$log" | tail -25
+}
+
+if [ "${TESTS:-1}" = 1 ]; then
     echo "== pytest -m gpu" >&2
-    timeout 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 \
-        | tee "$OUT/gpu-tests.log" | tail -25
+    run_tests gpu-tests.log "${TESTS_TIMEOUT:-110}" 4 -m gpu  # model shapes take GBs each
+fi
+
+if [ "${TUNE:-1}" = 1 ]; then
+    echo "== where the time goes (benchmarks/tune.py)" >&2
+    # shellcheck disable=SC2086
+    timeout "${TUNE_TIMEOUT:-130}" "$PYTHON" benchmarks/tune.py --preset $PRESETS 2>&1 \
+        | tee "$OUT/tune.txt"
+fi
+
+echo "== benchmark: $PRESETS / $REGIMES / $OPS" >&2
+# shellcheck disable=SC2086  # the lists are words
+timeout "${BENCH_TIMEOUT:-200}" "$PYTHON" -m logitless bench --device cuda --dtype bfloat16 \
+    --preset $PRESETS --data $REGIMES --op $OPS --methods $METHODS --repeats "${REPEATS:-5}" \
+    --warmup 1 --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -vE "^ {6}[a-z]" || true
+tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -r "$OUT/bench"
+cp "${LOGITLESS_CACHE:-$HOME/.cache/logitless}"/bench-lm-*.pt "$OUT/" 2>/dev/null || true
+
+if [ "${SUITE:-1}" = 1 ]; then
+    echo "== every other test, on CUDA" >&2
+    run_tests suite.log "${SUITE_TIMEOUT:-90}" 14 -m "not gpu"
 fi
 
 if [ "${FILTERING:-1}" = 1 ]; then
     echo "== gradient filtering on the trained regime (benchmarks/filtering.py)" >&2
     # shellcheck disable=SC2086
-    timeout 150 "$PYTHON" benchmarks/filtering.py --preset $PRESETS 2>&1 | tee "$OUT/filtering.txt"
+    timeout "${FILTERING_TIMEOUT:-90}" "$PYTHON" benchmarks/filtering.py --preset $PRESETS 2>&1 \
+        | tee "$OUT/filtering.txt"
 fi
-
-echo "== benchmark: $PRESETS / $REGIMES / $OPS" >&2
-# shellcheck disable=SC2086  # the lists are words
-timeout "${BENCH_TIMEOUT:-360}" "$PYTHON" -m logitless bench --device cuda --dtype bfloat16 --preset $PRESETS --data $REGIMES \
-    --op $OPS --methods $METHODS --repeats "${REPEATS:-5}" --warmup 1 --sweep-v \
-    --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -vE "^ {6}[a-z]" || true
-tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -r "$OUT/bench"
-cp "${LOGITLESS_CACHE:-$HOME/.cache/logitless}"/bench-lm-*.pt "$OUT/" 2>/dev/null || true
 echo "results under $OUT/" >&2

@@ -9,8 +9,8 @@ Everything is deterministic and runs on tensor cores; no V x D fp32 copy is ever
 float16's d is written times a power of two that keeps it out of the subnormal range. With
 filtering on, the vocabulary is first ordered by average logit, so that the entries whose
 gradient matters gather into few tiles, and a chunk whose tiles are all negligible skips its
-matmuls (one host synchronization per chunk reads that). docs/kernels.md has the FLOP and byte
-counts.
+matmuls: its tile counts reach the host while the next chunk's kernel runs (into a second
+buffer), so the GPU never waits for that decision. docs/kernels.md has the FLOP and byte counts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from logitless.kernels.lse_forward import MAX_TOP_K, lse_forward
 LOGIT_GRAD_BUFFER_BYTES = 32 * 2**20
 """Most bytes of the buffer holding one vocabulary chunk of the logits' gradient (N x chunk, in
 the input dtype): 2048 positions at N=8192 in bf16, 125 chunks for V=256000, under 3% of the
-gradients' own 1.2 GB at the Gemma 2 shape."""
+gradients' own 1.2 GB at the Gemma 2 shape; filtering holds two."""
 MAX_CHUNK = 2**20
 """Most vocabulary positions per chunk, so that few rows never make a launch grid too tall."""
 
@@ -162,7 +162,12 @@ def _sweep(
     if n == 0 or vocab == 0:
         return grad_e, grad_c, grad_bias
     chunk = _chunk_positions(n, vocab, e.element_size())
-    buffer = torch.empty(n * min(chunk, vocab), device=e.device, dtype=e.dtype)
+    # Filtering reads each chunk's tile counts on the host while the next chunk's kernel runs,
+    # so it writes two chunks' d in turn.
+    buffers = [
+        torch.empty(n * min(chunk, vocab), device=e.device, dtype=e.dtype)
+        for _ in range(2 if filtering else 1)
+    ]
     counts = torch.zeros(2, device=e.device, dtype=torch.int32) if filtering else None
     target_positions = targets.contiguous() if order is None else _positions(order, targets)
     teacher_terms = teacher_terms or {}
@@ -178,27 +183,7 @@ def _sweep(
     teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
     row_vectors = [lse.contiguous(), grad_lse, grad_target]
 
-    for begin in range(0, vocab, chunk):
-        end = min(vocab, begin + chunk)
-        d = buffer[: n * (end - begin)].view(n, end - begin)
-        lse_backward(
-            e, c, bias, target_positions, *row_vectors, grad_sum, d=d, counts=counts,
-            order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
-            scale=scale, grad_pz=grad_pz, weight=weight, teacher=teacher,
-            teacher_terms=teacher_terms,
-        )  # fmt: skip
-        if counts is not None:
-            tiles, kept = counts.tolist()  # one synchronization per chunk: skip it or not
-            counts.zero_()
-            if census is not None:
-                census[:] = [
-                    census[0] + tiles,
-                    census[1] + kept,
-                    census[2] + 1,
-                    census[3] + (kept > 0),
-                ]
-            if kept == 0:
-                continue
+    def products(begin: int, end: int, d: torch.Tensor) -> None:
         rows = slice(begin, end) if order is None else order[begin:end]
         if grad_e is not None:
             _add_product(grad_e, d, c[rows], alpha=1 / gain)
@@ -206,7 +191,54 @@ def _sweep(
             _set_rows(grad_c, rows, torch.addmm(e.new_empty(()), d.T, e, beta=0, alpha=1 / gain))
         if grad_bias is not None:
             _set_rows(grad_bias, rows, d.sum(0, dtype=torch.float32).mul_(1 / gain))
+
+    def products_unless_negligible(begin, end, d, tile_counts: _HostCopy) -> None:
+        tiles, kept = tile_counts.wait().tolist()
+        if census is not None:
+            census[:] = [census[0] + tiles, census[1] + kept, census[2] + 1, census[3] + (kept > 0)]
+        if kept:
+            products(begin, end, d)
+
+    pending = None
+    for index, begin in enumerate(range(0, vocab, chunk)):
+        end = min(vocab, begin + chunk)
+        d = buffers[index % len(buffers)][: n * (end - begin)].view(n, end - begin)
+        lse_backward(
+            e, c, bias, target_positions, *row_vectors, grad_sum, d=d, counts=counts,
+            order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
+            scale=scale, grad_pz=grad_pz, weight=weight, teacher=teacher,
+            teacher_terms=teacher_terms,
+        )  # fmt: skip
+        if counts is None:
+            products(begin, end, d)
+            continue
+        tile_counts = _HostCopy(counts)
+        counts.zero_()
+        if pending is not None:
+            products_unless_negligible(*pending)
+        pending = (begin, end, d, tile_counts)
+    if pending is not None:
+        products_unless_negligible(*pending)
     return grad_e, grad_c, grad_bias
+
+
+class _HostCopy:
+    """A copy of a small device tensor on its way to the host: the stream goes on meanwhile, and
+    `wait` waits for this copy only, not for the work queued after it."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event = None
+        if tensor.is_cuda:
+            self.tensor = tensor.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tensor = tensor.clone()
+
+    def wait(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor
 
 
 def _set_rows(out: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor) -> None:

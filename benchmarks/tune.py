@@ -1,0 +1,92 @@
+"""Where the Triton backend's time goes on a GPU, and which buffer size and tiles serve it best.
+
+    python benchmarks/tune.py [--preset gemma2-2b llama3-8b] [--buffers-mb 32 64 128]
+
+On the benchmark's trained regime in bfloat16, per preset: the time and peak memory of the loss
+and of loss+backward, exact and filtered, at each size of the backward's buffer for the logits'
+gradient; the GPU kernels of one exact loss+backward by total time (torch.profiler); the tiles
+the autotuner chose; one cuBLAS matmul of the logits' shape as the floor. One line per figure,
+printed as it is measured, so that a run cut off still says what it found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from logitless import linear_cross_entropy
+from logitless.backends import triton_backend
+from logitless.bench import data
+from logitless.bench.runner import PRESETS
+from logitless.kernels.lse_backward import lse_backward_tuned
+from logitless.kernels.lse_forward import lse_forward_tuned
+
+
+def median_ms(step, repeats: int) -> tuple[float, float]:
+    """(median milliseconds of `step` after one warm-up, peak MB it allocated above the start)."""
+    step()
+    times = []
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def study(preset: str, buffers_mb: list[int], repeats: int) -> None:
+    """Print the figures of one preset."""
+    inputs = data.make_inputs("trained", PRESETS[preset], torch.bfloat16, "cuda")
+    e, c, targets = inputs.e, inputs.c, inputs.targets
+    name = f"{preset} {PRESETS[preset]} bf16 trained"
+
+    def loss_backward(filter_eps: str | None) -> None:
+        ex, cx = e.detach().requires_grad_(), c.detach().requires_grad_()
+        linear_cross_entropy(ex, cx, targets, impl="triton", filter_eps=filter_eps).backward()
+
+    ms, _ = median_ms(lambda: e @ c.T, repeats)
+    print(f"{name}: matmul {ms:.2f} ms", flush=True)
+    with torch.no_grad():
+        ms, mb = median_ms(lambda: linear_cross_entropy(e, c, targets, impl="triton"), repeats)
+    print(f"{name}: loss {ms:.2f} ms, {mb:.0f} MB", flush=True)
+    for buffer_mb in buffers_mb:
+        triton_backend.LOGIT_GRAD_BUFFER_BYTES = buffer_mb * 2**20
+        for filter_eps in (None, "auto"):
+            ms, mb = median_ms(lambda f=filter_eps: loss_backward(f), repeats)
+            mode = "exact" if filter_eps is None else "filtered"
+            print(
+                f"{name}: loss+backward {mode}, buffer {buffer_mb} MiB: {ms:.2f} ms, "
+                f"peak {mb:.0f} MB",
+                flush=True,
+            )
+    triton_backend.LOGIT_GRAD_BUFFER_BYTES = buffers_mb[0] * 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        loss_backward(None)
+        torch.cuda.synchronize()
+    print(f"{name}: kernels of one exact loss+backward, buffer {buffers_mb[0]} MiB")
+    print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", nargs="+", default=["gemma2-2b", "llama3-8b"])
+    parser.add_argument("--buffers-mb", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), flush=True)
+    for preset in args.preset:
+        study(preset, args.buffers_mb, args.repeats)
+    for label, tuned in (("forward", lse_forward_tuned), ("backward", lse_backward_tuned)):
+        for key, config in tuned.cache.items():
+            print(f"autotuned {label} {key}: {config}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

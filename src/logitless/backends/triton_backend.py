@@ -15,6 +15,7 @@ buffer), so the GPU never waits for that decision. docs/kernels.md has the FLOP 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -182,15 +183,20 @@ def _sweep(
     )
     teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
     row_vectors = [lse.contiguous(), grad_lse, grad_target]
+    unscale = 1 / gain
 
     def products(begin: int, end: int, d: torch.Tensor) -> None:
         rows = slice(begin, end) if order is None else order[begin:end]
         if grad_e is not None:
-            _add_product(grad_e, d, c[rows], alpha=1 / gain)
+            _add_product(grad_e, d, c[rows], alpha=unscale)
         if grad_c is not None:
-            _set_rows(grad_c, rows, torch.addmm(e.new_empty(()), d.T, e, beta=0, alpha=1 / gain))
+            product = functools.partial(torch.addmm, e.new_empty(()), d.T, e, beta=0, alpha=unscale)
+            if order is None:  # straight into its rows, which are contiguous
+                product(out=grad_c[rows])
+            else:
+                grad_c.index_copy_(0, rows, product())
         if grad_bias is not None:
-            _set_rows(grad_bias, rows, d.sum(0, dtype=torch.float32).mul_(1 / gain))
+            _set_rows(grad_bias, rows, d.sum(0, dtype=torch.float32).mul_(unscale))
 
     def products_unless_negligible(begin, end, d, tile_counts: _HostCopy) -> None:
         tiles, kept = tile_counts.wait().tolist()

@@ -25,6 +25,12 @@ summation order for float32."""
 DTYPES = list(TOLERANCE)
 
 
+def device_for(impl: str) -> str:
+    """Where a test of `impl` runs: the Triton kernels on CUDA when present (else on the
+    interpreter, on the CPU), everything else on the CPU."""
+    return "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def make_inputs(
     lead: tuple[int, ...],
     dim: int,

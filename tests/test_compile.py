@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import make_inputs, outputs_and_grads
+from helpers import device_for, make_inputs, outputs_and_grads
 from logitless import linear_cross_entropy
 
 OPTIONS = {"shift": 1, "softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}
@@ -24,7 +24,7 @@ def _step(e, c, targets, bias, **options):
 def test_compiled_step_matches_eager_without_graph_breaks(options, impl):
     torch._dynamo.reset()
     options = {**options, "impl": impl}
-    inputs = make_inputs((2, 23), 16, 301, bias=True, seed=41)
+    inputs = make_inputs((2, 23), 16, 301, bias=True, seed=41, device=device_for(impl))
     compiled = torch.compile(_step, fullgraph=True)
     expected_outs, expected_grads = outputs_and_grads(_step, inputs, 0, **options)
     actual_outs, actual_grads = outputs_and_grads(compiled, inputs, 0, **options)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DTYPES, check_results, make_inputs, outputs_and_grads
+from helpers import DTYPES, check_results, device_for, make_inputs, outputs_and_grads
 from logitless import (
     LinearDistillationLoss,
     linear_distillation_loss,
@@ -22,10 +22,10 @@ from logitless.reference import (
 ROWS, DIM, TEACHER_DIM, VOCAB = 37, 29, 43, 301
 
 
-def teacher_head(dtype, bias: bool, scale: float = 2.0):
+def teacher_head(dtype, bias: bool, scale: float = 2.0, device: str = "cpu"):
     """A teacher of another hidden size, more peaked than the student."""
     teacher_e, teacher_c, _, teacher_bias = make_inputs(
-        (ROWS,), TEACHER_DIM, VOCAB, dtype, bias=bias, scale=scale, seed=11
+        (ROWS,), TEACHER_DIM, VOCAB, dtype, bias=bias, scale=scale, seed=11, device=device
     )
     return teacher_e, teacher_c, teacher_bias
 
@@ -96,9 +96,9 @@ def test_divergences(request, impl, dtype, options):
     backend_fixture(request, impl)
     inputs = make_inputs(
         (ROWS,), DIM, VOCAB, dtype, bias=True, ignore_fraction=0.2, seed=3,
-        ignore_index=options.get("ignore_index", -100),
+        ignore_index=options.get("ignore_index", -100), device=device_for(impl),
     )  # fmt: skip
-    teacher = teacher_head(dtype, bias=True)
+    teacher = teacher_head(dtype, bias=True, device=device_for(impl))
     ours = outputs_and_grads(
         adapter(linear_distillation_loss, teacher), inputs, 1, impl=impl, **options
     )
@@ -110,10 +110,12 @@ def test_divergences(request, impl, dtype, options):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_shift_on_batched_sequences_without_bias(request, impl):
     backend_fixture(request, impl)
-    inputs = make_inputs((ROWS,), DIM, VOCAB, bias=False, ignore_fraction=0.1, seed=5)
+    inputs = make_inputs(
+        (ROWS,), DIM, VOCAB, bias=False, ignore_fraction=0.1, seed=5, device=device_for(impl)
+    )
     e, c, targets, _ = inputs
     batched = (e.view(1, ROWS, DIM), c, targets.view(1, ROWS), None)
-    teacher = teacher_head(torch.float32, bias=False)
+    teacher = teacher_head(torch.float32, bias=False, device=device_for(impl))
     options = {"divergence": "jsd", "shift": 2, "reduction": "none", "temperature": 0.7}
     lead = (1, ROWS)
     ours = outputs_and_grads(
@@ -168,7 +170,9 @@ def test_bad_teacher():
         linear_distillation_loss(e, c, e, c, targets, teacher_bias=[0.0])
 
 
-def cached_teacher(k: int, temperature: float, pad_rows: int = 0, lead=(ROWS,)):
+def cached_teacher(
+    k: int, temperature: float, pad_rows: int = 0, lead=(ROWS,), device: str = "cpu"
+):
     """A teacher's top-k log-probabilities and classes at `temperature`, as offline
     distillation caches them (float32); the first `pad_rows` rows hold fewer than k classes
     (-inf padding on class 0)."""
@@ -178,7 +182,7 @@ def cached_teacher(k: int, temperature: float, pad_rows: int = 0, lead=(ROWS,)):
     log_probs = log_probs.float()
     log_probs[:pad_rows, k // 2 :] = -torch.inf
     indices[:pad_rows, k // 2 :] = 0
-    return indices.reshape(*lead, k), log_probs.reshape(*lead, k)
+    return indices.reshape(*lead, k).to(device), log_probs.reshape(*lead, k).to(device)
 
 
 def top_k_adapter(function, teacher):
@@ -209,9 +213,11 @@ def test_top_k_distillation(request, impl, dtype, options):
     k = options.pop("k")
     inputs = make_inputs(
         (ROWS,), DIM, VOCAB, dtype, bias=True, ignore_fraction=0.2, seed=4,
-        ignore_index=options.get("ignore_index", -100),
+        ignore_index=options.get("ignore_index", -100), device=device_for(impl),
     )  # fmt: skip
-    teacher = cached_teacher(k, options.get("temperature", 1.0), pad_rows=3)
+    teacher = cached_teacher(
+        k, options.get("temperature", 1.0), pad_rows=3, device=device_for(impl)
+    )
     ours = outputs_and_grads(
         top_k_adapter(linear_top_k_distillation_loss, teacher), inputs, 1, impl=impl, **options
     )

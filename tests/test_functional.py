@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DTYPES, check_against_reference, make_inputs, outputs_and_grads, rel_error
+from helpers import (
+    DTYPES,
+    check_against_reference,
+    device_for,
+    make_inputs,
+    outputs_and_grads,
+    rel_error,
+)
 from logitless import LinearCrossEntropyLoss, linear_cross_entropy
 from logitless.backends import get_backend
 from logitless.reference import reference_linear_cross_entropy
@@ -154,7 +161,10 @@ def test_16_bit_logits_keep_the_float32_accumulator(dtype):
 def test_rows_without_target_never_reach_the_backend(monkeypatch, ignored, impl):
     """Ignored and shifted-out rows are dropped before any kernel; per-token outputs keep their
     full shape. (Triton runs on the interpreter without CUDA.)"""
-    inputs = make_inputs((3, 17), 29, 301, torch.float32, bias=True, ignore_fraction=ignored)
+    inputs = make_inputs(
+        (3, 17), 29, 301, torch.float32, bias=True, ignore_fraction=ignored,
+        device=device_for(impl),
+    )  # fmt: skip
     backend = get_backend(impl)
     stats, rows_seen = backend.stats, []
 

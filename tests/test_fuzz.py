@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import DTYPES, check_against_reference, make_inputs, outputs_and_grads
+from helpers import DTYPES, check_against_reference, device_for, make_inputs, outputs_and_grads
 from logitless import linear_cross_entropy
 
 FUZZ = settings(
@@ -72,7 +72,9 @@ def test_portable_backend_matches_reference(case):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_deterministic_run_after_run(impl):
     """Bit-identical results run after run on both backends: neither accumulates with atomics."""
-    inputs = make_inputs((3, 37), 29, 1201, torch.bfloat16, bias=True, seed=31)
+    inputs = make_inputs(
+        (3, 37), 29, 1201, torch.bfloat16, bias=True, seed=31, device=device_for(impl)
+    )
     options = {"shift": 1, "softcap": 20.0, "label_smoothing": 0.1, "z_loss": 1e-4}
 
     def run():

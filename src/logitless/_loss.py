@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass
 class TokenLoss:
     """The loss of one token from its logit statistics, and their derivatives.
 
@@ -20,6 +20,9 @@ class TokenLoss:
 
     where logit_sum = sum_v w[v] z[v]: F.cross_entropy with `weight` and label smoothing, plus
     PaLM's z-loss.
+
+    Not a frozen dataclass: torch 2.11's dynamo loses the fields of a frozen dataclass built
+    inside a compiled function when one of its methods is called (test_compile, torch 2.11).
     """
 
     label_smoothing: float

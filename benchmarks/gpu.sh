@@ -2,7 +2,7 @@
 # Everything a lent GPU (one H100/H200) is for, in one call of under 9 minutes, in order of need
 # (a run cut off loses the last parts): the machine, the GPU tests, the tuning study, the
 # benchmark at gemma2-2b and llama3-8b (bf16, loss and loss+backward, logitless against every
-# peer), the rest of the test suite on CUDA, then the filtering study. Every table and log lands
+# peer; no vocabulary sweep), the rest of the test suite on CUDA, then the filtering study. Every table and log lands
 # under one folder; each part has its own time limit (seconds, below).
 #
 #   bash benchmarks/gpu.sh [OUT]              OUT defaults to $OUT (the device tool's), else
@@ -23,7 +23,7 @@
 # No network is needed. Peers come as wheels from .whl/ (cut-cross-entropy, liger-kernel:
 # pure Python, installed without dependencies). The trained regime's model and token ids come
 # from .bench-cache/ when present (copy ~/.cache/logitless/* there), else are built here first
-# (the model trains in about half a minute on the GPU; it is copied to OUT for the next call).
+# (the model trains in about half a minute on the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,17 +52,21 @@ fi
 } > "$OUT/machine.txt" 2>&1
 head -20 "$OUT/machine.txt"
 
-run_tests() {  # log, time limit, xdist workers, pytest arguments
+# log, time limit, xdist workers, pytest arguments; interrupted (SIGINT) at the time limit, so
+# that pytest still prints its summary of failures
+run_tests() {
     local log=$1 limit=$2 workers=()
     "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n "$3")
     shift 3
-    timeout "$limit" "$PYTHON" -m pytest "${workers[@]}" -q -p no:cacheprovider "$@" tests 2>&1 \
-        | tee "$OUT/$log" | tail -25
+    timeout -s INT -k 15 "$limit" "$PYTHON" -m pytest "${workers[@]}" -q -rfE --tb=short \
+        -p no:cacheprovider -p no:benchmark "$@" tests 2>&1 | tee -a "$OUT/$log" | tail -25
 }
 
 if [ "${TESTS:-1}" = 1 ]; then
     echo "== pytest -m gpu" >&2
-    run_tests gpu-tests.log "${TESTS_TIMEOUT:-110}" 4 -m gpu  # model shapes take GBs each
+    # model shapes take GBs each: four at a time; the two past 2^31 elements one at a time
+    run_tests gpu-tests.log "${TESTS_TIMEOUT:-110}" 4 -m gpu -k "not past_two_to_the_31"
+    run_tests gpu-tests.log 60 0 -m gpu -k "past_two_to_the_31"
 fi
 
 if [ "${TUNE:-1}" = 1 ]; then
@@ -76,9 +80,8 @@ echo "== benchmark: $PRESETS / $REGIMES / $OPS" >&2
 # shellcheck disable=SC2086  # the lists are words
 timeout "${BENCH_TIMEOUT:-200}" "$PYTHON" -m logitless bench --device cuda --dtype bfloat16 \
     --preset $PRESETS --data $REGIMES --op $OPS --methods $METHODS --repeats "${REPEATS:-5}" \
-    --warmup 1 --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -vE "^ {6}[a-z]" || true
+    --warmup 1 --sweep-v --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -vE "^ {6}[a-z]" || true
 tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -r "$OUT/bench"
-cp "${LOGITLESS_CACHE:-$HOME/.cache/logitless}"/bench-lm-*.pt "$OUT/" 2>/dev/null || true
 
 if [ "${SUITE:-1}" = 1 ]; then
     echo "== every other test, on CUDA" >&2

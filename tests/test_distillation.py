@@ -10,6 +10,7 @@ import torch
 from helpers import DTYPES, check_results, device_for, make_inputs, outputs_and_grads
 from logitless import (
     LinearDistillationLoss,
+    functional,
     linear_distillation_loss,
     linear_top_k_distillation_loss,
 )
@@ -125,6 +126,30 @@ def test_shift_on_batched_sequences_without_bias(request, impl):
         ours, batched, reference=adapter(reference_linear_distillation_loss, teacher, lead),
         **options,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_reduced_loss_takes_its_gradients_from_the_forward_sweep(
+    monkeypatch, divergence, reduction
+):
+    """On the portable backend a reduced divergence (hard loss mixed in) computes its gradients
+    in the forward sweep, with no backward sweep, and agrees with the recomputing path."""
+    inputs = make_inputs((ROWS,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=7)
+    loss = adapter(linear_distillation_loss, teacher_head(torch.float32, bias=True))
+    options = {"divergence": divergence, "reduction": reduction, "hard_weight": 0.3}
+    options.update(temperature=1.3, impl="torch")
+    with monkeypatch.context() as patch:
+        patch.setattr(functional, "_fuses", lambda *args: False)
+        recomputed = outputs_and_grads(loss, inputs, 1, **options)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused path swept the vocabulary again in backward")
+
+    monkeypatch.setattr(torch_backend, "grads", refuse)
+    fused = outputs_and_grads(loss, inputs, 1, **options)
+    for ours, theirs in zip(fused[0] + fused[1], recomputed[0] + recomputed[1], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
 def test_identical_heads_have_zero_divergence_and_the_teacher_no_gradient():

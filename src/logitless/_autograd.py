@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from logitless import _ops as ops
-from logitless._loss import TokenLoss
+from logitless._loss import TokenLoss, statistic_coefficients
 from logitless.backends.torch_backend import accumulation_dtype, rows_per_block
 
 if TYPE_CHECKING:
@@ -54,39 +54,6 @@ def filters(terms: tuple[str, ...], softcap: float | None) -> bool:
     is added outside the tiles)."""
     allowed = {"p", "target"} if softcap is not None else {"p", "target", "sum"}
     return set(terms) <= allowed
-
-
-def _coefficients(grads: dict, values: dict, beta: float) -> dict[str, torch.Tensor]:
-    """The coefficient rows of the backend's gradient formula from the upstream gradient G of
-    each statistic (docs/statistics.md):
-
-        lse: a += G; target: t += G; sum: s += G; mean: a += G (1 - mean), b += G;
-        cross_mean: g += G; teacher_under_student: a -= G tus, b_y += G;
-        jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
-        teacher_lse, teacher_mean: nothing (the teacher gets no gradient).
-    """
-    out: dict[str, torch.Tensor] = {}
-
-    def add(term: str, value: torch.Tensor) -> None:
-        out[term] = out[term] + value if term in out else value
-
-    for name, g in grads.items():
-        if name == "lse":
-            add("p", g)
-        elif name in ("target", "sum"):
-            add(name, g)
-        elif name == "mean":
-            add("p", g * (1.0 - values["mean"]))
-            add("pz", g)
-        elif name == "cross_mean":
-            add("q", g)
-        elif name == "teacher_under_student":
-            add("p", -g * values["teacher_under_student"])
-            add("py", g)
-        elif name == "jsd":
-            add("p", (1.0 - beta) * g * values["jsd_p"])
-            add("plogr", -(1.0 - beta) * g)
-    return out
 
 
 class LinearLogitStats(torch.autograd.Function):
@@ -134,7 +101,7 @@ class LinearLogitStats(torch.autograd.Function):
         values = dict(zip(ctx.kept, kept, strict=True))
         if plan.token_gather is not None:  # every rank's tokens get every rank's coefficients
             grad_stats = torch.stack(plan.token_gather.sum_coefficients(*grad_stats))
-        coefficients = _coefficients(
+        coefficients = statistic_coefficients(
             dict(zip(ctx.names, grad_stats, strict=True)), values, plan.beta
         )
         terms = tuple(coefficients)
@@ -162,13 +129,12 @@ def _first_sweep(names: tuple[str, ...], with_teacher: bool) -> tuple[str, ...]:
     return tuple(first + [name for name in names if name not in first and name not in MIXTURE])
 
 
-class FusedLinearCrossEntropy(torch.autograd.Function):
+class _FusedLoss(torch.autograd.Function):
     """A reduced loss whose gradients the forward pass computes; backward only scales them.
 
-    `token_weights` (N,) holds each row's weight in the reduction (0 for ignored rows),
-    `target_weights` (N,) each row's class weight or None, `needs` which of (e, c, bias) get a
-    gradient. Forward returns the loss and those gradients (the caller keeps the loss only):
-    grad_e and grad_bias in the accumulation dtype, grad_c in c's. Backward multiplies them by the
+    Forward returns the loss and those gradients (the caller keeps the loss only): grad_e and
+    grad_bias in the accumulation dtype, grad_c in c's; its first three inputs are (e, c, bias),
+    its last `needs`, which of them get a gradient. Backward multiplies the gradients by the
     upstream gradient in float32 (or float64) and rounds once. They are scaled in place, so a
     second backward through the same graph is refused by autograd's check of modified saved
     tensors. 16-bit gradients are rounded before that multiplication, which costs range in
@@ -177,22 +143,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(e, c, bias, targets, token_weights, target_weights, plan: Plan,
-                token_loss: TokenLoss, needs):  # fmt: skip
-        found, *grads = ops.stats_and_grads(
-            e, c, bias, targets, token_weights, target_weights, plan.impl, plan.softcap,
-            plan.column_weight, token_loss.label_smoothing > 0, plan.filter_eps,
-            token_loss.label_smoothing, token_loss.z_loss, token_loss.vocab, list(needs),
-        )  # fmt: skip
-        losses = token_loss(*found, target_weights)
-        loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
-        return loss, *grads
-
-    @staticmethod
     def setup_context(ctx, inputs, output):
         e, c, needs = inputs[0], inputs[1], inputs[-1]
         _, *grads = output
-        ctx.needs, ctx.dtypes = needs, (e.dtype, c.dtype)
+        ctx.needs, ctx.dtypes, ctx.other_inputs = needs, (e.dtype, c.dtype), len(inputs) - 3
         ctx.set_materialize_grads(False)  # else backward gets a zero tensor per gradient output
         ctx.mark_non_differentiable(*grads)
         ctx.save_for_backward(*grads)
@@ -207,7 +161,46 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             _scale_in_place(grad_c, grad_loss),
             _scale_in_place(grad_bias, grad_loss).to(c_dtype),
         )
-        return *_present(scaled, ctx.needs), None, None, None, None, None, None
+        return *_present(scaled, ctx.needs), *(None,) * ctx.other_inputs
+
+
+class FusedLinearCrossEntropy(_FusedLoss):
+    """sum_n token_weights[n] * loss[n] of a cross-entropy, its gradients from the forward pass.
+
+    `token_weights` (N,) holds each row's weight in the reduction (0 for ignored rows),
+    `target_weights` (N,) each row's class weight or None.
+    """
+
+    @staticmethod
+    def forward(e, c, bias, targets, token_weights, target_weights, plan: Plan,
+                token_loss: TokenLoss, needs):  # fmt: skip
+        found, *grads = ops.stats_and_grads(
+            e, c, bias, targets, token_weights, target_weights, plan.impl, plan.softcap,
+            plan.column_weight, token_loss.label_smoothing > 0, plan.filter_eps,
+            token_loss.label_smoothing, token_loss.z_loss, token_loss.vocab, list(needs),
+        )  # fmt: skip
+        losses = token_loss(*found, target_weights)
+        loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
+        return loss, *grads
+
+
+class FusedLinearDivergence(_FusedLoss):
+    """sum_n token_weights[n] * divergence[n] between a teacher head and the student's, its
+    gradients (the student's) from the forward pass; `weights` holds the divergence as a linear
+    combination of statistics (`logitless._loss.DIVERGENCES`)."""
+
+    @staticmethod
+    def forward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, token_weights,
+                plan: Plan, weights: dict[str, float], needs):  # fmt: skip
+        names = tuple(weights) + (("jsd_p",) if "jsd" in weights else ())
+        found, *grads = ops.linear_stats_and_grads(
+            e, c, bias, targets, token_weights, plan.impl, plan.softcap, plan.scale,
+            ",".join(names), [weights.get(name, 0.0) for name in names], teacher_e, teacher_c,
+            teacher_bias, plan.teacher_softcap, plan.beta, list(needs),
+        )  # fmt: skip
+        losses = sum(w * stat for w, stat in zip(weights.values(), found, strict=False))
+        loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
+        return loss, *grads
 
 
 class GatheredDots(torch.autograd.Function):

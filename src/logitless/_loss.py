@@ -61,6 +61,56 @@ class TokenLoss:
         return grad_lse, grad_target, -(self.label_smoothing / self.vocab) * weights
 
 
+DIVERGENCES = {
+    "forward_kl": {"teacher_mean": 1.0, "teacher_lse": -1.0, "cross_mean": -1.0, "lse": 1.0},
+    "reverse_kl": {"mean": 1.0, "lse": -1.0, "teacher_under_student": -1.0, "teacher_lse": 1.0},
+    "jsd": {"jsd": 1.0},
+}
+"""Each divergence of one token as a linear combination of its statistics: KL(q || p) =
+sum q log q - sum q log p = (teacher_mean - teacher_lse) - (cross_mean - lse), KL(p || q) =
+(mean - lse) - (teacher_under_student - teacher_lse); the JSD is a statistic of its own."""
+
+
+def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, torch.Tensor]:
+    """The coefficient rows of the backend's gradient formula from the upstream gradient G of
+    each statistic (docs/statistics.md):
+
+        lse: a += G; target: t += G; sum: s += G; mean: a += G (1 - mean), b += G;
+        cross_mean: g += G; teacher_under_student: a -= G tus, b_y += G;
+        jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
+        teacher_lse, teacher_mean: nothing (the teacher gets no gradient).
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def add(term: str, value: torch.Tensor) -> None:
+        out[term] = out[term] + value if term in out else value
+
+    for name, g in grads.items():
+        if name == "lse":
+            add("p", g)
+        elif name in ("target", "sum"):
+            add(name, g)
+        elif name == "mean":
+            add("p", g * (1.0 - values["mean"]))
+            add("pz", g)
+        elif name == "cross_mean":
+            add("q", g)
+        elif name == "teacher_under_student":
+            add("p", -g * values["teacher_under_student"])
+            add("py", g)
+        elif name == "jsd":
+            add("p", (1.0 - beta) * g * values["jsd_p"])
+            add("plogr", -(1.0 - beta) * g)
+    return out
+
+
+def coefficient_terms(names: tuple[str, ...], beta: float) -> tuple[str, ...]:
+    """The coefficient rows that the upstream gradients of the statistics `names` give."""
+    one = torch.ones(())
+    values = dict.fromkeys((*names, "jsd_p"), one)
+    return tuple(statistic_coefficients(dict.fromkeys(names, one), values, beta))
+
+
 def top_k_forward_kl(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor):
     """Forward KL from a teacher known on k classes per row, the rest of its mass one bucket:
 

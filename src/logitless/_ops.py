@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from logitless._loss import TokenLoss
+from logitless._loss import TokenLoss, coefficient_terms, statistic_coefficients
 from logitless.backends import Logits, Teacher, get_backend
 from logitless.backends.torch_backend import accumulation_dtype
 
@@ -158,6 +158,52 @@ def _(e, c, bias, targets, token_weights, target_weights, impl, softcap, column_
     return stats_out, *_fake_grads(e, c, bias, needs)
 
 
+@torch.library.custom_op("logitless::linear_stats_and_grads", mutates_args=())
+def linear_stats_and_grads(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    token_weights: Tensor,
+    impl: str,
+    softcap: float | None,
+    scale: float,
+    names: str,
+    stat_weights: list[float],
+    teacher_e: Tensor | None,
+    teacher_c: Tensor | None,
+    teacher_bias: Tensor | None,
+    teacher_softcap: float | None,
+    beta: float,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The statistics `names` (comma-separated) and the gradients of
+    sum_n token_weights[n] sum_i stat_weights[i] stats[i, n], a loss linear in the statistics
+    (the divergences, `logitless._loss.DIVERGENCES`), in one sweep."""
+    names = _split(names)
+    terms = coefficient_terms(names, beta)
+    teacher = _teacher(teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, None)
+
+    def coefficients(rows: slice, row_stats: Tensor) -> Tensor:
+        grads = {name: token_weights[rows] * w for name, w in zip(names, stat_weights, strict=True)}
+        found = statistic_coefficients(grads, dict(zip(names, row_stats, strict=True)), beta)
+        return torch.stack([found[term] for term in terms])
+
+    with _no_autocast(e):
+        out, *grads_out = get_backend(impl).stats_and_grads(
+            e, c, bias, targets, coefficients, logits=Logits(softcap, scale), names=names,
+            terms=terms, filter_eps=None, needs=tuple(needs), teacher=teacher,
+        )  # fmt: skip
+    return out, *_finish(grads_out, e, c, bias)
+
+
+@linear_stats_and_grads.register_fake
+def _(e, c, bias, targets, token_weights, impl, softcap, scale, names, stat_weights, teacher_e,
+      teacher_c, teacher_bias, teacher_softcap, beta, needs):  # fmt: skip
+    stats_out = e.new_empty(len(_split(names)), e.shape[0], dtype=accumulation_dtype(e.dtype))
+    return stats_out, *_fake_grads(e, c, bias, needs)
+
+
 def add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum, column_weight=None) -> None:
     """Add, in place, the gradient of sum_n grad_sum[n] * sum_v w[v] z[n, v] for
     z = e @ c.T + bias (w = `column_weight`, 1 if None).
@@ -226,4 +272,6 @@ def _outside_compile(op):
     return call
 
 
-stats, grads, stats_and_grads = map(_outside_compile, (stats, grads, stats_and_grads))
+stats, grads, stats_and_grads, linear_stats_and_grads = map(
+    _outside_compile, (stats, grads, stats_and_grads, linear_stats_and_grads)
+)

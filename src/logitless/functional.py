@@ -9,8 +9,14 @@ import dataclasses
 
 import torch
 
-from logitless._autograd import FusedLinearCrossEntropy, GatheredDots, LinearLogitStats, Plan
-from logitless._loss import TokenLoss, top_k_forward_kl
+from logitless._autograd import (
+    FusedLinearCrossEntropy,
+    FusedLinearDivergence,
+    GatheredDots,
+    LinearLogitStats,
+    Plan,
+)
+from logitless._loss import DIVERGENCES, TokenLoss, top_k_forward_kl
 from logitless._validation import (
     LossOptions,
     check_distillation,
@@ -387,26 +393,30 @@ def linear_distillation_loss(
         impl=check_impl(impl, e.device, e.dtype), softcap=softcap, filter_eps=None,
         vocab_parallel=shard, scale=scale, teacher_softcap=teacher_softcap, beta=beta,
     )  # fmt: skip
-    names = {
-        "forward_kl": ("lse", "teacher_lse", "teacher_mean", "cross_mean"),
-        "reverse_kl": ("lse", "teacher_lse", "mean", "teacher_under_student"),
-        "jsd": ("lse", "teacher_lse", "jsd"),
-    }[divergence]
-    found, _, _ = LinearLogitStats.apply(rows, c, bias, backend_targets, *teacher, plan, names, 0)
-    stat = dict(zip(names, found, strict=True))
-    if divergence == "forward_kl":
-        teacher_log_q = stat["teacher_mean"] - stat["teacher_lse"]  # sum q log q
-        losses = teacher_log_q - (stat["cross_mean"] - stat["lse"])
-    elif divergence == "reverse_kl":
-        losses = (stat["mean"] - stat["lse"]) - (
-            stat["teacher_under_student"] - stat["teacher_lse"]
-        )
-    else:
-        losses = stat["jsd"]
+    weights = DIVERGENCES[divergence]
+    hard_plan = dataclasses.replace(
+        plan, scale=1.0, filter_eps=_filter_eps(options, e.dtype, c.shape[0])
+    )
+    if _fuses(options, get_backend(plan.impl), e, c, bias):
+        token_weights = valid.to(accumulation_dtype(e.dtype))
+        if reduction == "mean":
+            token_weights = token_weights / _divisor(valid, None)
+        needs = tuple(x is not None and x.requires_grad for x in (e, c, bias))
+        loss = FusedLinearDivergence.apply(
+            rows, c, bias, backend_targets, *teacher, token_weights * (1.0 - hard_weight), plan,
+            weights, needs,
+        )[0]  # fmt: skip
+        if hard_weight:
+            loss = loss + FusedLinearCrossEntropy.apply(
+                rows, c, bias, backend_targets, token_weights * hard_weight, None, hard_plan,
+                TokenLoss(0.0, 0.0, c.shape[0]), needs,
+            )[0]  # fmt: skip
+        return loss
+    found, _, _ = LinearLogitStats.apply(
+        rows, c, bias, backend_targets, *teacher, plan, tuple(weights), 0
+    )
+    losses = sum(w * stat for w, stat in zip(weights.values(), found, strict=True))
     if hard_weight:
-        hard_plan = dataclasses.replace(
-            plan, scale=1.0, filter_eps=_filter_eps(options, e.dtype, c.shape[0])
-        )
         hard = _stats(rows, c, bias, backend_targets, hard_plan, ("lse", "target"))
         losses = (1.0 - hard_weight) * losses + hard_weight * (hard[0] - hard[1])
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)

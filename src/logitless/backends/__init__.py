@@ -31,10 +31,12 @@ and `w` the optional (V,) column weight (1 without), it provides
         Gradients may come back in float32;
 
     stats_and_grads(e, c, bias, targets, coefficients_of, *, logits, names, terms,
-                    filter_eps, needs) -> (stats, grad_e, grad_c, grad_bias)   [optional]
+                    filter_eps, needs, teacher=None) -> (stats, grad_e, grad_c, grad_bias)
+                                                                                 [optional]
 
         both in one sweep, when the coefficients of a block of rows are a function
-        `coefficients_of(rows, stats of those rows)` known during the forward pass.
+        `coefficients_of(rows, stats of those rows)` known during the forward pass (a reduced
+        loss); with a teacher, its statistics and the JSD's in that same sweep.
 
 See docs/statistics.md for why these statistics and this one gradient formula cover every loss.
 """

@@ -103,11 +103,13 @@ def stats_and_grads(
     terms: tuple[str, ...],
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
+    teacher: Teacher | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """`stats` and `grads` in one pass, the coefficients given per block from its statistics."""
+    """`stats` and `grads` in one pass, the coefficients given per block from its statistics
+    (a teacher's and the JSD's included: a block holds whole rows)."""
     out, grad_e, grad_c, grad_bias, _ = _sweep(
-        e, c, bias, targets, logits=logits, names=names, coefficients=coefficients_of,
-        terms=terms, filter_eps=filter_eps, needs=needs,
+        e, c, bias, targets, logits=logits, names=names, teacher=teacher,
+        coefficients=coefficients_of, terms=terms, filter_eps=filter_eps, needs=needs,
     )  # fmt: skip
     return out, grad_e, grad_c, grad_bias
 

@@ -24,7 +24,12 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.multiprocessing import start_processes
 
 from helpers import check_results, join_gloo_group, make_inputs, outputs_and_grads, rel_error
-from logitless import VocabParallel, linear_cross_entropy, linear_log_probs
+from logitless import (
+    VocabParallel,
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_log_probs,
+)
 from logitless.backends.torch_backend import BLOCK_MB_ENV
 
 DIM, VOCAB = 37, 1031
@@ -83,6 +88,7 @@ def _errors(rank: int, mesh):
         "vocab_parallel too": lambda: linear_cross_entropy(
             e, shard(c), targets, vocab_parallel=VocabParallel.from_vocab(VOCAB)
         ),
+        "distillation": lambda: linear_distillation_loss(e, c, e, replicate(c), targets),
     }
     outcomes = {}
     for name, call in calls.items():
@@ -216,6 +222,7 @@ def test_bad_layouts_raise_on_every_rank(ranks):
         "bias replicated, c sharded": "bias must be a DTensor on c's mesh with c's placements",
         "target out of range": r"targets must lie in \[0, 1031\)",
         "vocab_parallel too": "vocab_parallel must be None when c is a DTensor",
+        "distillation": "linear_distillation_loss takes local tensors, got a DTensor teacher_c",
     }
     for rank, results in enumerate(ranks):
         for name, pattern in expected.items():

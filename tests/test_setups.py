@@ -8,7 +8,14 @@ import torch
 
 from helpers import TOLERANCE, check_against_reference, check_results, make_inputs
 from helpers import outputs_and_grads as outputs_and_grads_of
-from logitless import LinearCrossEntropyLoss, linear_cross_entropy, linear_log_probs, linear_top_k
+from logitless import (
+    LinearCrossEntropyLoss,
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_log_probs,
+    linear_top_k,
+    linear_top_k_distillation_loss,
+)
 from logitless.reference import reference_linear_cross_entropy, relative_error
 
 LEAD, DIM, VOCAB = (3, 13), 21, 307
@@ -183,6 +190,43 @@ def test_autocast_holds_for_log_probs_and_top_k(function, options):
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
     cast = (e, c.bfloat16(), targets, bias.bfloat16())
     expected = outputs_and_grads_of(call, cast, 1, **options)
+    for x, y in zip(outs + grads, expected[0] + expected[1], strict=True):
+        assert torch.equal(x, y.to(x.dtype))
+
+
+@pytest.mark.parametrize("function", ["distillation", "top_k_distillation"])
+def test_autocast_holds_for_distillation(function):
+    """Both heads (a cached teacher's log-probs as they are) computed on the bf16 casts, the
+    student's gradients back in each input's dtype."""
+    e, c, targets, bias = make_inputs(LEAD, DIM, VOCAB, bias=True, ignore_fraction=0.1, seed=14)
+    teacher_e, teacher_c, _, teacher_bias = make_inputs(LEAD, 2 * DIM, VOCAB, bias=True, seed=15)
+    e = e.bfloat16()
+    if function == "distillation":
+        teacher = (teacher_e.bfloat16(), teacher_c, teacher_bias)
+
+        def call(e, c, targets, bias, teacher=teacher, **kw):
+            return linear_distillation_loss(e, c, *teacher[:2], targets, bias, teacher[2], **kw)
+
+        cast_teacher = (teacher_e.bfloat16(), teacher_c.bfloat16(), teacher_bias.bfloat16())
+    else:
+        teacher = (teacher_e @ teacher_c.T).log_softmax(-1).topk(5)[::-1]
+
+        def call(e, c, targets, bias, teacher=teacher, **kw):
+            return linear_top_k_distillation_loss(e, c, *teacher, targets, bias, **kw)
+
+        cast_teacher = teacher
+
+    def under_autocast(*args, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call(*args, **kw)
+
+    options = {"temperature": 1.3, "hard_weight": 0.2}
+    outs, grads = outputs_and_grads_of(under_autocast, (e, c, targets, bias), 1, **options)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    cast = (e, c.bfloat16(), targets, bias.bfloat16())
+    expected = outputs_and_grads_of(
+        lambda *args, **kw: call(*args, teacher=cast_teacher, **kw), cast, 1, **options
+    )
     for x, y in zip(outs + grads, expected[0] + expected[1], strict=True):
         assert torch.equal(x, y.to(x.dtype))
 

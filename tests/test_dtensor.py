@@ -70,6 +70,23 @@ def _distributed_call(inputs, placement, mesh, options, function=linear_cross_en
     return outs, [grads[0], *(g.full_tensor() for g in grads[1:])]
 
 
+DISTILLATION = {"divergence": "forward_kl", "temperature": 1.3, "hard_weight": 0.3}
+
+
+def _distillation(e, c, targets, bias, **options):
+    """A distillation loss whose teacher (hidden size 2 D) has its classifier laid out as c's
+    and its hidden states made from e's rows (the same rows of every rank's tokens)."""
+    teacher_e = torch.cat([e.detach(), e.detach().flip(-1)], dim=-1) * 1.5
+    _, teacher_c, _, teacher_bias = make_inputs((1,), 2 * DIM, VOCAB, bias=True, seed=5)
+    if isinstance(c, DTensor):
+        teacher_c, teacher_bias = (
+            distribute_tensor(x, c.device_mesh, c.placements) for x in (teacher_c, teacher_bias)
+        )
+    return linear_distillation_loss(
+        e, c, teacher_e, teacher_c, targets, bias, teacher_bias, **options
+    )
+
+
 def _errors(rank: int, mesh):
     e, c, targets, bias = make_inputs((9,), DIM, VOCAB, bias=True, seed=3)
     shard = functools.partial(distribute_tensor, device_mesh=mesh, placements=[Shard(0)])
@@ -88,7 +105,7 @@ def _errors(rank: int, mesh):
         "vocab_parallel too": lambda: linear_cross_entropy(
             e, shard(c), targets, vocab_parallel=VocabParallel.from_vocab(VOCAB)
         ),
-        "distillation": lambda: linear_distillation_loss(e, c, e, replicate(c), targets),
+        "teacher sharded, c not": lambda: linear_distillation_loss(e, c, e, shard(c), targets),
     }
     outcomes = {}
     for name, call in calls.items():
@@ -139,6 +156,8 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         same = make_inputs((45,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=3)
         for key, inputs in (("log_probs", same), ("log_probs dp", _rank_inputs(rank))):
             results[key] = _distributed_call(inputs, Shard(0), mesh, LOG_PROBS, linear_log_probs)
+        for key, inputs in (("distillation", same), ("distillation dp", _rank_inputs(rank))):
+            results[key] = _distributed_call(inputs, Shard(0), mesh, DISTILLATION, _distillation)
         same = make_inputs((45,), DIM, VOCAB, seed=3)
         results["bytes"] = {
             "same tokens": _bytes(same, mesh),
@@ -215,6 +234,22 @@ def test_log_probs_and_entropy_of_a_sharded_classifier(ranks):
         _assert_agrees(results["log_probs dp"], (outs, [grads[0], *mean_grads]), f"rank {rank}")
 
 
+def test_distillation_with_a_sharded_student_and_teacher(ranks):
+    """Both classifiers sharded by rows. Same tokens: one process's loss and gradients;
+    different tokens: each rank's own loss and grad_e, the mean of the classifier gradients."""
+    same = make_inputs((45,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=3)
+    expected = outputs_and_grads(_distillation, same, 1, **DISTILLATION)
+    singles = [
+        outputs_and_grads(_distillation, _rank_inputs(rank), 1, **DISTILLATION)
+        for rank in range(len(ranks))
+    ]
+    mean_grads = [sum(single[1][i] for single in singles) / len(ranks) for i in (1, 2)]
+    for rank, results in enumerate(ranks):
+        _assert_agrees(results["distillation"], expected, f"rank {rank}")
+        outs, grads = singles[rank]
+        _assert_agrees(results["distillation dp"], (outs, [grads[0], *mean_grads]), f"rank {rank}")
+
+
 def test_bad_layouts_raise_on_every_rank(ranks):
     expected = {
         "c Shard(1)": r"c must be a DTensor replicated, or sharded by rows \(Shard\(0\)\)",
@@ -222,7 +257,7 @@ def test_bad_layouts_raise_on_every_rank(ranks):
         "bias replicated, c sharded": "bias must be a DTensor on c's mesh with c's placements",
         "target out of range": r"targets must lie in \[0, 1031\)",
         "vocab_parallel too": "vocab_parallel must be None when c is a DTensor",
-        "distillation": "linear_distillation_loss takes local tensors, got a DTensor teacher_c",
+        "teacher sharded, c not": r"teacher_c must be laid out as c \(the same vocabulary rows",
     }
     for rank, results in enumerate(ranks):
         for name, pattern in expected.items():

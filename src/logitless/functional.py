@@ -36,7 +36,7 @@ from logitless._validation import (
 )
 from logitless.backends import get_backend
 from logitless.backends.torch_backend import accumulation_dtype
-from logitless.distributed import TokenGather, VocabParallel, local_inputs
+from logitless.distributed import DTensor, TokenGather, VocabParallel, local_inputs
 
 NO_TARGET = -1
 """Row target that backends skip: ignored, shifted out, or (vocabulary parallel) off-shard."""
@@ -146,6 +146,37 @@ def _local_inputs(e, c, targets, bias, options: LossOptions):
     e, c, targets, bias, options = local_inputs(e, c, targets, bias, options, shard_dim)
     e, c, bias = _under_autocast(e, c, bias)
     return e, c, targets, bias, options
+
+
+def _local_teacher(teacher_e, teacher_c, teacher_bias, c):
+    """A teacher head as local tensors, like the student's (`_local_inputs`): teacher_c and
+    teacher_bias must hold the vocabulary rows that c holds (its DTensor layout where either is
+    sharded by rows), teacher_e a local tensor or a replicated DTensor."""
+    if DTensor is None:
+        return teacher_e, teacher_c, teacher_bias
+    if isinstance(teacher_e, DTensor) and not all(p.is_replicate() for p in teacher_e.placements):
+        raise ValueError(
+            f"teacher_e must be a local tensor or a replicated DTensor, got placements "
+            f"{teacher_e.placements}: pass this rank's tokens (to_local()) instead"
+        )
+    for name, x in (("teacher_c", teacher_c), ("teacher_bias", teacher_bias)):
+        if x is not None and (_rows_sharded(c) or _rows_sharded(x)) and _layout(x) != _layout(c):
+            raise ValueError(
+                f"{name} must be laid out as c (the same vocabulary rows on each rank): c "
+                f"{_layout(c)}, {name} {_layout(x)}"
+            )
+    return tuple(
+        x.to_local() if isinstance(x, DTensor) else x for x in (teacher_e, teacher_c, teacher_bias)
+    )
+
+
+def _rows_sharded(x: torch.Tensor) -> bool:
+    return isinstance(x, DTensor) and any(p.is_shard(0) for p in x.placements)
+
+
+def _layout(x: torch.Tensor) -> tuple | None:
+    """(mesh, placements) of a DTensor; None for a local tensor."""
+    return (x.device_mesh, tuple(x.placements)) if isinstance(x, DTensor) else None
 
 
 def _under_autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -363,8 +394,9 @@ def linear_distillation_loss(
         targets: optional: ignore_index marks tokens left out, shift aligns them, and they are
             the labels of the hard loss.
         reduction, ignore_index, shift, softcap, impl, vocab_parallel: as in
-            `linear_cross_entropy`; under vocabulary parallelism both classifiers hold the
-            same rows.
+            `linear_cross_entropy` (DTensors and torch.autocast included); under vocabulary
+            parallelism both classifiers hold the same rows (a DTensor teacher_c is laid out
+            as c).
         filter_eps: None (exact) by default; the divergences' gradients reach every logit, so
             only the hard loss could skip tiles.
 
@@ -378,24 +410,20 @@ def linear_distillation_loss(
     scale = temperature_scale(temperature)
     check_distillation(divergence, beta, hard_weight, teacher_softcap)
     check_hard_targets(hard_weight, targets)
-    check_local_tensors(
-        "linear_distillation_loss", e=e, c=c, teacher_e=teacher_e, teacher_c=teacher_c,
-        targets=targets, bias=bias, teacher_bias=teacher_bias,
-    )  # fmt: skip
-    check_no_vmap()
-    e, c, bias, teacher_e, teacher_c, teacher_bias = _under_autocast(
-        e, c, bias, teacher_e, teacher_c, teacher_bias
-    )
     labels = targets
     if labels is None:
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
-    check_inputs(e, c, labels, bias, options)
-    check_teacher(e, c, teacher_e, teacher_c, teacher_bias)
-    rows, row_targets, kept = _rows_with_target(
-        e.reshape(-1, e.shape[-1]), _row_targets(labels, options)
+    teacher_e, teacher_c, teacher_bias = _under_autocast(
+        *_local_teacher(teacher_e, teacher_c, teacher_bias, c)
     )
+    e, c, labels, bias, options = _local_inputs(e, c, labels, bias, options)
+    gather = check_inputs(e, c, labels, bias, options)
+    check_teacher(e, c, teacher_e, teacher_c, teacher_bias)
+    rows, row_targets, kept = _backend_rows(e, labels, options, gather)
     teacher_rows = teacher_e.detach().reshape(-1, teacher_e.shape[-1])
-    if kept is not None:
+    if gather is not None:
+        teacher_rows = gather.gather_rows(teacher_rows)
+    elif kept is not None:
         teacher_rows = teacher_rows.index_select(0, kept)
     teacher = (
         teacher_rows,
@@ -407,7 +435,8 @@ def linear_distillation_loss(
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
     plan = Plan(
         impl=check_impl(impl, e.device, e.dtype), softcap=softcap, filter_eps=None,
-        vocab_parallel=shard, scale=scale, teacher_softcap=teacher_softcap, beta=beta,
+        vocab_parallel=shard, token_gather=gather, scale=scale, teacher_softcap=teacher_softcap,
+        beta=beta,
     )  # fmt: skip
     weights = DIVERGENCES[divergence]
     hard_plan = dataclasses.replace(
@@ -435,6 +464,8 @@ def linear_distillation_loss(
     if hard_weight:
         hard = _stats(rows, c, bias, backend_targets, hard_plan, ("lse", "target"))
         losses = (1.0 - hard_weight) * losses + hard_weight * (hard[0] - hard[1])
+    if gather is not None:  # this rank's loss is that of its own tokens
+        losses, valid = gather.own(losses), gather.own(valid)
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import logitless
+from logitless.bench.measure import CpuMeter
 from logitless.reference import reference_linear_distillation_loss
 
 TEMPERATURE, HARD_WEIGHT, LEARNING_RATE = 2.0, 0.1, 1e-3
@@ -44,19 +45,6 @@ class TinyLM(nn.Module):
         return self.norm(self.body(self.embed(input_ids), mask=mask, is_causal=True))
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1])
-
-
-def _reset_peak_rss_kb() -> int:
-    """Reset this process's peak resident memory (Linux) and return the current one, in kB."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _status_kb("VmRSS")
-
-
 def run(variant: str, args) -> dict:
     """The steps of one variant: losses and peak memory of a step."""
     torch.set_num_threads(args.threads)
@@ -78,10 +66,10 @@ def run(variant: str, args) -> dict:
         loss_fn = lambda *heads: reference_linear_distillation_loss(  # noqa: E731
             *heads, dtype=torch.float32, **options
         )
-    losses, peak_mb = [], 0.0
+    losses, peak_mb, meter = [], 0.0, CpuMeter()
     for _ in range(args.steps):
         optimizer.zero_grad(set_to_none=True)
-        base = _reset_peak_rss_kb()
+        meter.start()
         with torch.no_grad():
             teacher_hidden = teacher.hidden_states(input_ids)
         loss = loss_fn(
@@ -89,7 +77,7 @@ def run(variant: str, args) -> dict:
             teacher_hidden, teacher.lm_head.weight, input_ids,
         )  # fmt: skip
         loss.backward()
-        peak_mb = max(peak_mb, (_status_kb("VmHWM") - base) / 1024)
+        peak_mb = max(peak_mb, (meter.stop()[1] or 0) / 2**20)
         losses.append(loss.item())
         optimizer.step()
     return {"losses": losses, "peak_mb": peak_mb}

@@ -20,6 +20,7 @@ import sys
 import torch
 import transformers
 
+from logitless.bench.measure import CpuMeter
 from logitless.rl import completion_log_probs
 
 CLIP, ENTROPY_BONUS, TEMPERATURE, LEARNING_RATE = 0.2, 1e-3, 0.7, 0.5
@@ -37,19 +38,6 @@ def logitless_log_probs(model, input_ids, attention_mask, keep):
     return completion_log_probs(
         model, input_ids, attention_mask, keep, temperature=TEMPERATURE, return_entropy=True
     )
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1])
-
-
-def _reset_peak_rss_kb() -> int:
-    """Reset this process's peak resident memory (Linux) and return the current one, in kB."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _status_kb("VmRSS")
 
 
 def run(variant: str, args) -> dict:
@@ -70,17 +58,17 @@ def run(variant: str, args) -> dict:
     compute = full_logits_log_probs if variant == "eager" else logitless_log_probs
     with torch.no_grad():  # the rollout policy's log-probs
         old_log_probs, _ = compute(model, input_ids, attention_mask, args.completion)
-    losses, grads, peak_mb = [], [], 0.0
+    losses, grads, peak_mb, meter = [], [], 0.0, CpuMeter()
     for _ in range(args.steps):
         model.zero_grad(set_to_none=True)
-        base = _reset_peak_rss_kb()
+        meter.start()
         log_probs, entropy = compute(model, input_ids, attention_mask, args.completion)
         ratio = torch.exp(log_probs - old_log_probs)
         clipped = torch.clamp(ratio, 1 - CLIP, 1 + CLIP)
         policy = -torch.minimum(ratio * advantages, clipped * advantages)
         loss = (policy - ENTROPY_BONUS * entropy).mean()
         loss.backward()
-        peak_mb = max(peak_mb, (_status_kb("VmHWM") - base) / 1024)
+        peak_mb = max(peak_mb, (meter.stop()[1] or 0) / 2**20)
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).tolist())
         with torch.no_grad():

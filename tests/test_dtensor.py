@@ -87,6 +87,13 @@ def _distillation(e, c, targets, bias, **options):
     )
 
 
+SHARDED_CALLS = {
+    "log_probs": (linear_log_probs, LOG_PROBS),
+    "distillation": (_distillation, DISTILLATION),
+}
+"""Per-token functions whose classifier the ranks shard: (function, options)."""
+
+
 def _errors(rank: int, mesh):
     e, c, targets, bias = make_inputs((9,), DIM, VOCAB, bias=True, seed=3)
     shard = functools.partial(distribute_tensor, device_mesh=mesh, placements=[Shard(0)])
@@ -154,10 +161,10 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         for name, options in DATA_PARALLEL.items():
             results["dp", name] = _distributed_call(_rank_inputs(rank), Shard(0), mesh, options)
         same = make_inputs((45,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=3)
-        for key, inputs in (("log_probs", same), ("log_probs dp", _rank_inputs(rank))):
-            results[key] = _distributed_call(inputs, Shard(0), mesh, LOG_PROBS, linear_log_probs)
-        for key, inputs in (("distillation", same), ("distillation dp", _rank_inputs(rank))):
-            results[key] = _distributed_call(inputs, Shard(0), mesh, DISTILLATION, _distillation)
+        for name, (function, options) in SHARDED_CALLS.items():
+            results[name] = _distributed_call(same, Shard(0), mesh, options, function)
+            dp = _distributed_call(_rank_inputs(rank), Shard(0), mesh, options, function)
+            results[name, "dp"] = dp
         same = make_inputs((45,), DIM, VOCAB, seed=3)
         results["bytes"] = {
             "same tokens": _bytes(same, mesh),
@@ -218,36 +225,22 @@ def test_different_tokens_per_rank_average_the_classifier_gradient(ranks, name):
         _assert_agrees(results["dp", name], (outs, [grads[0], *mean_grads]), f"rank {rank}")
 
 
-def test_log_probs_and_entropy_of_a_sharded_classifier(ranks):
-    """Same tokens: one process's values and gradients; different tokens: each rank's own
-    values and grad_e, and the mean of the ranks' classifier gradients."""
+@pytest.mark.parametrize("name", ["log_probs", "distillation"])
+def test_per_token_functions_of_a_sharded_classifier(ranks, name):
+    """Log-probs with entropy, and distillation (both classifiers sharded by rows). Same
+    tokens: one process's values and gradients; different tokens: each rank's own values and
+    grad_e, and the mean of the ranks' classifier gradients."""
+    function, options = SHARDED_CALLS[name]
     same = make_inputs((45,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=3)
-    expected = outputs_and_grads(linear_log_probs, same, 1, **LOG_PROBS)
+    expected = outputs_and_grads(function, same, 1, **options)
     singles = [
-        outputs_and_grads(linear_log_probs, _rank_inputs(rank), 1, **LOG_PROBS)
-        for rank in range(len(ranks))
+        outputs_and_grads(function, _rank_inputs(rank), 1, **options) for rank in range(len(ranks))
     ]
     mean_grads = [sum(single[1][i] for single in singles) / len(ranks) for i in (1, 2)]
     for rank, results in enumerate(ranks):
-        _assert_agrees(results["log_probs"], expected, f"rank {rank}")
+        _assert_agrees(results[name], expected, f"rank {rank}")
         outs, grads = singles[rank]
-        _assert_agrees(results["log_probs dp"], (outs, [grads[0], *mean_grads]), f"rank {rank}")
-
-
-def test_distillation_with_a_sharded_student_and_teacher(ranks):
-    """Both classifiers sharded by rows. Same tokens: one process's loss and gradients;
-    different tokens: each rank's own loss and grad_e, the mean of the classifier gradients."""
-    same = make_inputs((45,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=3)
-    expected = outputs_and_grads(_distillation, same, 1, **DISTILLATION)
-    singles = [
-        outputs_and_grads(_distillation, _rank_inputs(rank), 1, **DISTILLATION)
-        for rank in range(len(ranks))
-    ]
-    mean_grads = [sum(single[1][i] for single in singles) / len(ranks) for i in (1, 2)]
-    for rank, results in enumerate(ranks):
-        _assert_agrees(results["distillation"], expected, f"rank {rank}")
-        outs, grads = singles[rank]
-        _assert_agrees(results["distillation dp"], (outs, [grads[0], *mean_grads]), f"rank {rank}")
+        _assert_agrees(results[name, "dp"], (outs, [grads[0], *mean_grads]), f"rank {rank}")
 
 
 def test_bad_layouts_raise_on_every_rank(ranks):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from logitless import _ops as ops
-from logitless._loss import TokenLoss, statistic_coefficients
+from logitless._loss import TokenLoss, divergence_from_statistics, statistic_coefficients
 from logitless.backends.torch_backend import accumulation_dtype, rows_per_block
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ class FusedLinearDivergence(_FusedLoss):
             ",".join(names), [weights.get(name, 0.0) for name in names], teacher_e, teacher_c,
             teacher_bias, plan.teacher_softcap, plan.beta, list(needs),
         )  # fmt: skip
-        losses = sum(w * stat for w, stat in zip(weights.values(), found, strict=False))
+        losses = divergence_from_statistics(weights, found)
         loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
         return loss, *grads
 

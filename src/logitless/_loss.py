@@ -71,6 +71,12 @@ sum q log q - sum q log p = (teacher_mean - teacher_lse) - (cross_mean - lse), K
 (mean - lse) - (teacher_under_student - teacher_lse); the JSD is a statistic of its own."""
 
 
+def divergence_from_statistics(weights: dict[str, float], stats: torch.Tensor) -> torch.Tensor:
+    """The divergence per row from its statistics (the rows of `stats`, in the order of
+    `weights`, one of `DIVERGENCES`); further rows of `stats` are ignored."""
+    return sum(w * stat for w, stat in zip(weights.values(), stats, strict=False))
+
+
 def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, torch.Tensor]:
     """The coefficient rows of the backend's gradient formula from the upstream gradient G of
     each statistic (docs/statistics.md):

@@ -117,11 +117,7 @@ def check_dtensors(
     if DTensor is None or not any(isinstance(x, DTensor) for x in (e, c, targets, bias)):
         return None
     for name, tensor in (("e", e), ("targets", targets)):
-        if isinstance(tensor, DTensor) and not all(p.is_replicate() for p in tensor.placements):
-            raise ValueError(
-                f"{name} must be a local tensor or a replicated DTensor, got placements "
-                f"{tensor.placements}: pass this rank's tokens (to_local()) instead"
-            )
+        _check_tokens_replicated(name, tensor)
     if not isinstance(c, DTensor):
         if isinstance(bias, DTensor) and not all(p.is_replicate() for p in bias.placements):
             raise ValueError(f"bias must be sharded like c (a local tensor), got {bias.placements}")
@@ -151,6 +147,37 @@ def check_dtensors(
                 f"{getattr(bias, 'placements', 'a local tensor')}"
             )
     return sharded[0] if sharded else None
+
+
+def check_teacher_dtensors(teacher_e, teacher_c, teacher_bias, c) -> None:
+    """A teacher head's DTensor layouts: teacher_c and teacher_bias hold the vocabulary rows
+    that c holds (c's layout where either is sharded by rows), teacher_e this rank's tokens."""
+    if DTensor is None:
+        return
+    _check_tokens_replicated("teacher_e", teacher_e)
+    for name, x in (("teacher_c", teacher_c), ("teacher_bias", teacher_bias)):
+        if x is not None and (_rows_sharded(c) or _rows_sharded(x)) and _layout(x) != _layout(c):
+            raise ValueError(
+                f"{name} must be laid out as c (the same vocabulary rows on each rank): c "
+                f"{_layout(c)}, {name} {_layout(x)}"
+            )
+
+
+def _check_tokens_replicated(name: str, tensor: torch.Tensor | None) -> None:
+    if isinstance(tensor, DTensor) and not all(p.is_replicate() for p in tensor.placements):
+        raise ValueError(
+            f"{name} must be a local tensor or a replicated DTensor, got placements "
+            f"{tensor.placements}: pass this rank's tokens (to_local()) instead"
+        )
+
+
+def _rows_sharded(x: torch.Tensor) -> bool:
+    return isinstance(x, DTensor) and any(p.is_shard(0) for p in x.placements)
+
+
+def _layout(x: torch.Tensor) -> tuple | None:
+    """(mesh, placements) of a DTensor; None for a local tensor."""
+    return (x.device_mesh, tuple(x.placements)) if isinstance(x, DTensor) else None
 
 
 def check_local_tensors(function: str, **tensors: torch.Tensor | None) -> None:

@@ -16,7 +16,7 @@ from logitless._autograd import (
     LinearLogitStats,
     Plan,
 )
-from logitless._loss import DIVERGENCES, TokenLoss, top_k_forward_kl
+from logitless._loss import DIVERGENCES, TokenLoss, divergence_from_statistics, top_k_forward_kl
 from logitless._validation import (
     LossOptions,
     check_distillation,
@@ -29,6 +29,7 @@ from logitless._validation import (
     check_no_vmap,
     check_num_items_in_batch,
     check_teacher,
+    check_teacher_dtensors,
     check_teacher_top_k,
     check_top_k,
     check_weight,
@@ -146,37 +147,6 @@ def _local_inputs(e, c, targets, bias, options: LossOptions):
     e, c, targets, bias, options = local_inputs(e, c, targets, bias, options, shard_dim)
     e, c, bias = _under_autocast(e, c, bias)
     return e, c, targets, bias, options
-
-
-def _local_teacher(teacher_e, teacher_c, teacher_bias, c):
-    """A teacher head as local tensors, like the student's (`_local_inputs`): teacher_c and
-    teacher_bias must hold the vocabulary rows that c holds (its DTensor layout where either is
-    sharded by rows), teacher_e a local tensor or a replicated DTensor."""
-    if DTensor is None:
-        return teacher_e, teacher_c, teacher_bias
-    if isinstance(teacher_e, DTensor) and not all(p.is_replicate() for p in teacher_e.placements):
-        raise ValueError(
-            f"teacher_e must be a local tensor or a replicated DTensor, got placements "
-            f"{teacher_e.placements}: pass this rank's tokens (to_local()) instead"
-        )
-    for name, x in (("teacher_c", teacher_c), ("teacher_bias", teacher_bias)):
-        if x is not None and (_rows_sharded(c) or _rows_sharded(x)) and _layout(x) != _layout(c):
-            raise ValueError(
-                f"{name} must be laid out as c (the same vocabulary rows on each rank): c "
-                f"{_layout(c)}, {name} {_layout(x)}"
-            )
-    return tuple(
-        x.to_local() if isinstance(x, DTensor) else x for x in (teacher_e, teacher_c, teacher_bias)
-    )
-
-
-def _rows_sharded(x: torch.Tensor) -> bool:
-    return isinstance(x, DTensor) and any(p.is_shard(0) for p in x.placements)
-
-
-def _layout(x: torch.Tensor) -> tuple | None:
-    """(mesh, placements) of a DTensor; None for a local tensor."""
-    return (x.device_mesh, tuple(x.placements)) if isinstance(x, DTensor) else None
 
 
 def _under_autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -413,8 +383,12 @@ def linear_distillation_loss(
     labels = targets
     if labels is None:
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+    check_teacher_dtensors(teacher_e, teacher_c, teacher_bias, c)
     teacher_e, teacher_c, teacher_bias = _under_autocast(
-        *_local_teacher(teacher_e, teacher_c, teacher_bias, c)
+        *(
+            x.to_local() if isinstance(x, DTensor) else x
+            for x in (teacher_e, teacher_c, teacher_bias)
+        )
     )
     e, c, labels, bias, options = _local_inputs(e, c, labels, bias, options)
     gather = check_inputs(e, c, labels, bias, options)
@@ -460,7 +434,7 @@ def linear_distillation_loss(
     found, _, _ = LinearLogitStats.apply(
         rows, c, bias, backend_targets, *teacher, plan, tuple(weights), 0
     )
-    losses = sum(w * stat for w, stat in zip(weights.values(), found, strict=True))
+    losses = divergence_from_statistics(weights, found)
     if hard_weight:
         hard = _stats(rows, c, bias, backend_targets, hard_plan, ("lse", "target"))
         losses = (1.0 - hard_weight) * losses + hard_weight * (hard[0] - hard[1])

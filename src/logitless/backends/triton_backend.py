@@ -15,7 +15,6 @@ buffer), so the GPU never waits for that decision. docs/kernels.md has the FLOP 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -189,12 +188,11 @@ def _sweep(
         rows = slice(begin, end) if order is None else order[begin:end]
         if grad_e is not None:
             _add_product(grad_e, d, c[rows], alpha=unscale)
-        if grad_c is not None:
-            product = functools.partial(torch.addmm, e.new_empty(()), d.T, e, beta=0, alpha=unscale)
-            if order is None:  # straight into its rows, which are contiguous
-                product(out=grad_c[rows])
-            else:
-                grad_c.index_copy_(0, rows, product())
+        if grad_c is not None:  # contiguous rows are written by the matmul itself
+            in_place = grad_c[rows] if order is None else None
+            product = torch.addmm(e.new_empty(()), d.T, e, beta=0, alpha=unscale, out=in_place)
+            if in_place is None:
+                grad_c.index_copy_(0, rows, product)
         if grad_bias is not None:
             _set_rows(grad_bias, rows, d.sum(0, dtype=torch.float32).mul_(unscale))
 

@@ -14,7 +14,7 @@ from helpers import (
     rel_error,
 )
 from logitless import LinearCrossEntropyLoss, linear_cross_entropy
-from logitless.backends import get_backend
+from logitless.backends import get_backend, torch_backend
 from logitless.reference import reference_linear_cross_entropy
 
 OPTION_SETS = [
@@ -64,9 +64,10 @@ def test_unbatched_single_token():
     check_against_reference((e, c, targets, bias), reduction="none", return_lse=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_loss_and_zero_gradients(reduction):
-    e, c, targets, _ = make_inputs((9,), 12, 77, seed=4)
+def test_all_ignored_gives_zero_loss_and_zero_gradients(reduction, dtype):
+    e, c, targets, _ = make_inputs((9,), 12, 77, dtype, seed=4)
     targets.fill_(-100)
     e.requires_grad_()
     c.requires_grad_()
@@ -154,6 +155,58 @@ def test_16_bit_logits_keep_the_float32_accumulator(dtype):
     assert rel_error(loss, exact_loss) <= 1e-5
     eager_lse = torch.logsumexp((e @ c.T).double(), 1)
     assert rel_error(eager_lse, exact_lse) > 1e-5  # what tells the two apart at this shape
+
+
+TILE_OPTION_SETS = [
+    {},
+    {"reduction": "none", "return_lse": True},
+    {"softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-3},
+    {"filter_eps": None, "reduction": "sum"},
+]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of the 16-bit schedule of 24 rows and a few dozen columns (a ragged grid), with the
+    row-block sweep made to fail, so that a test sees the tiles run and only them."""
+    monkeypatch.setattr(torch_backend, "TILE_ROWS", {"cpu": 24})
+    monkeypatch.setenv(torch_backend.BLOCK_MB_ENV, "0.05")
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the row-block sweep ran")
+
+    monkeypatch.setattr(torch_backend, "_sweep", no_sweep)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("options", TILE_OPTION_SETS, ids=repr)
+def test_16_bit_tiles_of_rows_and_vocabulary(small_tiles, dtype, options):
+    """16-bit cross-entropy runs over (row tile, vocabulary chunk) tiles, grad_c rounded once
+    per chunk: the criterion holds across tile edges, with a chunk masked out by -inf bias."""
+    e, c, targets, bias = make_inputs(
+        (70,), 33, 1031, dtype, bias=True, ignore_fraction=0.2, seed=21
+    )
+    if "label_smoothing" not in options:  # smoothing averages every logit: none may be -inf
+        bias[100:200] = float("-inf")
+        targets[(targets >= 100) & (targets < 200)] = 3
+    check_against_reference((e, c, targets, bias), **options)
+
+
+def test_16_bit_tiles_filter_whole_tiles(small_tiles, monkeypatch):
+    """On a peaked bf16 softmax (each hidden state near its target's classifier row, as in a
+    trained model), filtering skips most tiles' matmuls and keeps the criterion."""
+    decisions = []
+    negligible = torch_backend._negligible
+
+    def counting(*args):
+        decisions.append(negligible(*args))
+        return decisions[-1]
+
+    monkeypatch.setattr(torch_backend, "_negligible", counting)
+    e, c, targets, _ = make_inputs((64,), 32, 4099, seed=11)
+    e = e + 64 / 32**0.5 * c[targets]
+    check_against_reference((e.bfloat16(), c.bfloat16(), targets, None))
+    assert sum(decisions) > len(decisions) / 2
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

@@ -260,8 +260,8 @@ def _gather_blocks(indices: torch.Tensor, dim: int) -> list[slice]:
     return [slice(start, min(n, start + block)) for start in range(0, n, block)]
 
 
-SCALE_CHUNK_ELEMENTS = 2**22
-"""Elements per chunk when scaling a 16-bit gradient through float32 (16 MiB of scratch)."""
+SCALE_CHUNK_ELEMENTS = 2**18
+"""Elements per chunk when scaling a 16-bit gradient through float32 (1 MiB of scratch)."""
 
 
 def _scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,8 @@ def stats(
     `lse`, the student's, is given for the second sweep (`jsd`, `jsd_p`). With `top_k`,
     also the (N, top_k) indices of each row's largest logits, in descending order.
     """
+    if lse is None and _in_tiles(e, names, (), teacher, top_k):
+        return _tiled_stats(e, c, bias, targets, logits, names)
     out, *_, top = _sweep(
         e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse, top_k=top_k
     )
@@ -83,6 +85,9 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    if _in_tiles(e, (), terms, teacher, 0):
+        rows = dict(zip(terms, coefficients, strict=True))
+        return _tiled_grads(e, c, bias, targets, lse, rows, logits, filter_eps, needs)
     _, grad_e, grad_c, grad_bias, _ = _sweep(
         e, c, bias, targets, logits=logits, names=(), teacher=teacher, lse=lse,
         coefficients=lambda rows, _: coefficients[:, rows], terms=terms,
@@ -107,6 +112,14 @@ def stats_and_grads(
 ) -> tuple[torch.Tensor | None, ...]:
     """`stats` and `grads` in one pass, the coefficients given per block from its statistics
     (a teacher's and the JSD's included: a block holds whole rows)."""
+    if _in_tiles(e, names, terms, teacher, 0):
+        out = _tiled_stats(e, c, bias, targets, logits, names)
+        everyone = slice(0, e.shape[0])
+        rows = dict(zip(terms, coefficients_of(everyone, out), strict=True))
+        grad_e, grad_c, grad_bias = _tiled_grads(
+            e, c, bias, targets, out[names.index("lse")], rows, logits, filter_eps, needs
+        )
+        return out, grad_e, grad_c, grad_bias
     out, grad_e, grad_c, grad_bias, _ = _sweep(
         e, c, bias, targets, logits=logits, names=names, teacher=teacher,
         coefficients=coefficients_of, terms=terms, filter_eps=filter_eps, needs=needs,
@@ -185,7 +198,7 @@ def _sweep(
     half = e.dtype != acc
     fp32 = dict(device=e.device, dtype=acc)  # the accumulation dtype: float32 but for float64
     softcap, scale = logits.softcap, logits.scale
-    weight32 = None if logits.column_weight is None else logits.column_weight.to(acc)
+    weight32 = _column_weight(logits, acc)
 
     # Block-sized buffers besides the logits, which become the softmax in place:
     need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
@@ -218,14 +231,7 @@ def _sweep(
         size = rows.stop - start
         e_rows, t = e[rows], targets[rows]
         z = _logits(e_rows, c, bias32, logits_buffer[:size])
-        deriv = None
-        if softcap:
-            z.div_(softcap).tanh_()
-            if deriv_buffer is not None:
-                deriv = torch.mul(z, z, out=deriv_buffer[:size]).neg_().add_(1)
-            z.mul_(softcap)
-        if scale != 1.0:
-            z.mul_(scale)
+        deriv = _cap_and_scale(z, logits, None if deriv_buffer is None else deriv_buffer[:size])
         if top is not None:
             top[rows] = z.topk(top_k, dim=1).indices
         found: dict[str, torch.Tensor] = {}
@@ -296,6 +302,196 @@ def _sweep(
     return out, grad_e, grad_c, grad_bias, top
 
 
+def _cap_and_scale(z: torch.Tensor, logits: Logits, deriv_out: torch.Tensor | None):
+    """In place: z -> scale * softcap(z). Returns the softcap's derivative written into
+    `deriv_out` when it is given and there is a softcap, else None."""
+    deriv = None
+    if logits.softcap:
+        z.div_(logits.softcap).tanh_()
+        if deriv_out is not None:
+            deriv = torch.mul(z, z, out=deriv_out).neg_().add_(1)
+        z.mul_(logits.softcap)
+    if logits.scale != 1.0:
+        z.mul_(logits.scale)
+    return deriv
+
+
+def _column_weight(logits: Logits, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if logits.column_weight is None else logits.column_weight.to(dtype)
+
+
+TILED_STATISTICS = frozenset(("lse", "target", "sum"))
+TILED_TERMS = frozenset(("p", "target", "sum"))
+TILE_ROWS = {"cpu": 256}
+"""Rows of a tile of the 16-bit schedule (CPU: where BLAS runs near its peak for a tile of a
+few hundred columns); accelerators take `ACCELERATOR_TILE_ROWS`."""
+ACCELERATOR_TILE_ROWS = 8192
+TILE_SHARE_OF_BLOCK = 4
+"""A tile's buffers (its logits, and a chunk of c and of grad_c in float32) take this fraction
+of the device's block budget (`block_bytes`)."""
+
+
+def _in_tiles(
+    e: torch.Tensor,
+    names: tuple[str, ...],
+    terms: tuple[str, ...],
+    teacher: Teacher | None,
+    top_k: int,
+) -> bool:
+    """Whether a call runs the 16-bit schedule: a cross-entropy's statistics and terms of 16-bit
+    inputs, over tiles of rows and vocabulary in two sweeps (log-sum-exp, then gradients).
+
+    It costs a fourth matmul (the backward recomputes the logits) but holds no float32 V x D
+    sum of grad_c, which a row-block sweep must keep across its blocks and which is twice the
+    16-bit grad_c itself: each vocabulary chunk's grad_c is summed over every row in one tile
+    and rounded once."""
+    return (
+        e.dtype in (torch.bfloat16, torch.float16)
+        and teacher is None
+        and not top_k
+        and set(names) <= TILED_STATISTICS
+        and set(terms) <= TILED_TERMS
+    )
+
+
+def _tile_shape(n: int, vocab: int, dim: int, device: torch.device) -> tuple[int, int]:
+    """(rows, vocabulary columns) of a tile whose buffers fit `TILE_SHARE_OF_BLOCK` of the
+    device's block budget."""
+    rows = max(1, min(n, TILE_ROWS.get(device.type, ACCELERATOR_TILE_ROWS)))
+    columns = int(block_bytes(device) / TILE_SHARE_OF_BLOCK) // (4 * (rows + 2 * dim))
+    return rows, max(1, min(vocab, columns))
+
+
+class _Tiles:
+    """Float32 logits of (row tile, vocabulary chunk) pairs of 16-bit inputs, in reused
+    buffers: `chunks` upcasts each chunk of c once; `logits` forms a tile's logits."""
+
+    def __init__(
+        self, e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, logits: Logits
+    ) -> None:
+        self.e, self.c, self.logits = e, c, logits
+        self.bias32 = None if bias is None else bias.to(torch.float32)
+        self.rows, self.columns = _tile_shape(e.shape[0], c.shape[0], e.shape[1], e.device)
+        fp32 = dict(device=e.device, dtype=torch.float32)
+        self.e32 = torch.empty(self.rows, e.shape[1], **fp32)
+        self.z = torch.empty(self.rows * self.columns, **fp32)
+        self.deriv = torch.empty(self.rows * self.columns, **fp32) if logits.softcap else None
+
+    def chunks(self):
+        """(lo, hi, c[lo:hi] in float32) over the vocabulary."""
+        return _upcast(self.c, 0, self.c.shape[0], torch.float32, rows=self.columns)
+
+    def row_tiles(self):
+        return (
+            slice(lo, min(self.e.shape[0], lo + self.rows))
+            for lo in range(0, self.e.shape[0], self.rows)
+        )
+
+    def logits_of(
+        self, rows: slice, lo: int, c32: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(e[rows] in float32, the tile's logits z, the softcap's derivative or None)."""
+        size, width = rows.stop - rows.start, c32.shape[0]
+        e32 = self.e32[:size].copy_(self.e[rows])
+        z = torch.mm(e32, c32.T, out=self.z[: size * width].view(size, width))
+        if self.bias32 is not None:
+            z.add_(self.bias32[lo : lo + width])
+        deriv_out = None if self.deriv is None else self.deriv[: size * width].view(size, width)
+        return e32, z, _cap_and_scale(z, self.logits, deriv_out)
+
+
+def _tiled_stats(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    logits: Logits,
+    names: tuple[str, ...],
+) -> torch.Tensor:
+    """`stats` of 16-bit inputs over tiles (see `_in_tiles`): per row, a running maximum and
+    sum of exponentials (the log-sum-exp), the target logit and the (weighted) logit sum."""
+    n = e.shape[0]
+    fp32 = dict(device=e.device, dtype=torch.float32)
+    peak = torch.full((n,), torch.finfo(torch.float32).min, **fp32)  # finite: -inf tiles stay 0
+    total = torch.zeros(n, **fp32)
+    found = {name: torch.zeros(n, **fp32) for name in ("target", "sum")}
+    weight32 = _column_weight(logits, torch.float32)
+    tiles = _Tiles(e, c, bias, logits)
+    for lo, hi, c32 in tiles.chunks():
+        for rows in tiles.row_tiles():
+            _, z, _ = tiles.logits_of(rows, lo, c32)
+            found["target"][rows] += _gather_targets(z, _local_targets(targets[rows], lo, hi))
+            if "sum" in names:
+                found["sum"][rows] += z.sum(1) if weight32 is None else z @ weight32[lo:hi]
+            new_peak = torch.maximum(peak[rows], z.amax(1))
+            total[rows] *= (peak[rows] - new_peak).exp_()
+            total[rows] += z.sub_(new_peak.unsqueeze(1)).exp_().sum(1)
+            peak[rows] = new_peak
+    found["lse"] = peak + total.log()
+    return torch.stack([found[name] for name in names])
+
+
+def _tiled_grads(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coefficients: dict[str, torch.Tensor],
+    logits: Logits,
+    filter_eps: float | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`grads` of 16-bit inputs over tiles (see `_in_tiles`), vocabulary chunks outermost:
+    each chunk's grad_c is summed over every row tile in float32 and rounded once to c's dtype.
+    With `filter_eps`, a tile holding no target whose softmax mass is within its share of the
+    budget in every row (as `_kept_ranges` decides for a column chunk) skips its matmuls."""
+    n, dim = e.shape
+    vocab = c.shape[0]
+    fp32 = dict(device=e.device, dtype=torch.float32)
+    tiles = _Tiles(e, c, bias, logits)
+    grad_e = torch.zeros(n, dim, **fp32) if needs[0] else None
+    grad_c = torch.empty_like(c) if needs[1] else None
+    grad_bias = torch.zeros(vocab, **fp32) if needs[2] else None
+    chunk_grad = torch.empty(tiles.columns, dim, **fp32) if needs[1] else None
+    weight32 = _column_weight(logits, torch.float32)
+    for lo, hi, c32 in tiles.chunks():
+        summed = None if chunk_grad is None else chunk_grad[: hi - lo].zero_()
+        weight = None if weight32 is None else weight32[lo:hi]
+        for rows in tiles.row_tiles():
+            e32, z, deriv = tiles.logits_of(rows, lo, c32)
+            p = z.sub_(lse[rows].unsqueeze(1)).exp_()
+            local = _local_targets(targets[rows], lo, hi)
+            if filter_eps and _negligible(p, local, filter_eps, vocab):
+                continue
+            coefs = {name: values[rows] for name, values in coefficients.items()}
+            d = _softmax_to_grad(p, local, coefs, None, None, None, None, weight, deriv,
+                                 logits.scale)  # fmt: skip
+            if grad_e is not None:
+                grad_e[rows].addmm_(d, c32)
+            if summed is not None:
+                summed.addmm_(d.T, e32)
+            if grad_bias is not None:
+                grad_bias[lo:hi] += d.sum(0)
+        if grad_c is not None:
+            grad_c[lo:hi].copy_(summed)
+    return grad_e, grad_c, grad_bias
+
+
+def _local_targets(targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Targets as columns of the vocabulary chunk [lo, hi); -1 where outside it."""
+    local = targets - lo
+    return local.masked_fill_((targets < lo) | (targets >= hi), -1)
+
+
+def _negligible(p: torch.Tensor, local_targets: torch.Tensor, eps: float, vocab: int) -> bool:
+    """Whether a tile of the softmax holds no target and, in every row, at most its share
+    eps * width / V of the filtering budget (so that no row loses more than eps in all)."""
+    if bool((local_targets >= 0).any()):
+        return False
+    return bool(p.sum(1).amax() <= eps * p.shape[1] / vocab)
+
+
 def _mixture_ratios(
     z: torch.Tensor,
     y: torch.Tensor,
@@ -357,11 +553,12 @@ UPCAST_BYTES = 2**21
 """Scratch for 16-bit rows of c multiplied in float32 (2 MiB: 1024 rows at D = 512)."""
 
 
-def _upcast(c: torch.Tensor, lo: int, hi: int, dtype: torch.dtype):
-    """(start, stop, c[start:stop] in `dtype`) over the rows [lo, hi) of c, a few at a time, in
-    one reused scratch buffer: 16-bit c multiplied in float32 without a float32 copy of c (on
-    CPUs without 16-bit matrix units this is also faster than a bfloat16 matmul)."""
-    rows = max(1, UPCAST_BYTES // (c.shape[1] * dtype.itemsize))
+def _upcast(c: torch.Tensor, lo: int, hi: int, dtype: torch.dtype, rows: int | None = None):
+    """(start, stop, c[start:stop] in `dtype`) over the rows [lo, hi) of c, `rows` at a time
+    (UPCAST_BYTES' worth by default), in one reused scratch buffer: 16-bit c multiplied in
+    float32 without a float32 copy of c (on CPUs without 16-bit matrix units this is also
+    faster than a bfloat16 matmul)."""
+    rows = rows or max(1, UPCAST_BYTES // (c.shape[1] * dtype.itemsize))
     scratch = torch.empty(min(rows, hi - lo), c.shape[1], device=c.device, dtype=dtype)
     for start in range(lo, hi, rows):
         stop = min(hi, start + rows)

@@ -393,10 +393,10 @@ class _Tiles:
         """(e[rows] in float32, the tile's logits z, the softcap's derivative or None)."""
         size, width = rows.stop - rows.start, c32.shape[0]
         e32 = self.e32[:size].copy_(self.e[rows])
-        z = torch.mm(e32, c32.T, out=self.z[: size * width].view(size, width))
+        z = torch.mm(c32, e32.T, out=self.z[: size * width].view(width, size)).T
         if self.bias32 is not None:
             z.add_(self.bias32[lo : lo + width])
-        deriv_out = None if self.deriv is None else self.deriv[: size * width].view(size, width)
+        deriv_out = None if self.deriv is None else self.deriv[: size * width].view(width, size).T
         return e32, z, _cap_and_scale(z, self.logits, deriv_out)
 
 

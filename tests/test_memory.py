@@ -43,12 +43,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("dtype", ["float32"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loss_and_backward_hold_about_one_block_beyond_the_gradients(dtype):
-    """With a 1 MiB block (16 MiB of fp32 logits, 16 MiB of grad_c), a warm call holds little
-    more than the block beyond the gradients: no copy of grad_c, no logit-sized buffer. The
-    first call also pages in libtorch's code for each kernel and MKL's buffers (about 11 MiB
-    once per process)."""
+    """With a 1 MiB block (16 MiB of fp32 logits, 16 MiB of grad_c), every call, the first of
+    the process included, holds little more than the block beyond the gradients: no copy of
+    grad_c, no logit-sized buffer, no float32 sum of a 16-bit grad_c. (The library code a first
+    call pages in, about 10 MiB of libtorch, is not memory it holds: the meter leaves it out.)"""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak resident memory over a call needs Linux /proc")
     src = str(Path(logitless.__file__).resolve().parents[1])
@@ -59,7 +59,7 @@ def test_loss_and_backward_hold_about_one_block_beyond_the_gradients(dtype):
     assert done.returncode == 0, done.stderr
     first, *warm = (float(x) for x in done.stdout.split())
     assert max(warm) < 3.0, f"{max(warm):.1f} MiB beyond the gradients in a warm call"
-    assert first < 15.0, f"{first:.1f} MiB beyond the gradients in the first call"
+    assert first < 3.0, f"{first:.1f} MiB beyond the gradients in the first call"
 
 
 def test_block_budget_follows_the_device(monkeypatch):

@@ -3,9 +3,7 @@
 CUDA: CUDA-event time, and the rise of `torch.cuda.max_memory_allocated` over the call above what
 was allocated before it (inputs, and nothing else left over). CPU: wall time, and the rise of the
 process's peak resident memory (VmHWM, reset before each call through /proc/self/clear_refs) over
-its resident memory just before the call, less the library code the call paged in for the first
-time (the rise of RssFile: about 10 MiB of libtorch in a first call, shared with every process
-and reclaimable, not memory the call holds). For that rise to be every byte the call held, freed
+its resident memory just before the call. For that rise to be every byte the call held, freed
 memory must leave the process: the benchmark starts its CPU workers with glibc's mmap threshold
 fixed (`CPU_WORKER_ENV`), so every large buffer is mapped on allocation and unmapped on free.
 """
@@ -100,7 +98,7 @@ class CpuMeter:
         if self.baseline is None:
             self.method = "not measured (needs Linux /proc)"
         elif self.resettable:
-            self.method = "rise of peak resident memory (VmHWM) over the call, less code paged in"
+            self.method = "rise of peak resident memory (VmHWM) over the call"
         else:
             self.method = "peak resident memory (VmHWM, not resettable) over the post-warm-up RSS"
 
@@ -108,16 +106,12 @@ class CpuMeter:
         if self.resettable:
             _reset_peak_rss()
             self.baseline = _status_bytes("VmRSS")
-        self.file_pages = _status_bytes("RssFile") or 0
         self.began = time.perf_counter()
 
     def stop(self) -> tuple[float, int | None]:
         elapsed = time.perf_counter() - self.began
         peak = _status_bytes("VmHWM")
-        if peak is None or self.baseline is None:
-            return elapsed, None
-        paged_in = max(0, (_status_bytes("RssFile") or 0) - self.file_pages)
-        return elapsed, peak - self.baseline - paged_in
+        return elapsed, None if peak is None or self.baseline is None else peak - self.baseline
 
 
 def _reset_peak_rss() -> bool:

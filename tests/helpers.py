@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -23,6 +24,12 @@ rounded to the dtype before its matmul, and the matmul's output), and a few floa
 summation order for float32."""
 
 DTYPES = list(TOLERANCE)
+
+
+def gpu(test):
+    """The `gpu` marker, and a clean skip without CUDA."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.gpu(skip(test))
 
 
 def device_for(impl: str) -> str:

@@ -9,6 +9,7 @@ from helpers import (
     DTYPES,
     check_against_reference,
     device_for,
+    gpu,
     make_inputs,
     outputs_and_grads,
     rel_error,
@@ -190,6 +191,19 @@ def test_16_bit_tiles_of_rows_and_vocabulary(small_tiles, dtype, options):
         bias[100:200] = float("-inf")
         targets[(targets >= 100) & (targets < 200)] = 3
     check_against_reference((e, c, targets, bias), **options)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("options", TILE_OPTION_SETS, ids=repr)
+def test_16_bit_tiles_on_cuda(monkeypatch, dtype, options):
+    """The 16-bit tiles on a GPU, where a tile takes every row (up to 8192): several dozen
+    vocabulary chunks at a 16 MiB block budget."""
+    monkeypatch.setenv(torch_backend.BLOCK_MB_ENV, "16")
+    inputs = make_inputs(
+        (1027,), 333, 20011, dtype, bias=True, ignore_fraction=0.1, seed=4, device="cuda"
+    )
+    check_against_reference(inputs, impl="torch", **options)
 
 
 def test_16_bit_tiles_filter_whole_tiles(small_tiles, monkeypatch):

@@ -20,7 +20,14 @@ import triton
 import triton.language as tl
 
 import logitless
-from helpers import DTYPES, check_against_reference, make_inputs, outputs_and_grads, rel_error
+from helpers import (
+    DTYPES,
+    check_against_reference,
+    gpu,
+    make_inputs,
+    outputs_and_grads,
+    rel_error,
+)
 from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
 from logitless.backends import Logits, triton_backend
@@ -30,11 +37,6 @@ from test_functional import OPTION_SETS
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-
-def gpu(test):
-    """The `gpu` marker, and a clean skip without CUDA."""
-    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
 
 
 pytestmark = pytest.mark.skipif(

@@ -327,8 +327,7 @@ TILE_ROWS = {"cpu": 256}
 few hundred columns); accelerators take `ACCELERATOR_TILE_ROWS`."""
 ACCELERATOR_TILE_ROWS = 8192
 TILE_SHARE_OF_BLOCK = 4
-"""A tile's buffers (its logits, and a chunk of c and of grad_c in float32) take this fraction
-of the device's block budget (`block_bytes`)."""
+"""A tile's float32 buffers take this fraction of the device's block budget (`block_bytes`)."""
 
 
 def _in_tiles(
@@ -354,11 +353,15 @@ def _in_tiles(
     )
 
 
-def _tile_shape(n: int, vocab: int, dim: int, device: torch.device) -> tuple[int, int]:
-    """(rows, vocabulary columns) of a tile whose buffers fit `TILE_SHARE_OF_BLOCK` of the
-    device's block budget."""
+def _tile_shape(
+    n: int, vocab: int, dim: int, device: torch.device, softcap: bool
+) -> tuple[int, int]:
+    """(rows, vocabulary columns) of a tile whose buffers (its logits, with a softcap their
+    derivative, and a chunk of c and of grad_c) fit `TILE_SHARE_OF_BLOCK` of the device's
+    block budget."""
     rows = max(1, min(n, TILE_ROWS.get(device.type, ACCELERATOR_TILE_ROWS)))
-    columns = int(block_bytes(device) / TILE_SHARE_OF_BLOCK) // (4 * (rows + 2 * dim))
+    per_column = 4 * (rows * (2 if softcap else 1) + 2 * dim)
+    columns = int(block_bytes(device) / TILE_SHARE_OF_BLOCK) // per_column
     return rows, max(1, min(vocab, columns))
 
 
@@ -371,7 +374,9 @@ class _Tiles:
     ) -> None:
         self.e, self.c, self.logits = e, c, logits
         self.bias32 = None if bias is None else bias.to(torch.float32)
-        self.rows, self.columns = _tile_shape(e.shape[0], c.shape[0], e.shape[1], e.device)
+        self.rows, self.columns = _tile_shape(
+            e.shape[0], c.shape[0], e.shape[1], e.device, bool(logits.softcap)
+        )
         fp32 = dict(device=e.device, dtype=torch.float32)
         self.e32 = torch.empty(self.rows, e.shape[1], **fp32)
         self.z = torch.empty(self.rows * self.columns, **fp32)
@@ -487,9 +492,8 @@ def _local_targets(targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 def _negligible(p: torch.Tensor, local_targets: torch.Tensor, eps: float, vocab: int) -> bool:
     """Whether a tile of the softmax holds no target and, in every row, at most its share
     eps * width / V of the filtering budget (so that no row loses more than eps in all)."""
-    if bool((local_targets >= 0).any()):
-        return False
-    return bool(p.sum(1).amax() <= eps * p.shape[1] / vocab)
+    kept = (local_targets >= 0).any() | (p.sum(1).amax() > eps * p.shape[1] / vocab)
+    return not bool(kept)  # one host synchronization per tile
 
 
 def _mixture_ratios(

@@ -7,7 +7,8 @@ For each preset it reports, on the trained regime (`logitless.bench.data`):
 
 - the Triton backward's census at filter_eps="auto" for bfloat16 (tiles kept, chunks kept), on a
   CUDA device: the rule in use, which skips a tile only if every row's mass in it is under the
-  tile's equal share `filter_eps * BLOCK_V / V` of the budget;
+  tile's equal share `filter_eps * BLOCK_V / V` of the budget; on any device, the same rule
+  emulated from the exact masses at the H100's 128 x 256 tile;
 - the share of (row block, vocabulary chunk) cells a budget decided from each chunk's exact
   softmax mass could skip (the mass a forward pass can record per vocabulary split): per row
   block, the chunks of least mass are skipped while the sum of their largest row masses stays
@@ -93,15 +94,39 @@ def filtered_errors(
 
 
 def eager_errors(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """Relative errors of eager PyTorch's bfloat16 dE and dC (mean loss) against float64."""
+    """Relative errors of eager PyTorch's bfloat16 dE and dC (mean loss) against float64.
+
+    Off a GPU the bfloat16 matmuls run as `_Bfloat16Product`, the way cuBLAS computes them
+    (a CPU without bfloat16 units would emulate them at a few GFLOP/s); the cross-entropy
+    itself runs in bfloat16, as eager code runs it."""
     results = []
     for dtype in (torch.float64, torch.bfloat16):
         ee, cc = (x.detach().to(dtype).requires_grad_() for x in (e, c))
-        loss = reference_linear_cross_entropy(ee, cc, targets, dtype=dtype)
+        if dtype == torch.bfloat16 and e.device.type != "cuda":
+            logits = _Bfloat16Product.apply(ee, cc)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+        else:
+            loss = reference_linear_cross_entropy(ee, cc, targets, dtype=dtype)
         results.append(torch.autograd.grad(loss, (ee, cc)))
     return tuple(
         relative_error(ours, exact) for ours, exact in zip(results[1], results[0], strict=True)
     )
+
+
+class _Bfloat16Product(torch.autograd.Function):
+    """e @ c.T of bfloat16 inputs and its gradients as a GPU's bfloat16 GEMM gives them: exact
+    products summed in float32, the result rounded once to bfloat16."""
+
+    @staticmethod
+    def forward(ctx, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(e, c)
+        return (e.float() @ c.float().T).bfloat16()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e, c = ctx.saved_tensors
+        grad = grad.float()
+        return (grad @ c.float()).bfloat16(), (grad.T @ e.float()).bfloat16()
 
 
 def study(preset: str, rows: int, device: torch.device) -> None:
@@ -114,6 +139,7 @@ def study(preset: str, rows: int, device: torch.device) -> None:
     if device.type == "cuda":
         census(preset, shape, device, eps)
     average = c @ e.mean(0)
+    tile_rule(e, c[average.argsort(descending=True)], targets, average, eps)
     for order_name, order in (
         ("natural", None),
         ("by average logit", average.argsort(descending=True)),
@@ -135,6 +161,33 @@ def study(preset: str, rows: int, device: torch.device) -> None:
     full = data.make_inputs("trained", shape, torch.float32, device)
     de, dc = eager_errors(full.e[:rows], full.c, full.targets[:rows])
     print(f"  eager bfloat16 on the first {rows} rows: dE {de:.2e}, dC {dc:.2e} from float64")
+
+
+def tile_rule(
+    e: torch.Tensor, ordered: torch.Tensor, targets: torch.Tensor, average: torch.Tensor, eps: float
+) -> None:
+    """The Triton backward's rule, from the exact masses: over the vocabulary ordered by
+    average logit, a (128-row, 256-position) tile is skipped when it holds no target and every
+    row's mass in it is at most its share eps * 256 / V of the budget; a chunk of 2048 positions
+    skips its matmuls when all its tiles are skipped."""
+    tile_rows, tile_positions, chunk_tiles = 128, 256, 2048 // 256
+    masses, _ = chunk_masses(e, ordered, tile_positions)
+    positions = torch.argsort(average.argsort(descending=True))[targets]
+    blocks = math.ceil(len(e) / tile_rows)
+    padded = torch.nn.functional.pad(masses, (0, 0, 0, blocks * tile_rows - len(e)))
+    block_mass = padded.view(blocks, tile_rows, -1).amax(1)
+    holds_target = torch.zeros_like(block_mass, dtype=torch.bool)
+    holds_target[torch.arange(len(e)) // tile_rows, positions // tile_positions] = True
+    kept = holds_target | (block_mass > eps * tile_positions / len(ordered))
+    tiles = kept.shape[1]
+    padded_kept = torch.nn.functional.pad(kept, (0, -tiles % chunk_tiles))
+    chunk_kept = padded_kept.view(blocks, -1, chunk_tiles).any(2).any(0)
+    print(
+        f"  Triton rule (emulated, 128 x 256 tiles): {kept.float().mean():6.1%} of "
+        f"{kept.numel()} tiles kept; {int((~chunk_kept).sum())} of {chunk_kept.numel()} "
+        f"chunks skip their matmuls",
+        flush=True,
+    )
 
 
 def census(preset: str, shape: data.Shape, device: torch.device, eps: float) -> None:

@@ -4,17 +4,21 @@
 
 On the benchmark's trained regime in bfloat16, per preset: the time and peak memory of the loss
 and of loss+backward, exact and filtered, at each size of the backward's buffer for the logits'
-gradient; the GPU kernels of one exact loss+backward by total time (torch.profiler); the tiles
-the autotuner chose; one cuBLAS matmul of the logits' shape as the floor. One line per figure,
-printed as it is measured, so that a run cut off still says what it found.
+gradient; the GPU kernels of one exact loss+backward by total time (torch.profiler), and how
+long the GPU waited between them, with what the host was doing during the longest waits; the
+tiles the autotuner chose, with each candidate's time; one cuBLAS matmul of the logits' shape as
+the floor. One line per figure, printed as it is measured, so that a run cut off still says what
+it found.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 
 import torch
+from torch.autograd import DeviceType
 
 from logitless import linear_cross_entropy
 from logitless.backends import triton_backend
@@ -41,6 +45,22 @@ def median_ms(step, repeats: int) -> tuple[float, float]:
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def report_tuning(seen: list[dict]) -> None:
+    """Each config's time in every autotuning run not reported yet (Triton keeps the last run's
+    per kernel): whether the grouped and flattened candidates pay on this device."""
+    for label, tuned in (("forward", lse_forward_tuned), ("backward", lse_backward_tuned)):
+        timings = getattr(tuned, "configs_timings", None)
+        if not timings or any(timings is reported for reported in seen):
+            continue
+        seen.append(timings)
+        for config, measured in sorted(timings.items(), key=lambda item: _first(item[1])):
+            print(f"  tuning {label}: {_first(measured) * 1e3:8.1f} us  {config}", flush=True)
+
+
+def _first(measured: float | list[float]) -> float:
+    return measured[0] if isinstance(measured, list | tuple) else measured
+
+
 def study(preset: str, buffers_mb: list[int], repeats: int) -> None:
     """Print the figures of one preset."""
     inputs = data.make_inputs("trained", PRESETS[preset], torch.bfloat16, "cuda")
@@ -51,11 +71,13 @@ def study(preset: str, buffers_mb: list[int], repeats: int) -> None:
         ex, cx = e.detach().requires_grad_(), c.detach().requires_grad_()
         linear_cross_entropy(ex, cx, targets, impl="triton", filter_eps=filter_eps).backward()
 
+    seen: list[dict] = []
     ms, _ = median_ms(lambda: e @ c.T, repeats)
     print(f"{name}: matmul {ms:.2f} ms", flush=True)
     with torch.no_grad():
         ms, mb = median_ms(lambda: linear_cross_entropy(e, c, targets, impl="triton"), repeats)
     print(f"{name}: loss {ms:.2f} ms, {mb:.0f} MB", flush=True)
+    report_tuning(seen)
     for buffer_mb in buffers_mb:
         triton_backend.LOGIT_GRAD_BUFFER_BYTES = buffer_mb * 2**20
         for filter_eps in (None, "auto"):
@@ -66,12 +88,47 @@ def study(preset: str, buffers_mb: list[int], repeats: int) -> None:
                 f"peak {mb:.0f} MB",
                 flush=True,
             )
+            report_tuning(seen)
     triton_backend.LOGIT_GRAD_BUFFER_BYTES = buffers_mb[0] * 2**20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
         loss_backward(None)
         torch.cuda.synchronize()
     print(f"{name}: kernels of one exact loss+backward, buffer {buffers_mb[0]} MiB")
     print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
+    report_idle(profile.events())
+
+
+def report_idle(events, top: int = 6) -> None:
+    """How long the GPU waited between kernels in one profiled call, and its longest waits with
+    what the host was doing meanwhile (the innermost CPU ops, synchronizations included, that
+    cover most of each wait)."""
+    kernels = sorted(
+        (event for event in events if event.device_type == DeviceType.CUDA),
+        key=lambda event: event.time_range.start,
+    )
+    if not kernels:
+        return
+    gaps = []
+    for before, after in itertools.pairwise(kernels):
+        begin, end = before.time_range.end, after.time_range.start
+        if end > begin:
+            gaps.append((end - begin, begin, end, before.name, after.name))
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    idle = sum(gap[0] for gap in gaps)
+    print(f"  GPU idle between kernels: {idle / 1e3:.2f} of {span / 1e3:.2f} ms", flush=True)
+    host = [event for event in events if event.device_type == DeviceType.CPU]
+    for length, begin, end, before, after in sorted(gaps, reverse=True)[:top]:
+        spanning = sorted(
+            (e for e in host if _overlap(e, begin, end) >= length / 2),
+            key=lambda e: e.time_range.end - e.time_range.start,
+        )
+        doing = ", ".join(dict.fromkeys(e.name for e in spanning[:3])) or "(no op spans it)"
+        print(f"  idle {length:8.0f} us after {before[:40]} before {after[:40]}: host in {doing}")
+
+
+def _overlap(event, begin: float, end: float) -> float:
+    return min(event.time_range.end, end) - max(event.time_range.start, begin)
 
 
 def main() -> None:

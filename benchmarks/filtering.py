@@ -138,12 +138,9 @@ def study(preset: str, rows: int, device: torch.device) -> None:
     print(f"== {preset} ({shape}), trained, filter_eps = 2^{int(math.log2(eps))}", flush=True)
     if device.type == "cuda":
         census(preset, shape, device, eps)
-    average = c @ e.mean(0)
-    tile_rule(e, c[average.argsort(descending=True)], targets, average, eps)
-    for order_name, order in (
-        ("natural", None),
-        ("by average logit", average.argsort(descending=True)),
-    ):
+    by_average_logit = (c @ e.mean(0)).argsort(descending=True)
+    tile_rule(e, c, targets, by_average_logit, eps)
+    for order_name, order in (("natural", None), ("by average logit", by_average_logit)):
         ordered = c if order is None else c[order]
         positions = targets if order is None else torch.argsort(order)[targets]
         for chunk in CHUNKS:
@@ -164,21 +161,21 @@ def study(preset: str, rows: int, device: torch.device) -> None:
 
 
 def tile_rule(
-    e: torch.Tensor, ordered: torch.Tensor, targets: torch.Tensor, average: torch.Tensor, eps: float
+    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, order: torch.Tensor, eps: float
 ) -> None:
-    """The Triton backward's rule, from the exact masses: over the vocabulary ordered by
-    average logit, a (128-row, 256-position) tile is skipped when it holds no target and every
-    row's mass in it is at most its share eps * 256 / V of the budget; a chunk of 2048 positions
-    skips its matmuls when all its tiles are skipped."""
+    """The Triton backward's rule, from the exact masses: over the vocabulary in `order` (by
+    average logit, as the backend sorts it), a (128-row, 256-position) tile is skipped when it
+    holds no target and every row's mass in it is at most its share eps * 256 / V of the budget;
+    a chunk of 2048 positions skips its matmuls when all its tiles are skipped."""
     tile_rows, tile_positions, chunk_tiles = 128, 256, 2048 // 256
-    masses, _ = chunk_masses(e, ordered, tile_positions)
-    positions = torch.argsort(average.argsort(descending=True))[targets]
+    masses, _ = chunk_masses(e, c[order], tile_positions)
+    positions = torch.argsort(order)[targets]
     blocks = math.ceil(len(e) / tile_rows)
     padded = torch.nn.functional.pad(masses, (0, 0, 0, blocks * tile_rows - len(e)))
     block_mass = padded.view(blocks, tile_rows, -1).amax(1)
     holds_target = torch.zeros_like(block_mass, dtype=torch.bool)
     holds_target[torch.arange(len(e)) // tile_rows, positions // tile_positions] = True
-    kept = holds_target | (block_mass > eps * tile_positions / len(ordered))
+    kept = holds_target | (block_mass > eps * tile_positions / len(c))
     tiles = kept.shape[1]
     padded_kept = torch.nn.functional.pad(kept, (0, -tiles % chunk_tiles))
     chunk_kept = padded_kept.view(blocks, -1, chunk_tiles).any(2).any(0)

@@ -47,7 +47,7 @@ def median_ms(step, repeats: int) -> tuple[float, float]:
 
 def report_tuning(seen: list[dict]) -> None:
     """Each config's time in every autotuning run not reported yet (Triton keeps the last run's
-    per kernel): whether the grouped and flattened candidates pay on this device."""
+    per kernel): how far apart the candidate tiles are on this device."""
     for label, tuned in (("forward", lse_forward_tuned), ("backward", lse_backward_tuned)):
         timings = getattr(tuned, "configs_timings", None)
         if not timings or any(timings is reported for reported in seen):

@@ -88,5 +88,19 @@ def test_block_budget_follows_the_device(monkeypatch):
     assert torch_backend.rows_per_block(1000, 2**20, 4, torch.device("cpu")) == 1
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf"])
+def test_a_block_budget_that_is_no_positive_number_is_refused(monkeypatch, value):
+    monkeypatch.setenv(torch_backend.BLOCK_MB_ENV, value)
+    e, c = torch.randn(5, 8), torch.randn(11, 8)
+    with pytest.raises(ValueError, match=f"LOGITLESS_BLOCK_MB must be a positive .* {value!r}"):
+        logitless.linear_cross_entropy(e, c, torch.randint(0, 11, (5,)), impl="torch")
+
+
+def test_an_empty_block_budget_means_the_device_default(monkeypatch):
+    monkeypatch.setenv(torch_backend.BLOCK_MB_ENV, " ")
+    monkeypatch.setattr(torch_backend, "_last_level_cache_mb", lambda: 32)
+    assert torch_backend.block_bytes(torch.device("cpu")) == 16 * 2**20
+
+
 def test_the_last_level_cache_is_read_as_a_size():
     assert 0.25 <= torch_backend._last_level_cache_mb() <= 2**12

@@ -136,7 +136,7 @@ def rows_per_block(n_rows: int, vocab: int, bytes_per_logit: int, device: torch.
     """How many rows of logits fit the memory budget of `device` (at least one, and on a CPU at
     least `CPU_MIN_ROWS` unless LOGITLESS_BLOCK_MB is set)."""
     rows = int(block_bytes(device) // (vocab * bytes_per_logit))
-    if device.type == "cpu" and BLOCK_MB_ENV not in os.environ:
+    if device.type == "cpu" and _block_mb_override() is None:
         rows = max(rows, CPU_MIN_ROWS)
     return max(1, min(n_rows, rows))
 
@@ -146,8 +146,9 @@ def block_bytes(device: torch.device) -> float:
     CPU, half the last-level cache (so the block stays in cache between its passes; within
     `CPU_BLOCK_MB`); on an accelerator, 1/16 of its free memory (within
     `ACCELERATOR_BLOCK_MB`; 64 MiB where it does not report its free memory)."""
-    if BLOCK_MB_ENV in os.environ:
-        return float(os.environ[BLOCK_MB_ENV]) * 2**20
+    override = _block_mb_override()
+    if override is not None:
+        return override * 2**20
     if device.type == "cpu":
         low, high = CPU_BLOCK_MB
         return min(max(_last_level_cache_mb() / 2, low), high) * 2**20
@@ -157,6 +158,21 @@ def block_bytes(device: torch.device) -> float:
         return low * 2**20
     free, _ = module.mem_get_info(device)
     return min(max(free / 16, low * 2**20), high * 2**20)
+
+
+def _block_mb_override() -> float | None:
+    """LOGITLESS_BLOCK_MB in MiB, None where unset or empty; a ValueError naming it for anything
+    but a positive, finite number (a zero or negative budget would run one row at a time)."""
+    text = os.environ.get(BLOCK_MB_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ValueError(f"{BLOCK_MB_ENV} must be a positive number of MiB, got {text!r}")
+    return value
 
 
 @functools.cache

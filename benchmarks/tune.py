@@ -14,7 +14,6 @@ it found.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 
 import torch
@@ -109,11 +108,13 @@ def report_idle(events, top: int = 6) -> None:
     )
     if not kernels:
         return
-    gaps = []
-    for before, after in itertools.pairwise(kernels):
-        begin, end = before.time_range.end, after.time_range.start
-        if end > begin:
-            gaps.append((end - begin, begin, end, before.name, after.name))
+    gaps, busy_until, last = [], kernels[0].time_range.end, kernels[0]
+    for kernel in kernels[1:]:  # kernels may overlap (memcpys, other streams)
+        if kernel.time_range.start > busy_until:
+            begin, end = busy_until, kernel.time_range.start
+            gaps.append((end - begin, begin, end, last.name, kernel.name))
+        if kernel.time_range.end > busy_until:
+            busy_until, last = kernel.time_range.end, kernel
     span = kernels[-1].time_range.end - kernels[0].time_range.start
     idle = sum(gap[0] for gap in gaps)
     print(f"  GPU idle between kernels: {idle / 1e3:.2f} of {span / 1e3:.2f} ms", flush=True)

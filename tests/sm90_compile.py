@@ -114,7 +114,8 @@ def flags(kernel: str, variant: str) -> dict[str, bool]:
 def compile_variant(kernel, signature, constants, config) -> dict[str, object]:
     """Compile one variant; its registers, spilled bytes and shared memory."""
     unit_strides = dict.fromkeys(("stride_ed", "stride_cd", "stride_ted", "stride_tcd"), 1)
-    constants = {**constants, **config.kwargs, **unit_strides}
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    constants = {**defaults, **constants, **config.kwargs, **unit_strides}
     full_signature = {
         name: "constexpr" if name in constants else signature[name] for name in kernel.arg_names
     }
@@ -174,6 +175,8 @@ def main() -> None:
                         constants.update(
                             dict.fromkeys(set(SPILLING_OPTIONS) & set(constants), False)
                         )
+                    if not config_fits(config, constants):  # grouped: never filtered
+                        constants.update(FILTER=False, SORTED=False)
                     constants.update(DOT_PRECISION=precision, DOT_UPCAST=False)
                     usage = compile_variant(kernel, signature(dtype), constants, config)
                     record = {"kernel": name, "dtype": dtype, "config": str(config)}

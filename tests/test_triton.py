@@ -31,6 +31,7 @@ from helpers import (
 from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
 from logitless.backends import Logits, triton_backend
+from logitless.kernels import lse_backward
 from logitless.kernels._tiles import INTERPRETER_BLOCKS, dot_options, offsets
 from logitless.reference import reference_linear_cross_entropy
 from test_functional import OPTION_SETS
@@ -177,6 +178,42 @@ def test_offsets_are_64_bit_past_two_to_the_31():
     expected = [(vocab - block + i) * dim for i in range(block)]
     assert expected[-1] > 2**31
     assert out.tolist() == expected
+
+
+@triton.jit
+def _tile_coordinates_probe(out_ptr, row_blocks, vocab_blocks, GROUP_N: tl.constexpr):
+    row_block, vocab_block = lse_backward._tile_coordinates(row_blocks, vocab_blocks, GROUP_N)
+    tl.store(out_ptr + 2 * tl.program_id(0), row_block)
+    tl.store(out_ptr + 2 * tl.program_id(0) + 1, vocab_block)
+
+
+@pytest.mark.parametrize(
+    ("row_blocks", "vocab_blocks", "group"), [(5, 3, 2), (4, 7, 3), (1, 5, 8), (3, 4, 3)]
+)
+def test_grouped_backward_tiles_cover_the_grid_in_groups_of_row_blocks(
+    row_blocks, vocab_blocks, group
+):
+    """Every tile exactly once: a group's row blocks before the next group's (the last group
+    smaller), row blocks fastest within a group."""
+    tiles = row_blocks * vocab_blocks
+    out = torch.empty(tiles, 2, dtype=torch.int32, device=DEVICE)
+    _tile_coordinates_probe[(tiles,)](out, row_blocks, vocab_blocks, GROUP_N=group)
+    order = [tuple(pair) for pair in out.tolist()]
+    assert sorted(order) == [(r, v) for r in range(row_blocks) for v in range(vocab_blocks)]
+    expected = [
+        (first + i % len(rows), i // len(rows))
+        for first in range(0, row_blocks, group)
+        for rows in [range(first, min(row_blocks, first + group))]
+        for i in range(len(rows) * vocab_blocks)
+    ]
+    assert order == expected
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 3.0}], ids=repr)
+def test_grouped_backward_meets_the_criterion(monkeypatch, options):
+    """The grouped launch end to end, with the 37 rows in groups of one row block."""
+    monkeypatch.setattr(lse_backward, "INTERPRETER_GROUP_N", 1)
+    check_against_reference(inputs_for(torch.bfloat16, bias=True), impl="triton", **options)
 
 
 def test_kernels_compile_for_hopper_without_spills():

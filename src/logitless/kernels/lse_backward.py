@@ -1,7 +1,8 @@
 """Backward kernel: the gradient of the logits of one vocabulary chunk, written to a buffer.
 
-Grid: (row blocks, vocabulary blocks of one chunk of positions). A program recomputes its logit
-tile on chip and forms the fp32 gradient of the logits
+Grid: one program per (row block, vocabulary block) tile of one chunk of positions, on a 2-D
+grid or, for a grouped config, a 1-D grid ordered in groups of row blocks (`_tile_coordinates`).
+A program recomputes its logit tile on chip and forms the fp32 gradient of the logits
 
     d = (softmax * (grad_lse + grad_pz * z) + grad_target * onehot(target) + grad_sum * w)
         * scale * softcap'(x)
@@ -47,8 +48,17 @@ HALF_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     # for launches with a teacher (two logit tiles, see TEACHER_ENTRIES_PER_THREAD):
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    # the H100's choice in groups of 8 row blocks, for launches without filtering (config_fits)
+    triton.Config(
+        {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=3
+    ),
 ]
-"""Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on)."""
+"""Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on). The
+grouped one is a candidate the autotuner weighs against the rest on the device."""
+
+INTERPRETER_GROUP_N = 0
+"""GROUP_N under the interpreter: the 2-D grid most configs run (tests set it to cross the
+grouped order end to end)."""
 
 FLOAT32_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
@@ -80,6 +90,7 @@ def lse_backward_kernel(
     TEACHER: tl.constexpr = False, TEACHER_BIAS: tl.constexpr = False,
     TEACHER_SOFTCAP: tl.constexpr = False, HAS_Q: tl.constexpr = False,
     HAS_PY: tl.constexpr = False, HAS_PLOGR: tl.constexpr = False,
+    GROUP_N: tl.constexpr = 0,
 ):  # fmt: skip
     """Write one tile of d into `d_ptr` (rows, positions - position_begin), zeros if filtered.
 
@@ -88,9 +99,12 @@ def lse_backward_kernel(
     D_t, bias and softcap) adds the terms g q (HAS_Q), p b_y y (HAS_PY) and p b_r log(m / p)
     (HAS_PLOGR) of the gradient formula, q = exp(y - teacher_lse), m = beta q + (1 - beta) p.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_block, vocab_block = _tile_coordinates(
+        tl.cdiv(N, BLOCK_N), tl.cdiv(position_end - position_begin, BLOCK_V), GROUP_N
+    )
+    rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    positions = position_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    positions = position_begin + vocab_block * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = positions < position_end
     vocab = tl.load(order_ptr + positions, mask=col_mask, other=0) if SORTED else positions
     z = logit_tile(
@@ -104,7 +118,7 @@ def lse_backward_kernel(
     if FILTER:
         row_mass = tl.sum(tl.where(col_mask[None, :], probs, 0.0), axis=1)
         tile_mass = tl.max(tl.where(row_mask, row_mass, 0.0))
-        tile_begin = position_begin + tl.program_id(1) * BLOCK_V
+        tile_begin = position_begin + vocab_block * BLOCK_V
         holds_target = (target_positions >= tile_begin) & (target_positions < tile_begin + BLOCK_V)
         keep = (tile_mass > filter_mass_per_entry * BLOCK_V) | (
             tl.max(holds_target.to(tl.int32)) > 0
@@ -169,6 +183,27 @@ def lse_backward_kernel(
     )
 
 
+@triton.jit
+def _tile_coordinates(row_blocks, vocab_blocks, GROUP_N: tl.constexpr):
+    """(row block, vocabulary block) of this program. GROUP_N = 0: the two axes of a 2-D grid
+    (row blocks fastest across all of them). Else a 1-D grid's tiles in groups of GROUP_N row
+    blocks, row blocks fastest within a group, so that the programs running at once share a
+    few rows of e and of c in L2."""
+    if GROUP_N == 0:
+        row_block = tl.program_id(0)
+        vocab_block = tl.program_id(1)
+    else:
+        tile = tl.program_id(0)
+        group_rows = tl.minimum(row_blocks, GROUP_N)
+        per_group = group_rows * vocab_blocks
+        first = tile // per_group * group_rows
+        rows_here = tl.minimum(row_blocks - first, group_rows)
+        within = tile % per_group
+        row_block = first + within % rows_here
+        vocab_block = within // rows_here
+    return row_block, vocab_block
+
+
 lse_backward_tuned = autotune_by_dtype(
     HALF_CONFIGS,
     FLOAT32_CONFIGS,
@@ -219,7 +254,7 @@ def lse_backward(
     launch(
         lse_backward_kernel,
         lse_backward_tuned,
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(end - begin, meta["BLOCK_V"])),
+        lambda meta: _grid(meta, n, end - begin),
         e, c, placeholder if bias is None else bias.contiguous(),
         placeholder if order is None else order, target_positions, lse,
         grad_lse, optional(grad_pz), grad_target, optional(grad_sum), optional(weight),
@@ -231,7 +266,14 @@ def lse_backward(
         HAS_PZ=grad_pz is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
+        **({"GROUP_N": INTERPRETER_GROUP_N} if triton_interpreter_on() else {}),
     )  # fmt: skip
+
+
+def _grid(meta: dict, n: int, positions: int) -> tuple[int, ...]:
+    """(row blocks, vocabulary blocks), or their product for a grouped launch (GROUP_N)."""
+    blocks = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(positions, meta["BLOCK_V"]))
+    return (blocks[0] * blocks[1],) if meta.get("GROUP_N") else blocks
 
 
 def _teacher_arguments(

@@ -29,6 +29,7 @@ import math
 import torch
 
 from logitless._validation import AUTO_FILTER_EPS
+from logitless.backends import triton_backend
 from logitless.bench import data, lm
 from logitless.bench.runner import PRESETS
 from logitless.reference import reference_linear_cross_entropy, relative_error
@@ -142,7 +143,7 @@ def study(preset: str, rows: int, device: torch.device) -> None:
     tile_rule(e, c, targets, by_average_logit, eps)
     for order_name, order in (("natural", None), ("by average logit", by_average_logit)):
         ordered = c if order is None else c[order]
-        positions = targets if order is None else torch.argsort(order)[targets]
+        positions = targets if order is None else triton_backend._positions(order, targets)
         for chunk in CHUNKS:
             masses, _ = chunk_masses(e, ordered, chunk)
             skip = skippable(masses, positions // chunk, eps)
@@ -166,10 +167,11 @@ def tile_rule(
     """The Triton backward's rule, from the exact masses: over the vocabulary in `order` (by
     average logit, as the backend sorts it), a (128-row, 256-position) tile is skipped when it
     holds no target and every row's mass in it is at most its share eps * 256 / V of the budget;
-    a chunk of 2048 positions skips its matmuls when all its tiles are skipped."""
-    tile_rows, tile_positions, chunk_tiles = 128, 256, 2048 // 256
+    a chunk of the backward's bf16 buffer skips its matmuls when all its tiles are skipped."""
+    tile_rows, tile_positions = 128, 256
+    chunk_tiles = triton_backend._chunk_positions(len(e), len(c), 2) // tile_positions
     masses, _ = chunk_masses(e, c[order], tile_positions)
-    positions = torch.argsort(order)[targets]
+    positions = triton_backend._positions(order, targets)
     blocks = math.ceil(len(e) / tile_rows)
     padded = torch.nn.functional.pad(masses, (0, 0, 0, blocks * tile_rows - len(e)))
     block_mass = padded.view(blocks, tile_rows, -1).amax(1)
@@ -190,7 +192,6 @@ def tile_rule(
 def census(preset: str, shape: data.Shape, device: torch.device, eps: float) -> None:
     """The Triton backward's filtering census at the preset's full shape in bfloat16."""
     from logitless import linear_cross_entropy
-    from logitless.backends import triton_backend
 
     inputs = data.make_inputs("trained", shape, torch.bfloat16, device)
     e, c, targets = inputs.e, inputs.c, inputs.targets

@@ -56,10 +56,6 @@ HALF_CONFIGS = [
 """Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on). The
 grouped one is a candidate the autotuner weighs against the rest on the device."""
 
-INTERPRETER_GROUP_N = 0
-"""GROUP_N under the interpreter: the 2-D grid most configs run (tests set it to cross the
-grouped order end to end)."""
-
 FLOAT32_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=4, num_stages=3),
@@ -266,7 +262,6 @@ def lse_backward(
         HAS_PZ=grad_pz is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
-        **({"GROUP_N": INTERPRETER_GROUP_N} if triton_interpreter_on() else {}),
     )  # fmt: skip
 
 

@@ -1,19 +1,22 @@
-"""Gradient filtering on the benchmark's trained regime: what a per-token budget can skip, and
-at what gradient error, before a kernel is built for it.
+"""Gradient filtering on the benchmark's trained regime: what each rule skips, and at what
+gradient error, before a kernel is built for it.
 
     python benchmarks/filtering.py [--preset gemma2-2b llama3-8b] [--rows 1024] [--device cuda]
+                                   [--log2-budgets -10 -8 -6]
 
 For each preset it reports, on the trained regime (`logitless.bench.data`):
 
 - the Triton backward's census at filter_eps="auto" for bfloat16 (tiles kept, chunks kept), on a
   CUDA device: the rule in use, which skips a tile only if every row's mass in it is under the
-  tile's equal share `filter_eps * BLOCK_V / V` of the budget; on any device, the same rule
-  emulated from the exact masses at the H100's 128 x 256 tile;
+  tile's equal share `filter_eps * BLOCK_V / V` of the budget;
+- on any device, that rule emulated from the exact masses at the H100's 128 x 256 tile, beside
+  SPEC.md's (and cut-cross-entropy's) per-entry rule, which skips a tile whose softmax entries
+  are all below a threshold: tiles skipped, the mass a token loses, the gradient errors;
 - the share of (row block, vocabulary chunk) cells a budget decided from each chunk's exact
   softmax mass could skip (the mass a forward pass can record per vocabulary split): per row
   block, the chunks of least mass are skipped while the sum of their largest row masses stays
-  within filter_eps, and a chunk holding a row's target is always kept. Chunks of the natural
-  vocabulary order and of the order by average logit, at two chunk sizes;
+  within the budget, and a chunk holding a row's target is always kept. Chunks of the natural
+  vocabulary order and of the order by average logit, at two chunk sizes, for each budget;
 - on the first `--rows` rows, the relative errors of dE and dC that this skipping causes
   against float64, beside eager bfloat16's own errors there.
 
@@ -41,19 +44,19 @@ BLOCK_ROWS = 512
 
 
 def chunk_masses(e: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, chunks) softmax mass of each row in each chunk of `chunk` vocabulary rows, and each
-    row's log-sum-exp."""
+    """(N, chunks) softmax mass of each row in each chunk of `chunk` vocabulary rows, and
+    (N, chunks) the row's largest softmax entry in the chunk."""
     n, vocab = len(e), len(c)
     chunks = math.ceil(vocab / chunk)
     masses = torch.empty(n, chunks, dtype=torch.float64, device=e.device)
-    lse = torch.empty(n, dtype=torch.float64, device=e.device)
+    peaks = torch.empty_like(masses)
     for begin in range(0, n, BLOCK_ROWS):
         z = (e[begin : begin + BLOCK_ROWS] @ c.T).double()
-        lse[begin : begin + len(z)] = torch.logsumexp(z, 1)
-        p = (z - lse[begin : begin + len(z), None]).exp()
-        p = torch.nn.functional.pad(p, (0, chunks * chunk - vocab))
-        masses[begin : begin + len(z)] = p.view(len(z), chunks, chunk).sum(2)
-    return masses, lse
+        p = torch.softmax(z, 1)
+        p = torch.nn.functional.pad(p, (0, chunks * chunk - vocab)).view(len(z), chunks, chunk)
+        masses[begin : begin + len(z)] = p.sum(2)
+        peaks[begin : begin + len(z)] = p.amax(2)
+    return masses, peaks
 
 
 def skippable(masses: torch.Tensor, target_chunks: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,7 +133,9 @@ class _Bfloat16Product(torch.autograd.Function):
         return (grad @ c.float()).bfloat16(), (grad.T @ e.float()).bfloat16()
 
 
-def study(preset: str, rows: int, device: torch.device) -> None:
+def study(preset: str, rows: int, device: torch.device, budgets: list[int]) -> None:
+    """The census and rules at filter_eps="auto" for bfloat16, then the best chunk decisions
+    under each per-token budget 2^b of `budgets`."""
     shape = PRESETS[preset]
     eps = AUTO_FILTER_EPS[torch.bfloat16]
     width = lm.DEFAULT_CONFIG.width + 1
@@ -140,53 +145,84 @@ def study(preset: str, rows: int, device: torch.device) -> None:
     if device.type == "cuda":
         census(preset, shape, device, eps)
     by_average_logit = (c @ e.mean(0)).argsort(descending=True)
-    tile_rule(e, c, targets, by_average_logit, eps)
+    tile_rules(e, c, targets, by_average_logit, eps, rows)
     for order_name, order in (("natural", None), ("by average logit", by_average_logit)):
         ordered = c if order is None else c[order]
         positions = targets if order is None else triton_backend._positions(order, targets)
         for chunk in CHUNKS:
             masses, _ = chunk_masses(e, ordered, chunk)
-            skip = skippable(masses, positions // chunk, eps)
-            skip_rows = skip.repeat_interleave(ROW_BLOCK, 0)[: len(e)]
-            de, dc = filtered_errors(e[:rows], ordered, positions[:rows], skip_rows[:rows], chunk)
-            cells, whole = skip.float().mean(), skip.all(0).float().mean()
-            print(
-                f"  {order_name:16s} chunk {chunk:5d}: {cells:6.1%} of {skip.numel()} (row "
-                f"block, chunk) cells skippable, {whole:6.1%} of chunks for every row block; "
-                f"first {rows} rows: dE {de:.2e}, dC {dc:.2e} from float64",
-                flush=True,
-            )
+            for budget in budgets:
+                skip = skippable(masses, positions // chunk, 2.0**budget)
+                skip_rows = skip.repeat_interleave(ROW_BLOCK, 0)[: len(e)]
+                de, dc = filtered_errors(
+                    e[:rows], ordered, positions[:rows], skip_rows[:rows], chunk
+                )
+                cells, whole = skip.float().mean(), skip.all(0).float().mean()
+                print(
+                    f"  {order_name:16s} chunk {chunk:5d}, budget 2^{budget}: {cells:6.1%} of "
+                    f"{skip.numel()} (row block, chunk) cells skippable, {whole:6.1%} of chunks "
+                    f"for every row block; first {rows} rows: dE {de:.2e}, dC {dc:.2e} from "
+                    "float64",
+                    flush=True,
+                )
     full = data.make_inputs("trained", shape, torch.float32, device)
     de, dc = eager_errors(full.e[:rows], full.c, full.targets[:rows])
     print(f"  eager bfloat16 on the first {rows} rows: dE {de:.2e}, dC {dc:.2e} from float64")
 
 
-def tile_rule(
-    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, order: torch.Tensor, eps: float
+def tile_rules(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    order: torch.Tensor,
+    eps: float,
+    rows: int,
 ) -> None:
-    """The Triton backward's rule, from the exact masses: over the vocabulary in `order` (by
-    average logit, as the backend sorts it), a (128-row, 256-position) tile is skipped when it
-    holds no target and every row's mass in it is at most its share eps * 256 / V of the budget;
-    a chunk of the backward's bf16 buffer skips its matmuls when all its tiles are skipped."""
+    """Two rules for the Triton backward's (128-row, 256-position) tiles over the vocabulary in
+    `order` (by average logit, as the backend sorts it), a tile holding a target always kept:
+
+    - the share rule in use: a tile is skipped when every row's mass in it is at most its share
+      eps * 256 / V of the per-token budget, so no token loses more than eps in all;
+    - SPEC.md's (and cut-cross-entropy's) entry rule: a tile is skipped when every softmax entry
+      in it is below a threshold (eps, and 2^-12: cut-cross-entropy's "auto" for bfloat16), with
+      no bound on what a token loses.
+
+    For each: tiles skipped, chunks of the backward's bf16 buffer whose matmuls are skipped (all
+    their tiles are), the softmax mass a token loses (mean, largest) and, on the first `rows`
+    rows, the dE / dC errors of the skip against float64."""
     tile_rows, tile_positions = 128, 256
     chunk_tiles = triton_backend._chunk_positions(len(e), len(c), 2) // tile_positions
-    masses, _ = chunk_masses(e, c[order], tile_positions)
+    ordered = c[order]
+    masses, peaks = chunk_masses(e, ordered, tile_positions)
     positions = triton_backend._positions(order, targets)
     blocks = math.ceil(len(e) / tile_rows)
-    padded = torch.nn.functional.pad(masses, (0, 0, 0, blocks * tile_rows - len(e)))
-    block_mass = padded.view(blocks, tile_rows, -1).amax(1)
+    by_block = lambda x: torch.nn.functional.pad(x, (0, 0, 0, blocks * tile_rows - len(e)))  # noqa: E731
+    block_mass = by_block(masses).view(blocks, tile_rows, -1).amax(1)
+    block_peak = by_block(peaks).view(blocks, tile_rows, -1).amax(1)
     holds_target = torch.zeros_like(block_mass, dtype=torch.bool)
     holds_target[torch.arange(len(e)) // tile_rows, positions // tile_positions] = True
-    kept = holds_target | (block_mass > eps * tile_positions / len(c))
-    tiles = kept.shape[1]
-    padded_kept = torch.nn.functional.pad(kept, (0, -tiles % chunk_tiles))
-    chunk_kept = padded_kept.view(blocks, -1, chunk_tiles).any(2).any(0)
-    print(
-        f"  Triton rule (emulated, 128 x 256 tiles): {kept.float().mean():6.1%} of "
-        f"{kept.numel()} tiles kept; {int((~chunk_kept).sum())} of {chunk_kept.numel()} "
-        f"chunks skip their matmuls",
-        flush=True,
-    )
+    rules = {
+        "share rule (in use)": block_mass > eps * tile_positions / len(c),
+        f"entry rule 2^{int(math.log2(eps))}": block_peak >= eps,
+        "entry rule 2^-12 (cce)": block_peak >= 2.0**-12,
+    }
+    for name, above in rules.items():
+        kept = holds_target | above
+        tiles = kept.shape[1]
+        chunk_kept = torch.nn.functional.pad(kept, (0, -tiles % chunk_tiles))
+        chunk_kept = chunk_kept.view(blocks, -1, chunk_tiles).any(2).any(0)
+        skip_rows = (~kept).repeat_interleave(tile_rows, 0)[: len(e)]
+        lost = (masses * skip_rows).sum(1)
+        de, dc = filtered_errors(
+            e[:rows], ordered, positions[:rows], skip_rows[:rows], tile_positions
+        )
+        print(
+            f"  {name:22s} (emulated, 128 x 256 tiles): {1 - kept.float().mean():6.1%} of "
+            f"{kept.numel()} tiles skipped; {int((~chunk_kept).sum())} of {chunk_kept.numel()} "
+            f"chunks skip their matmuls; mass lost per token: mean {lost.mean():.1e}, largest "
+            f"{lost.max():.1e}; first {rows} rows: dE {de:.2e}, dC {dc:.2e} from float64",
+            flush=True,
+        )
 
 
 def census(preset: str, shape: data.Shape, device: torch.device, eps: float) -> None:
@@ -210,9 +246,16 @@ def main() -> None:
     parser.add_argument("--preset", nargs="+", default=["gemma2-2b", "llama3-8b"])
     parser.add_argument("--rows", type=int, default=1024, help="rows of the error measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--log2-budgets",
+        nargs="+",
+        type=int,
+        default=[int(math.log2(AUTO_FILTER_EPS[torch.bfloat16]))],
+        help="per-token budgets 2^b of the chunk decisions (default: bfloat16's 'auto')",
+    )
     args = parser.parse_args()
     for preset in args.preset:
-        study(preset, args.rows, torch.device(args.device))
+        study(preset, args.rows, torch.device(args.device), args.log2_budgets)
 
 
 if __name__ == "__main__":

@@ -229,6 +229,30 @@ def test_one_run_measures_several_tables(tmp_path, capsys):
     assert progress.count("case(s) in one worker") == 2
 
 
+def test_a_run_cut_off_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    """Each table's files are written after every method, so a run stopped at a time limit (as
+    on a lent GPU) still leaves the tables, errors included, of the methods before the stop."""
+    measure = runner._measure
+
+    def stop_at_matmul(name, *args, **kwargs):
+        if name == "matmul":
+            raise KeyboardInterrupt
+        return measure(name, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_measure", stop_at_matmul)
+    out = tmp_path / "out"
+    argv = ["bench", "--device", "cpu", "--n", "40", "--d", "16", "--v", "100", "--methods",
+            "eager", "matmul", "--op", "loss+backward", "--repeats", "1", "--warmup", "0",
+            "--sweep-v", "--out", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    results = json.loads((out / "results.json").read_text())
+    [row] = results["results"]
+    assert row["method"] == "eager" and row["reason"] == ""
+    assert row["errors"]["loss"] < 1e-5 and row["errors"]["grad_e"] < 1e-4
+    assert "eager" in (out / "table.txt").read_text()
+
+
 def test_logprobs_and_distill_ops_end_to_end(tmp_path, capsys):
     """Both ops in one run through the runner and a worker per method: each table's scalar is
     the float64 objective of the op on the very inputs (rebuilt here), within float32 rounding,

@@ -136,11 +136,10 @@ def run_all(configs: list[BenchConfig]) -> list[list[report.MethodResult]]:
                     )
                 table.main.append(result)
                 table.sweep += [r for r, _ in swept]
+                _write_files(table, began)  # a run cut off keeps every method it finished
 
     for table in tables:
-        table.environment["wall_time_s"] = round(time.perf_counter() - began, 1)
-        table.environment["load_average_end"] = os.getloadavg()
-        _write_outputs(table.config, table.environment, table.data, table.main, table.sweep)
+        _write_outputs(table, began)
     _progress(f"done in {time.perf_counter() - began:.0f} s; results in {first.out}/")
     return [table.main for table in tables]
 
@@ -202,14 +201,23 @@ def _case_label(config: BenchConfig) -> str:
     return f"{config.preset or config.shape} {config.regime} {config.op}"
 
 
-def _write_outputs(config: BenchConfig, environment: dict, data: dict, main, sweep) -> None:
-    """The table (stdout and table.txt), results.json, results.csv and the sweep plots."""
+def _write_files(table: _Table, began: float) -> str:
+    """table.txt, results.json and results.csv of the methods measured so far; the table."""
+    config, environment = table.config, table.environment
+    environment["wall_time_s"] = round(time.perf_counter() - began, 1)
+    environment["load_average_end"] = os.getloadavg()
     config.out.mkdir(parents=True, exist_ok=True)
-    text = report.table(main, _header(config, environment, data))
-    print(text)
+    text = report.table(table.main, _header(config, environment, table.data))
     (config.out / "table.txt").write_text(text + "\n")
-    report.write_json(config.out / "results.json", environment, data, main, sweep)
-    report.write_csv(config.out / "results.csv", environment, main, sweep)
+    report.write_json(config.out / "results.json", environment, table.data, table.main, table.sweep)
+    report.write_csv(config.out / "results.csv", environment, table.main, table.sweep)
+    return text
+
+
+def _write_outputs(table: _Table, began: float) -> None:
+    """The table (stdout and table.txt), results.json, results.csv and the sweep plots."""
+    print(_write_files(table, began))
+    config, environment, sweep = table.config, table.environment, table.sweep
     if not sweep:
         return
     title = (

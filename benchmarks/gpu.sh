@@ -16,9 +16,10 @@
 # OUT/tune.txt: benchmarks/tune.py (where the time goes; buffer sizes; the tiles chosen);
 # OUT/bench.log: the benchmark's progress, a line per method and table as each finishes, then
 # every table; OUT/bench.tgz: <preset>-<regime>-<op>/ with table.txt, results.csv and
-# results.json of each table (one archive: the device tool returns at most 8 files);
-# OUT/suite.log: every other test, on CUDA; OUT/filtering.txt: what a per-token filtering budget
-# can skip on trained data. Each benchmark method runs in one worker process for all tables, so
+# results.json of each table, rewritten after each method so that a run cut off at its limit
+# keeps every method it finished (one archive: the device tool returns at most 8 files);
+# OUT/suite.log: every other test, on CUDA; OUT/filtering.txt: what each filtering rule skips on
+# trained data, at what error. Each benchmark method runs in one worker process for all tables, so
 # its imports and compilation are paid once. Tests run on pytest-xdist workers where it is
 # installed, which compile the kernels' variants in parallel.
 #
@@ -33,7 +34,9 @@ OUT=${1:-${OUT:-bench-gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
 PRESETS=${PRESETS:-gemma2-2b llama3-8b}
 REGIMES=${REGIMES:-trained}
 OPS=${OPS:-loss loss+backward}
-METHODS=${METHODS:-logitless-triton logitless-triton-exact cce torch-compile eager matmul}
+# every peer, torch.compile last: its compilation is the slowest part, and a run cut off at the
+# limit then loses only its last tables
+METHODS=${METHODS:-logitless-triton logitless-triton-exact cce cce-exact liger eager matmul torch-compile}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

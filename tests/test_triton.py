@@ -31,8 +31,8 @@ from helpers import (
 from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
 from logitless.backends import Logits, triton_backend
-from logitless.kernels import lse_backward
-from logitless.kernels._tiles import INTERPRETER_BLOCKS, dot_options, offsets
+from logitless.kernels import lse_backward, lse_forward
+from logitless.kernels._tiles import INTERPRETER_BLOCKS, config_fits, dot_options, offsets
 from logitless.reference import reference_linear_cross_entropy
 from test_functional import OPTION_SETS
 
@@ -222,6 +222,33 @@ def test_grouped_backward_meets_the_criterion(monkeypatch, options):
 
     monkeypatch.setattr(lse_backward, "launch", grouped)
     check_against_reference(inputs_for(torch.bfloat16, bias=True), impl="triton", **options)
+
+
+@pytest.mark.skipif(not lse_forward.RANGE_FLATTENS, reason="this Triton has no flattened loops")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 3.0}], ids=repr)
+def test_flattened_forward_meets_the_criterion(monkeypatch, options, dtype):
+    """The forward's flattened sweep end to end (on CUDA the autotuner would pick among the
+    bf16 configs; here every plain forward launch is flattened, and float32's tolerance checks
+    the sweep to a few ulps)."""
+    unflattened = lse_forward.launch
+
+    def flattened(kernel, tuned, grid, *args, **kwargs):
+        if kernel is lse_forward.lse_forward_kernel and triton_interpreter_on():
+            kwargs["FLATTEN"] = True
+        unflattened(kernel, tuned, grid, *args, **kwargs)
+
+    monkeypatch.setattr(lse_forward, "launch", flattened)
+    check_against_reference(inputs_for(dtype, bias=True), impl="triton", **options)
+
+
+def test_flattened_forward_is_offered_to_plain_sweeps_only():
+    """A flattened sweep omits the teacher's and the top-k's tile math: the autotuner must never
+    give it a launch that has either."""
+    flat = triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128, "FLATTEN": True})
+    assert config_fits(flat, {"HAS_BIAS": True, "WITH_MEAN": True, "TOP_K": 0, "TEACHER": False})
+    assert not config_fits(flat, {"TOP_K": 5, "TEACHER": False})
+    assert not config_fits(flat, {"TOP_K": 0, "TEACHER": True})
 
 
 def test_kernels_compile_for_hopper_without_spills():

@@ -64,8 +64,11 @@ def config_fits(config: triton.Config, options: dict[str, object]) -> bool:
     tiles larger than LARGE_TILE only without the tile math of SPILLING_OPTIONS, and with a
     running top-k none larger than TOP_K_TILE, and with a teacher at most
     TEACHER_ENTRIES_PER_THREAD per thread; grouped backward tiles (GROUP_N) not with
-    filtering, whose tile math their index arithmetic pushes into spilling (sm90_compile)."""
+    filtering, whose tile math their index arithmetic pushes into spilling (sm90_compile);
+    flattened forward sweeps (FLATTEN) neither with a teacher nor a top-k, which they omit."""
     if config.kwargs.get("GROUP_N") and options.get("FILTER"):
+        return False
+    if config.kwargs.get("FLATTEN") and (options.get("TEACHER") or options.get("TOP_K")):
         return False
     entries = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"]
     if options.get("TEACHER") and entries > TEACHER_ENTRIES_PER_THREAD * 32 * config.num_warps:

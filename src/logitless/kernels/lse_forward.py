@@ -13,6 +13,7 @@ per split; the merge takes the top-k of the splits' candidates.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -58,6 +59,21 @@ HALF_CONFIGS = [
 """Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on); the
 last two are those a running top-k fits (TOP_K_TILE), the last the one a teacher fits."""
 
+RANGE_FLATTENS = "flatten" in inspect.signature(tl.range.__init__).parameters
+"""Whether this Triton pipelines a nested loop as one (`tl.range(..., flatten=True)`: 3.3 on)."""
+
+if RANGE_FLATTENS:
+    HALF_CONFIGS += [
+        triton.Config(
+            {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128, "FLATTEN": True},
+            num_warps=8, num_stages=3,
+        ),
+        triton.Config(
+            {"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_D": 64, "FLATTEN": True},
+            num_warps=8, num_stages=3,
+        ),
+    ]  # fmt: skip
+
 FLOAT32_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
@@ -80,6 +96,7 @@ def lse_forward_kernel(
     teacher_softcap=1.0, log_beta=0.0, log_one_minus_beta=0.0,
     TEACHER: tl.constexpr = False, TEACHER_BIAS: tl.constexpr = False,
     TEACHER_SOFTCAP: tl.constexpr = False, MIXTURE: tl.constexpr = False,
+    FLATTEN: tl.constexpr = False,
 ):  # fmt: skip
     """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max) z])
     of a row block on a split; the logit sum weighs column v by weight[v] when HAS_WEIGHT.
@@ -93,7 +110,11 @@ def lse_forward_kernel(
     adds the partials (teacher max, sum of exp(y - max), sum of exp(y - max) y, sum of
     exp(y - max) z, sum of exp(z - max) y); with MIXTURE instead, given both log-sum-exps, the
     JSD's sums (sum p log(m / p), sum q log(m / q)) for m = beta q + (1 - beta) p.
+
+    FLATTEN (neither TEACHER nor TOP_K) sweeps the split as one software-pipelined loop over
+    (tile, D step), so that the next tile's loads overlap the current tile's softmax update.
     """
+    tl.static_assert(not (FLATTEN and (TEACHER or TOP_K)), "FLATTEN sweeps plain logits only")
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -127,72 +148,75 @@ def lse_forward_kernel(
         top_values = tl.where(slots < TOP_K, float("-inf"), float("inf"))
         top_values = tl.zeros((BLOCK_N, TOP_K_SLOTS), dtype=tl.float32) + top_values[None, :]
         top_indices = tl.full((BLOCK_N, TOP_K_SLOTS), -1, dtype=tl.int32)
-    for tile_begin in range(vocab_begin, vocab_end, BLOCK_V):
-        vocab = tile_begin + tl.arange(0, BLOCK_V)
-        col_mask = vocab < vocab_end
-        z = logit_tile(
-            e_ptr, c_ptr, bias_ptr, row_offsets, vocab, offsets(vocab, stride_cv),
-            row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
-        )  # fmt: skip
-        target_logit += tl.sum(tl.where(vocab[None, :] == targets[:, None], z, 0.0), axis=1)
-        if WITH_SUM:
-            summand = tl.where(col_mask[None, :], z, 0.0)
-            if HAS_WEIGHT:
-                column_weight = tl.load(weight_ptr + vocab, mask=col_mask, other=0.0)
-                summand *= column_weight.to(tl.float32)[None, :]
-            logit_sum += tl.sum(summand, axis=1)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        if TOP_K:
-            top_values, top_indices = _merge_top_k(
-                top_values, top_indices, z, vocab, col_mask, TOP_K, TOP_K_SLOTS, BLOCK_V
-            )
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        # While every logit so far is -inf (a masked class), shift by 0: exp(-inf - -inf) is NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(running_max - shift)
-        exps = tl.exp(z - shift[:, None])
-        running_sum = running_sum * rescale + tl.sum(exps, axis=1)
-        if WITH_MEAN:  # exp(z) z is 0 at a masked (-inf) logit, not NaN
-            weighted_sum = weighted_sum * rescale + tl.sum(
-                tl.where(exps > 0, exps * z, 0.0), axis=1
-            )
-        running_max = new_max
-        if TEACHER:
-            y = logit_tile(
-                teacher_e_ptr, teacher_c_ptr, teacher_bias_ptr, teacher_rows, vocab,
-                offsets(vocab, stride_tcv), row_mask, col_mask, D_t, stride_ted, stride_tcd,
-                teacher_softcap, scale, TEACHER_BIAS, TEACHER_SOFTCAP,
-                BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+    # Two loops, not one with flatten=FLATTEN: Triton before 3.3 cannot compile the argument,
+    # and does not compile a branch its constexpr condition turns off.
+    if FLATTEN:
+        for tile_begin in tl.range(vocab_begin, vocab_end, BLOCK_V, flatten=True):
+            vocab = tile_begin + tl.arange(0, BLOCK_V)
+            col_mask = vocab < vocab_end
+            z = logit_tile(
+                e_ptr, c_ptr, bias_ptr, row_offsets, vocab, offsets(vocab, stride_cv),
+                row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
+                HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
             )  # fmt: skip
-            if MIXTURE:  # teacher_mean_sum: sum p log(m / p); cross_sum: sum q log(m / q)
-                log_p = z - lse[:, None]
-                log_q = y - teacher_lse[:, None]
-                gap = tl.where(col_mask[None, :], log_p - log_q, 0.0)
-                to_student = log_add_exp(log_beta - gap, log_one_minus_beta)
-                to_teacher = log_add_exp(gap + log_one_minus_beta, log_beta)
-                teacher_mean_sum += tl.sum(tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
-                                           * to_student, axis=1)  # fmt: skip
-                cross_sum += tl.sum(tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
-                                    * to_teacher, axis=1)  # fmt: skip
-            else:
-                y = tl.where(col_mask[None, :], y, float("-inf"))
-                new_teacher_max = tl.maximum(teacher_max, tl.max(y, axis=1))
-                teacher_shift = tl.where(new_teacher_max == float("-inf"), 0.0, new_teacher_max)
-                teacher_rescale = tl.exp(teacher_max - teacher_shift)
-                teacher_exps = tl.exp(y - teacher_shift[:, None])
-                kept = teacher_exps > 0
-                teacher_sum = teacher_sum * teacher_rescale + tl.sum(teacher_exps, axis=1)
-                teacher_mean_sum = teacher_mean_sum * teacher_rescale + tl.sum(
-                    tl.where(kept, teacher_exps * y, 0.0), axis=1
+            _, _, _, running_max, running_sum, target_logit, logit_sum, weighted_sum = _fold_tile(
+                z, vocab, col_mask, targets, weight_ptr, running_max, running_sum, target_logit,
+                logit_sum, weighted_sum, WITH_SUM, HAS_WEIGHT, WITH_MEAN,
+            )  # fmt: skip
+    else:
+        for tile_begin in range(vocab_begin, vocab_end, BLOCK_V):
+            vocab = tile_begin + tl.arange(0, BLOCK_V)
+            col_mask = vocab < vocab_end
+            z = logit_tile(
+                e_ptr, c_ptr, bias_ptr, row_offsets, vocab, offsets(vocab, stride_cv),
+                row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
+                HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+            )  # fmt: skip
+            z, exps, rescale, running_max, running_sum, target_logit, logit_sum, weighted_sum = (
+                _fold_tile(
+                    z, vocab, col_mask, targets, weight_ptr, running_max, running_sum,
+                    target_logit, logit_sum, weighted_sum, WITH_SUM, HAS_WEIGHT, WITH_MEAN,
                 )
-                cross_sum = cross_sum * teacher_rescale + tl.sum(
-                    tl.where(kept, teacher_exps * z, 0.0), axis=1
+            )  # fmt: skip
+            if TOP_K:
+                top_values, top_indices = _merge_top_k(
+                    top_values, top_indices, z, vocab, col_mask, TOP_K, TOP_K_SLOTS, BLOCK_V
                 )
-                under_student_sum = under_student_sum * rescale + tl.sum(
-                    tl.where(exps > 0, exps * y, 0.0), axis=1
-                )
-                teacher_max = new_teacher_max
+            if TEACHER:
+                y = logit_tile(
+                    teacher_e_ptr, teacher_c_ptr, teacher_bias_ptr, teacher_rows, vocab,
+                    offsets(vocab, stride_tcv), row_mask, col_mask, D_t, stride_ted, stride_tcd,
+                    teacher_softcap, scale, TEACHER_BIAS, TEACHER_SOFTCAP,
+                    BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+                )  # fmt: skip
+                if MIXTURE:  # teacher_mean_sum: sum p log(m / p); cross_sum: sum q log(m / q)
+                    log_p = z - lse[:, None]
+                    log_q = y - teacher_lse[:, None]
+                    gap = tl.where(col_mask[None, :], log_p - log_q, 0.0)
+                    to_student = log_add_exp(log_beta - gap, log_one_minus_beta)
+                    to_teacher = log_add_exp(gap + log_one_minus_beta, log_beta)
+                    teacher_mean_sum += tl.sum(tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
+                                               * to_student, axis=1)  # fmt: skip
+                    cross_sum += tl.sum(tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
+                                        * to_teacher, axis=1)  # fmt: skip
+                else:
+                    y = tl.where(col_mask[None, :], y, float("-inf"))
+                    new_teacher_max = tl.maximum(teacher_max, tl.max(y, axis=1))
+                    teacher_shift = tl.where(new_teacher_max == float("-inf"), 0.0, new_teacher_max)
+                    teacher_rescale = tl.exp(teacher_max - teacher_shift)
+                    teacher_exps = tl.exp(y - teacher_shift[:, None])
+                    kept = teacher_exps > 0
+                    teacher_sum = teacher_sum * teacher_rescale + tl.sum(teacher_exps, axis=1)
+                    teacher_mean_sum = teacher_mean_sum * teacher_rescale + tl.sum(
+                        tl.where(kept, teacher_exps * y, 0.0), axis=1
+                    )
+                    cross_sum = cross_sum * teacher_rescale + tl.sum(
+                        tl.where(kept, teacher_exps * z, 0.0), axis=1
+                    )
+                    under_student_sum = under_student_sum * rescale + tl.sum(
+                        tl.where(exps > 0, exps * y, 0.0), axis=1
+                    )
+                    teacher_max = new_teacher_max
 
     plane = splits.to(tl.int64) * N
     out = partials_ptr + split.to(tl.int64) * N + rows
@@ -216,6 +240,32 @@ def lse_forward_kernel(
         top_mask = row_mask[:, None] & (slots < TOP_K)[None, :]
         tl.store(top_values_ptr + top, top_values, mask=top_mask)
         tl.store(top_indices_ptr + top, top_indices, mask=top_mask)
+
+
+@triton.jit
+def _fold_tile(z, vocab, col_mask, targets, weight_ptr, running_max, running_sum, target_logit,
+               logit_sum, weighted_sum, WITH_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               WITH_MEAN: tl.constexpr):  # fmt: skip
+    """A logit tile folded into its rows' statistics. Returns the tile with its padding columns
+    at -inf, its exponentials, the rescale of the earlier sums, and the new max, sum of
+    exponentials, target logit, logit sum and sum of exp(z - max) z."""
+    target_logit += tl.sum(tl.where(vocab[None, :] == targets[:, None], z, 0.0), axis=1)
+    if WITH_SUM:
+        summand = tl.where(col_mask[None, :], z, 0.0)
+        if HAS_WEIGHT:
+            column_weight = tl.load(weight_ptr + vocab, mask=col_mask, other=0.0)
+            summand *= column_weight.to(tl.float32)[None, :]
+        logit_sum += tl.sum(summand, axis=1)
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(z, axis=1))
+    # While every logit so far is -inf (a masked class), shift by 0: exp(-inf - -inf) is NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    exps = tl.exp(z - shift[:, None])
+    running_sum = running_sum * rescale + tl.sum(exps, axis=1)
+    if WITH_MEAN:  # exp(z) z is 0 at a masked (-inf) logit, not NaN
+        weighted_sum = weighted_sum * rescale + tl.sum(tl.where(exps > 0, exps * z, 0.0), axis=1)
+    return z, exps, rescale, new_max, running_sum, target_logit, logit_sum, weighted_sum
 
 
 @triton.jit

@@ -48,7 +48,7 @@ def report_tuning(seen: list[dict]) -> None:
     """Each config's time in every autotuning run not reported yet (Triton keeps the last run's
     per kernel): how far apart the candidate tiles are on this device."""
     for label, tuned in (("forward", lse_forward_tuned), ("backward", lse_backward_tuned)):
-        timings = getattr(tuned, "configs_timings", None)
+        timings = getattr(tuned(), "configs_timings", None)
         if not timings or any(timings is reported for reported in seen):
             continue
         seen.append(timings)
@@ -142,7 +142,7 @@ def main() -> None:
     for preset in args.preset:
         study(preset, args.buffers_mb, args.repeats)
     for label, tuned in (("forward", lse_forward_tuned), ("backward", lse_backward_tuned)):
-        for key, config in tuned.cache.items():
+        for key, config in tuned().cache.items():
             print(f"autotuned {label} {key}: {config}", flush=True)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,34 @@ def test_flattened_forward_is_offered_to_plain_sweeps_only():
     assert config_fits(flat, {"HAS_BIAS": True, "WITH_MEAN": True, "TOP_K": 0, "TEACHER": False})
     assert not config_fits(flat, {"TOP_K": 5, "TEACHER": False})
     assert not config_fits(flat, {"TOP_K": 0, "TEACHER": True})
+
+
+def test_kernels_import_and_interpret_without_making_an_autotuner():
+    """Triton 3.2 and 3.3 ask for a GPU driver when an autotuner is made: the kernels' modules
+    must not make one at import, nor the interpreter's launches at all."""
+    script = textwrap.dedent(
+        """
+        import torch, triton
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("an autotuner was made")
+
+        triton.autotune = refuse
+        import logitless
+        from logitless.kernels import lse_backward, lse_forward
+        e = torch.randn(9, 8, dtype=torch.bfloat16, requires_grad=True)
+        c = torch.randn(70, 8, dtype=torch.bfloat16, requires_grad=True)
+        logitless.linear_cross_entropy(e, c, torch.randint(0, 70, (9,)), impl="triton").backward()
+        print(e.grad.isfinite().all().item(), c.grad.isfinite().all().item())
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = str(Path(logitless.__file__).parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "True"]
 
 
 def test_kernels_compile_for_hopper_without_spills():

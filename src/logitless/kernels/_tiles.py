@@ -6,6 +6,8 @@ whose log-sum-exp the forward took.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,13 +35,14 @@ def dot_options(dtype: torch.dtype) -> dict[str, object]:
 
 
 def launch(kernel, tuned, grid, *args, **kwargs) -> None:
-    """Run `kernel` with INTERPRETER_BLOCKS under the interpreter, else its autotuned version on
-    the device of its first argument (not the current device: an lm_head may live on cuda:1)."""
+    """Run `kernel` with INTERPRETER_BLOCKS under the interpreter, else its autotuned version
+    (`tuned()`, see `autotune_by_dtype`) on the device of its first argument (not the current
+    device: an lm_head may live on cuda:1)."""
     if triton_interpreter_on():
         kernel[grid](*args, **kwargs, **INTERPRETER_BLOCKS)
         return
     with torch.cuda.device(args[0].device):
-        tuned[grid](*args, **kwargs)
+        tuned()[grid](*args, **kwargs)
 
 
 LARGE_TILE = 128 * 128
@@ -85,7 +88,9 @@ def autotune_by_dtype(
     options; the key always holds those options, so each option set is tuned on its own.
 
     16-bit inputs run on tensor cores with large tiles; float32 multiplies in IEEE precision on
-    the FMA units, where large tiles spill registers.
+    the FMA units, where large tiles spill registers. The decorated kernel is a function that
+    builds the autotuner at its first call: Triton 3.2 and 3.3 ask for a GPU driver when an
+    autotuner is made, which a machine without a GPU (the interpreter's) does not have.
     """
 
     def prune(configs, named_args, **kwargs):
@@ -93,13 +98,17 @@ def autotune_by_dtype(
         return [config for config in by_dtype if config_fits(config, kwargs)]
 
     def decorate(kernel):
-        options = [name for name in SPILLING_OPTIONS if name in kernel.arg_names]
-        return triton.autotune(
-            half_configs + float32_configs,
-            key=[*autotune_kwargs["key"], *options],
-            prune_configs_by={"early_config_prune": prune},
-            **{name: value for name, value in autotune_kwargs.items() if name != "key"},
-        )(kernel)
+        @functools.cache
+        def tuned():
+            options = [name for name in SPILLING_OPTIONS if name in kernel.arg_names]
+            return triton.autotune(
+                half_configs + float32_configs,
+                key=[*autotune_kwargs["key"], *options],
+                prune_configs_by={"early_config_prune": prune},
+                **{name: value for name, value in autotune_kwargs.items() if name != "key"},
+            )(kernel)
+
+        return tuned
 
     return decorate
 

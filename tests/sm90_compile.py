@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -155,17 +156,19 @@ def ptxas_usage(ptx: str) -> tuple[int | None, int | None]:
     return None, None
 
 
-def main() -> None:
-    kernels = {
-        "forward": (lse_forward.lse_forward_kernel, forward_signature, lse_forward),
-        "backward": (lse_backward.lse_backward_kernel, backward_signature, lse_backward),
-    }
-    for name, (kernel, signature, module) in kernels.items():
-        for dtype, precision, configs in (
-            ("bf16", "tf32", module.HALF_CONFIGS),
-            ("fp32", "ieee", module.FLOAT32_CONFIGS),
-        ):
-            for index, config in enumerate(configs):
+KERNELS = {
+    "forward": (lse_forward.lse_forward_kernel, forward_signature, lse_forward),
+    "backward": (lse_backward.lse_backward_kernel, backward_signature, lse_backward),
+}
+DTYPES = {"bf16": ("tf32", "HALF_CONFIGS"), "fp32": ("ieee", "FLOAT32_CONFIGS")}
+
+
+def jobs() -> list[tuple[str, str, int, str, dict[str, object]]]:
+    """(kernel, dtype, config index, variant, constexpr flags) of every variant to compile."""
+    found = []
+    for name, (_, _, module) in KERNELS.items():
+        for dtype, (precision, configs) in DTYPES.items():
+            for index, config in enumerate(getattr(module, configs)):
                 variants = list(VARIANTS[name])
                 for variant in [*variants, "minimal"] if index == 0 else variants:
                     constants = flags(name, variant)
@@ -178,10 +181,26 @@ def main() -> None:
                     if not config_fits(config, constants):  # grouped: never filtered
                         constants.update(FILTER=False, SORTED=False)
                     constants.update(DOT_PRECISION=precision, DOT_UPCAST=False)
-                    usage = compile_variant(kernel, signature(dtype), constants, config)
-                    record = {"kernel": name, "dtype": dtype, "config": str(config)}
-                    record.update(variant=variant, every_option=variant != "minimal")
-                    print(json.dumps({**record, **usage}), flush=True)
+                    found.append((name, dtype, index, variant, constants))
+    return found
+
+
+def run(job: tuple[str, str, int, str, dict[str, object]]) -> str:
+    """One job of `jobs`, compiled: its JSON line."""
+    name, dtype, index, variant, constants = job
+    kernel, signature, module = KERNELS[name]
+    config = getattr(module, DTYPES[dtype][1])[index]
+    usage = compile_variant(kernel, signature(dtype), constants, config)
+    record = {"kernel": name, "dtype": dtype, "config": str(config)}
+    record.update(variant=variant, every_option=variant != "minimal")
+    return json.dumps({**record, **usage})
+
+
+def main() -> None:
+    """Every variant, compiled in parallel on the machine's cores (a compile is one thread)."""
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        for line in pool.map(run, jobs()):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from logitless.bench.runner import PRESETS
 from logitless.reference import reference_linear_cross_entropy, relative_error
 
 ROW_BLOCK = 128
+"""Rows per block of every decision: the rows of the Triton backward's tile on the H100."""
 CHUNKS = (2048, 8192)
 BLOCK_ROWS = 512
 """Rows per step when sweeping logits in float32, to bound memory."""
@@ -59,18 +60,34 @@ def chunk_masses(e: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[torch.Te
     return masses, peaks
 
 
+def block_max(values: torch.Tensor) -> torch.Tensor:
+    """(row blocks, columns): the largest of `values` (N, columns) over each ROW_BLOCK rows."""
+    blocks = math.ceil(len(values) / ROW_BLOCK)
+    padded = torch.nn.functional.pad(values, (0, 0, 0, blocks * ROW_BLOCK - len(values)))
+    return padded.view(blocks, ROW_BLOCK, -1).amax(1)
+
+
+def holding_targets(target_columns: torch.Tensor, columns: int) -> torch.Tensor:
+    """(row blocks, columns) bool: the cells that hold a target of one of the block's rows."""
+    n = len(target_columns)
+    held = torch.zeros(
+        math.ceil(n / ROW_BLOCK), columns, dtype=torch.bool, device=target_columns.device
+    )
+    held[torch.arange(n, device=target_columns.device) // ROW_BLOCK, target_columns] = True
+    return held
+
+
+def per_row(cells: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, columns): each row's value of its row block's cells."""
+    return cells.repeat_interleave(ROW_BLOCK, 0)[:n]
+
+
 def skippable(masses: torch.Tensor, target_chunks: torch.Tensor, eps: float) -> torch.Tensor:
     """(row blocks, chunks) cells to skip: per row block, the chunks of least block mass (the
     largest mass of a row of the block) while their sum stays within `eps`; a chunk holding a
     target of the block is kept. No row then loses more than `eps` of its softmax mass."""
-    n, chunks = masses.shape
-    blocks = math.ceil(n / ROW_BLOCK)
-    padded = torch.nn.functional.pad(masses, (0, 0, 0, blocks * ROW_BLOCK - n))
-    block_mass = padded.view(blocks, ROW_BLOCK, chunks).amax(1)
-    block_of_row = torch.arange(n, device=masses.device) // ROW_BLOCK
-    holds_target = torch.zeros(blocks, chunks, dtype=torch.bool, device=masses.device)
-    holds_target[block_of_row, target_chunks] = True
-    block_mass = block_mass.masked_fill(holds_target, math.inf)
+    holds_target = holding_targets(target_chunks, masses.shape[1])
+    block_mass = block_max(masses).masked_fill(holds_target, math.inf)
     ascending, rank = block_mass.sort(1)
     skip = torch.zeros_like(holds_target)
     skip.scatter_(1, rank, ascending.cumsum(1) <= eps)
@@ -153,7 +170,7 @@ def study(preset: str, rows: int, device: torch.device, budgets: list[int]) -> N
             masses, _ = chunk_masses(e, ordered, chunk)
             for budget in budgets:
                 skip = skippable(masses, positions // chunk, 2.0**budget)
-                skip_rows = skip.repeat_interleave(ROW_BLOCK, 0)[: len(e)]
+                skip_rows = per_row(skip, len(e))
                 de, dc = filtered_errors(
                     e[:rows], ordered, positions[:rows], skip_rows[:rows], chunk
                 )
@@ -190,17 +207,13 @@ def tile_rules(
     For each: tiles skipped, chunks of the backward's bf16 buffer whose matmuls are skipped (all
     their tiles are), the softmax mass a token loses (mean, largest) and, on the first `rows`
     rows, the dE / dC errors of the skip against float64."""
-    tile_rows, tile_positions = 128, 256
+    tile_positions = 256  # the tile's rows are ROW_BLOCK
     chunk_tiles = triton_backend._chunk_positions(len(e), len(c), 2) // tile_positions
     ordered = c[order]
     masses, peaks = chunk_masses(e, ordered, tile_positions)
     positions = triton_backend._positions(order, targets)
-    blocks = math.ceil(len(e) / tile_rows)
-    by_block = lambda x: torch.nn.functional.pad(x, (0, 0, 0, blocks * tile_rows - len(e)))  # noqa: E731
-    block_mass = by_block(masses).view(blocks, tile_rows, -1).amax(1)
-    block_peak = by_block(peaks).view(blocks, tile_rows, -1).amax(1)
-    holds_target = torch.zeros_like(block_mass, dtype=torch.bool)
-    holds_target[torch.arange(len(e)) // tile_rows, positions // tile_positions] = True
+    block_mass, block_peak = block_max(masses), block_max(peaks)
+    holds_target = holding_targets(positions // tile_positions, masses.shape[1])
     rules = {
         "share rule (in use)": block_mass > eps * tile_positions / len(c),
         f"entry rule 2^{int(math.log2(eps))}": block_peak >= eps,
@@ -210,8 +223,8 @@ def tile_rules(
         kept = holds_target | above
         tiles = kept.shape[1]
         chunk_kept = torch.nn.functional.pad(kept, (0, -tiles % chunk_tiles))
-        chunk_kept = chunk_kept.view(blocks, -1, chunk_tiles).any(2).any(0)
-        skip_rows = (~kept).repeat_interleave(tile_rows, 0)[: len(e)]
+        chunk_kept = chunk_kept.view(len(kept), -1, chunk_tiles).any(2).any(0)
+        skip_rows = per_row(~kept, len(e))
         lost = (masses * skip_rows).sum(1)
         de, dc = filtered_errors(
             e[:rows], ordered, positions[:rows], skip_rows[:rows], tile_positions

@@ -210,18 +210,24 @@ def test_grouped_backward_tiles_cover_the_grid_in_groups_of_row_blocks(
     assert order == expected
 
 
+def _launch_every_time_with(monkeypatch, module, kernel, **constexprs) -> None:
+    """Make every interpreter launch of `kernel` by `module` take `constexprs`: a config the
+    autotuner would only weigh among others on CUDA, run end to end here."""
+    launch = module.launch
+
+    def with_constexprs(launched, tuned, grid, *args, **kwargs):
+        if launched is kernel and triton_interpreter_on():
+            kwargs.update(constexprs)
+        launch(launched, tuned, grid, *args, **kwargs)
+
+    monkeypatch.setattr(module, "launch", with_constexprs)
+
+
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 3.0}], ids=repr)
 def test_grouped_backward_meets_the_criterion(monkeypatch, options):
     """The grouped launch end to end, with the 37 rows in groups of one row block (on CUDA the
     autotuner would pick among the configs; here every launch is grouped)."""
-    ungrouped = lse_backward.launch
-
-    def grouped(kernel, tuned, grid, *args, **kwargs):
-        if kernel is lse_backward.lse_backward_kernel and triton_interpreter_on():
-            kwargs["GROUP_N"] = 1
-        ungrouped(kernel, tuned, grid, *args, **kwargs)
-
-    monkeypatch.setattr(lse_backward, "launch", grouped)
+    _launch_every_time_with(monkeypatch, lse_backward, lse_backward.lse_backward_kernel, GROUP_N=1)
     check_against_reference(inputs_for(torch.bfloat16, bias=True), impl="triton", **options)
 
 
@@ -232,14 +238,7 @@ def test_flattened_forward_meets_the_criterion(monkeypatch, options, dtype):
     """The forward's flattened sweep end to end (on CUDA the autotuner would pick among the
     bf16 configs; here every plain forward launch is flattened, and float32's tolerance checks
     the sweep to a few ulps)."""
-    unflattened = lse_forward.launch
-
-    def flattened(kernel, tuned, grid, *args, **kwargs):
-        if kernel is lse_forward.lse_forward_kernel and triton_interpreter_on():
-            kwargs["FLATTEN"] = True
-        unflattened(kernel, tuned, grid, *args, **kwargs)
-
-    monkeypatch.setattr(lse_forward, "launch", flattened)
+    _launch_every_time_with(monkeypatch, lse_forward, lse_forward.lse_forward_kernel, FLATTEN=True)
     check_against_reference(inputs_for(dtype, bias=True), impl="triton", **options)
 
 

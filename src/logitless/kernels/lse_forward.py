@@ -208,13 +208,13 @@ def lse_forward_kernel(
                     kept = teacher_exps > 0
                     teacher_sum = teacher_sum * teacher_rescale + tl.sum(teacher_exps, axis=1)
                     teacher_mean_sum = teacher_mean_sum * teacher_rescale + tl.sum(
-                        tl.where(kept, teacher_exps * y, 0.0), axis=1
+                        teacher_exps * tl.where(kept, y, 0.0), axis=1
                     )
                     cross_sum = cross_sum * teacher_rescale + tl.sum(
-                        tl.where(kept, teacher_exps * z, 0.0), axis=1
+                        teacher_exps * tl.where(kept, z, 0.0), axis=1
                     )
                     under_student_sum = under_student_sum * rescale + tl.sum(
-                        tl.where(exps > 0, exps * y, 0.0), axis=1
+                        exps * tl.where(exps > 0, y, 0.0), axis=1
                     )
                     teacher_max = new_teacher_max
 
@@ -264,7 +264,7 @@ def _fold_tile(z, vocab, col_mask, targets, weight_ptr, running_max, running_sum
     exps = tl.exp(z - shift[:, None])
     running_sum = running_sum * rescale + tl.sum(exps, axis=1)
     if WITH_MEAN:  # exp(z) z is 0 at a masked (-inf) logit, not NaN
-        weighted_sum = weighted_sum * rescale + tl.sum(tl.where(exps > 0, exps * z, 0.0), axis=1)
+        weighted_sum = weighted_sum * rescale + tl.sum(exps * tl.where(exps > 0, z, 0.0), axis=1)
     return z, exps, rescale, new_max, running_sum, target_logit, logit_sum, weighted_sum
 
 

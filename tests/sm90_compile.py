@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from logitless.kernels import lse_backward, lse_forward
-from logitless.kernels._tiles import SPILLING_OPTIONS, config_fits
+from logitless.kernels._tiles import COMPILE_OPTIONS, SPILLING_OPTIONS, config_fits
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ALIGNED = ("N", "V", "D", "stride_en", "stride_cv", "stride_dn", "D_t", "stride_ten", "stride_tcv")
@@ -128,7 +128,7 @@ def compile_variant(kernel, signature, constants, config) -> dict[str, object]:
     compiled = triton.compile(
         ASTSource(kernel, full_signature, constants, aligned),
         target=HOPPER,
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages, **COMPILE_OPTIONS},
     )
     registers, spills = ptxas_usage(compiled.asm["ptx"])
     return {"registers": registers, "spill_bytes": spills, "shared": compiled.metadata.shared}

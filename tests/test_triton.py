@@ -49,10 +49,12 @@ pytestmark = pytest.mark.skipif(
 ROWS, DIM, VOCAB = 37, 29, 301
 DEFAULT_BUFFER_BYTES = triton_backend.LOGIT_GRAD_BUFFER_BYTES
 SPILL_BYTES_EVERY_OPTION = 128
-SPILL_BYTES_SMOOTHING = 256
-"""Label smoothing with class weights and softcap keeps the weighted sum term in the backward's
-tile math: its 128 x 128 bf16 tiles spill up to this much (a rare combination; other tiles of the
-autotuner spill nothing)."""
+SPILL_BYTES = {"smoothing": 256, "filtered": 256}
+"""Bounds above SPILL_BYTES_EVERY_OPTION: label smoothing with class weights and softcap keeps the
+weighted sum term in the backward's tile math, and its 128 x 128 bf16 tiles spill up to this
+much; a filtered loss with bias and softcap spills 164 bytes in the 128 x 128 bf16 backward
+tiles with Triton 3.6 (the H100 machine's), 28-40 with 3.9. Rare combinations, in tiles the
+autotuner times against others that spill nothing."""
 
 
 @pytest.fixture(autouse=True)
@@ -288,6 +290,7 @@ def test_kernels_compile_for_hopper_without_spills():
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "FP_FUSION" not in result.stderr  # each compile names its fp fusion (COMPILE_OPTIONS)
     variants = [json.loads(line) for line in result.stdout.splitlines()]
     assert {(v["kernel"], v["dtype"]) for v in variants} == {
         (kernel, dtype) for kernel in ("forward", "backward") for dtype in ("bf16", "fp32")
@@ -298,8 +301,34 @@ def test_kernels_compile_for_hopper_without_spills():
     # weights or entropy, sorted vocabulary, filtering) may spill a few words of the largest tiles.
     assert [v for v in variants if v["spill_bytes"] and not v["every_option"]] == []
     for variant in variants:
-        bound = SPILL_BYTES_SMOOTHING if variant["variant"] == "smoothing" else None
-        assert variant["spill_bytes"] <= (bound or SPILL_BYTES_EVERY_OPTION), variant
+        bound = SPILL_BYTES.get(variant["variant"], SPILL_BYTES_EVERY_OPTION)
+        assert variant["spill_bytes"] <= bound, variant
+
+
+@gpu
+def test_first_launches_warn_nothing():
+    """A fresh process's first loss and backward compile both kernels without a warning (Triton
+    3.9 warns once per process about a compile that leaves fp fusion to its default)."""
+    script = textwrap.dedent(
+        """
+        import warnings, torch, logitless
+        e = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        c = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            targets = torch.randint(0, 1000, (300,), device="cuda")
+            logitless.linear_cross_entropy(e, c, targets, impl="triton").backward()
+            torch.cuda.synchronize()
+        print(len(caught), *(str(w.message)[:200] for w in caught), sep="\\n")
+        """
+    )
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(logitless.__file__).parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == "0", result.stdout
 
 
 @gpu

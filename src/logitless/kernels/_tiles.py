@@ -17,6 +17,11 @@ from logitless._validation import triton_interpreter_on
 INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16}
 """Fixed blocks under the interpreter: small, so that tests cross them with partial tiles."""
 
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+"""Code generation options of every launch: fused multiply-adds, which Triton chose by default
+through 3.9 (with a warning in 3.9) and 3.10 turns off unless asked; the kernels were measured
+and checked for spills (tests/sm90_compile.py) with them."""
+
 
 def dot_options(dtype: torch.dtype) -> dict[str, object]:
     """The constexprs of `mma` for inputs of `dtype`.
@@ -42,7 +47,7 @@ def launch(kernel, tuned, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs, **INTERPRETER_BLOCKS)
         return
     with torch.cuda.device(args[0].device):
-        tuned()[grid](*args, **kwargs)
+        tuned()[grid](*args, **kwargs, **COMPILE_OPTIONS)
 
 
 LARGE_TILE = 128 * 128

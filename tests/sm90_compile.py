@@ -109,7 +109,13 @@ def flags(kernel: str, variant: str) -> dict[str, bool]:
     if "TOP_K" in flags:
         flags["TOP_K"] = lse_forward.MAX_TOP_K if flags["TOP_K"] else 0
         flags["TOP_K_SLOTS"] = triton.next_power_of_2(max(1, flags["TOP_K"]))
+    if kernel == "forward":
+        flags["HAS_DESCRIPTORS"] = True  # at model shapes; the TMA configs read through them
     return flags
+
+
+DESCRIPTOR_BLOCKS = {"e_desc": ("BLOCK_N", "BLOCK_D"), "c_desc": ("BLOCK_V", "BLOCK_D")}
+"""The tensor descriptors' blocks, as `set_descriptor_blocks` sets them for a config."""
 
 
 def compile_variant(kernel, signature, constants, config) -> dict[str, object]:
@@ -117,6 +123,10 @@ def compile_variant(kernel, signature, constants, config) -> dict[str, object]:
     unit_strides = dict.fromkeys(("stride_ed", "stride_cd", "stride_ted", "stride_tcd"), 1)
     defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
     constants = {**defaults, **constants, **config.kwargs, **unit_strides}
+    element = signature["e_ptr"].removeprefix("*")
+    for name, (rows, columns) in DESCRIPTOR_BLOCKS.items():
+        if name in kernel.arg_names:
+            signature[name] = f"tensordesc<{element}[{constants[rows]}, {constants[columns]}]>"
     full_signature = {
         name: "constexpr" if name in constants else signature[name] for name in kernel.arg_names
     }

@@ -33,7 +33,14 @@ from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
 from logitless.backends import Logits, triton_backend
 from logitless.kernels import lse_backward, lse_forward
-from logitless.kernels._tiles import INTERPRETER_BLOCKS, config_fits, dot_options, offsets
+from logitless.kernels._tiles import (
+    INTERPRETER_BLOCKS,
+    TensorDescriptor,
+    config_fits,
+    dot_options,
+    offsets,
+    tensor_descriptors,
+)
 from logitless.reference import reference_linear_cross_entropy
 from test_functional import OPTION_SETS
 
@@ -233,24 +240,62 @@ def test_grouped_backward_meets_the_criterion(monkeypatch, options):
     check_against_reference(inputs_for(torch.bfloat16, bias=True), impl="triton", **options)
 
 
-@pytest.mark.skipif(not lse_forward.RANGE_FLATTENS, reason="this Triton has no flattened loops")
+FLATTENED = pytest.mark.skipif(not lse_forward.RANGE_FLATTENS, reason="no flattened loops here")
+DESCRIBED = pytest.mark.skipif(TensorDescriptor is None, reason="no tensor descriptors here")
+ALIGNED_DIM = 40
+"""A hidden size whose bf16 and fp32 rows are 16-byte multiples (tensor descriptors need it),
+and not a multiple of the interpreter's BLOCK_D."""
+
+
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        pytest.param({"FLATTEN": True}, marks=FLATTENED),
+        pytest.param({"TMA": True}, marks=DESCRIBED),
+        pytest.param({"TMA": True, "FLATTEN": True}, marks=[FLATTENED, DESCRIBED]),
+    ],
+    ids=repr,
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 3.0}], ids=repr)
-def test_flattened_forward_meets_the_criterion(monkeypatch, options, dtype):
-    """The forward's flattened sweep end to end (on CUDA the autotuner would pick among the
-    bf16 configs; here every plain forward launch is flattened, and float32's tolerance checks
-    the sweep to a few ulps)."""
-    _launch_every_time_with(monkeypatch, lse_forward, lse_forward.lse_forward_kernel, FLATTEN=True)
-    check_against_reference(inputs_for(dtype, bias=True), impl="triton", **options)
+def test_plain_sweep_variants_meet_the_criterion(monkeypatch, options, dtype, sweep):
+    """The forward's flattened sweep and its sweep through tensor descriptors end to end (on
+    CUDA the autotuner would pick among the bf16 configs; here every plain forward launch takes
+    the variant, and float32's tolerance checks the sweep to a few ulps). The 37 rows and the 301
+    classes end inside a tile, whose rows past them a descriptor reads as zeros."""
+    _launch_every_time_with(monkeypatch, lse_forward, lse_forward.lse_forward_kernel, **sweep)
+    inputs = make_inputs(
+        (ROWS,), ALIGNED_DIM, VOCAB, dtype, bias=True, ignore_fraction=0.2, seed=3, device=DEVICE
+    )
+    check_against_reference(inputs, impl="triton", **options)
 
 
-def test_flattened_forward_is_offered_to_plain_sweeps_only():
-    """A flattened sweep omits the teacher's and the top-k's tile math: the autotuner must never
-    give it a launch that has either."""
-    flat = triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128, "FLATTEN": True})
-    assert config_fits(flat, {"HAS_BIAS": True, "WITH_MEAN": True, "TOP_K": 0, "TEACHER": False})
-    assert not config_fits(flat, {"TOP_K": 5, "TEACHER": False})
-    assert not config_fits(flat, {"TOP_K": 0, "TEACHER": True})
+def test_plain_sweep_variants_are_offered_to_plain_sweeps_only():
+    """Flattened sweeps and those through descriptors omit the teacher's and the top-k's tile
+    math, and the latter need the launch's descriptors: the autotuner must never give them a
+    launch that has either, or lacks them."""
+    plain = {"HAS_BIAS": True, "WITH_MEAN": True, "TOP_K": 0, "TEACHER": False}
+    for variant in ({"FLATTEN": True}, {"TMA": True}, {"TMA": True, "FLATTEN": True}):
+        config = triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128, **variant})
+        assert config_fits(config, {**plain, "HAS_DESCRIPTORS": True})
+        assert not config_fits(config, {"TOP_K": 5, "TEACHER": False, "HAS_DESCRIPTORS": True})
+        assert not config_fits(config, {"TOP_K": 0, "TEACHER": True, "HAS_DESCRIPTORS": True})
+        assert config_fits(config, plain) == ("TMA" not in variant)
+
+
+@DESCRIBED
+def test_tensor_descriptors_only_for_rows_laid_out_for_them():
+    """Descriptors need contiguous rows at 16-byte aligned addresses; anything else reads through
+    pointers (HAS_DESCRIPTORS=False prunes the TMA configs)."""
+    c = torch.randn(50, ALIGNED_DIM, dtype=torch.bfloat16, device=DEVICE)
+    wide = torch.randn(9, ALIGNED_DIM + 1, dtype=torch.bfloat16, device=DEVICE)
+    shifted = torch.randn(9 * ALIGNED_DIM + 1, dtype=torch.bfloat16, device=DEVICE)[1:]
+    assert tensor_descriptors(wide[:, :ALIGNED_DIM], c)["HAS_DESCRIPTORS"] is False  # 82-byte rows
+    assert tensor_descriptors(shifted.view(9, ALIGNED_DIM), c)["HAS_DESCRIPTORS"] is False
+    assert tensor_descriptors(c.t().contiguous().t(), c)["HAS_DESCRIPTORS"] is False  # columns
+    found = tensor_descriptors(c[2:], c)
+    assert found["HAS_DESCRIPTORS"] is True
+    assert list(found["e_desc"].shape) == [48, ALIGNED_DIM]
 
 
 def test_kernels_import_and_interpret_without_making_an_autotuner():

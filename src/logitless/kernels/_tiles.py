@@ -1,7 +1,9 @@
 """Device helpers shared by the kernels: 64-bit offsets, fp32 dots, and the logit tile.
 
-Both kernels build their logits with `logit_tile`, so the backward recomputes exactly the values
-whose log-sum-exp the forward took.
+Both kernels build their logits with `logit_tile` (the forward also with its twin that reads
+through tensor descriptors, the same products of the same operands), each finished by
+`finish_logits`, so the backward recomputes exactly the values whose log-sum-exp the forward
+took.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import triton
 import triton.language as tl
 
 from logitless._validation import triton_interpreter_on
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4
+    TensorDescriptor = None
 
 INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16}
 """Fixed blocks under the interpreter: small, so that tests cross them with partial tiles."""
@@ -50,6 +57,42 @@ def launch(kernel, tuned, grid, *args, **kwargs) -> None:
         tuned()[grid](*args, **kwargs, **COMPILE_OPTIONS)
 
 
+def tensor_descriptors(e: torch.Tensor, c: torch.Tensor) -> dict[str, object]:
+    """Launch arguments for the configs that read e (N, D) and c (V, D) through tensor
+    descriptors (TMA): `e_desc`, `c_desc` and HAS_DESCRIPTORS, or HAS_DESCRIPTORS=False alone
+    where this Triton has none (before 3.4), the GPU has no TMA (before Hopper, or not NVIDIA's)
+    or a tensor is not laid out for it (rows contiguous, 16-byte aligned). Their blocks are
+    INTERPRETER_BLOCKS' until `set_descriptor_blocks` makes them a config's."""
+    if not (_has_tma(e.device) and _tma_layout(e) and _tma_layout(c)):
+        return {"HAS_DESCRIPTORS": False}
+    blocks = INTERPRETER_BLOCKS
+    return {
+        "e_desc": TensorDescriptor.from_tensor(e, [blocks["BLOCK_N"], blocks["BLOCK_D"]]),
+        "c_desc": TensorDescriptor.from_tensor(c, [blocks["BLOCK_V"], blocks["BLOCK_D"]]),
+        "HAS_DESCRIPTORS": True,
+    }
+
+
+def _has_tma(device: torch.device) -> bool:
+    if TensorDescriptor is None:
+        return False
+    if triton_interpreter_on():
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_layout(tensor: torch.Tensor) -> bool:
+    """Whether a 2-D tensor's rows are contiguous and start at 16-byte aligned addresses."""
+    row_bytes = tensor.stride(0) * tensor.element_size()
+    return tensor.stride(1) == 1 and tensor.data_ptr() % 16 == 0 and row_bytes % 16 == 0
+
+
+def set_descriptor_blocks(args: dict[str, object]) -> None:
+    """Pre-hook of a TMA config: the descriptors' blocks become its tiles of e and c."""
+    args["e_desc"].block_shape = [args["BLOCK_N"], args["BLOCK_D"]]
+    args["c_desc"].block_shape = [args["BLOCK_V"], args["BLOCK_D"]]
+
+
 LARGE_TILE = 128 * 128
 """Tiles of more entries than this are tried only for plain logits (see `config_fits`)."""
 
@@ -73,10 +116,14 @@ def config_fits(config: triton.Config, options: dict[str, object]) -> bool:
     running top-k none larger than TOP_K_TILE, and with a teacher at most
     TEACHER_ENTRIES_PER_THREAD per thread; grouped backward tiles (GROUP_N) not with
     filtering, whose tile math their index arithmetic pushes into spilling (sm90_compile);
-    flattened forward sweeps (FLATTEN) neither with a teacher nor a top-k, which they omit."""
+    flattened forward sweeps (FLATTEN) and those through tensor descriptors (TMA) neither with a
+    teacher nor a top-k, which they omit, and TMA ones only where the launch has descriptors."""
     if config.kwargs.get("GROUP_N") and options.get("FILTER"):
         return False
-    if config.kwargs.get("FLATTEN") and (options.get("TEACHER") or options.get("TOP_K")):
+    plain_sweep = config.kwargs.get("FLATTEN") or config.kwargs.get("TMA")
+    if plain_sweep and (options.get("TEACHER") or options.get("TOP_K")):
+        return False
+    if config.kwargs.get("TMA") and not options.get("HAS_DESCRIPTORS"):
         return False
     entries = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"]
     if options.get("TEACHER") and entries > TEACHER_ENTRIES_PER_THREAD * 32 * config.num_warps:
@@ -181,6 +228,32 @@ def logit_tile(
         acc = mma(e_block, c_block_t, acc, DOT_PRECISION, DOT_UPCAST)
         e_columns += e_step
         c_columns += c_step
+    return finish_logits(acc, bias_ptr, vocab, col_mask, softcap, scale, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def logit_tile_from_descriptors(
+    e_desc, c_desc, bias_ptr, row_begin, vocab_begin, vocab, col_mask, D, softcap, scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """`logit_tile` with e and c read through tensor descriptors (`tensor_descriptors`; Hopper's
+    TMA): the copy engine computes the addresses, and reads past a tensor's end come back as
+    zeros, as `logit_tile` reads its masked entries (the kernels' tiles end inside a tensor only
+    where it ends)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        e_block = e_desc.load([row_begin, start])
+        c_block = c_desc.load([vocab_begin, start])
+        acc = mma(e_block, tl.trans(c_block), acc, DOT_PRECISION, DOT_UPCAST)
+    return finish_logits(acc, bias_ptr, vocab, col_mask, softcap, scale, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def finish_logits(acc, bias_ptr, vocab, col_mask, softcap, scale,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+    """scale * softcap(acc + bias[vocab]): a tile's products made logits."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + vocab, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:

@@ -24,12 +24,16 @@ from logitless._validation import triton_interpreter_on
 from logitless.backends import Teacher
 from logitless.kernels._tiles import (
     INTERPRETER_BLOCKS,
+    TensorDescriptor,
     autotune_by_dtype,
     dot_options,
     launch,
     log_add_exp,
     logit_tile,
+    logit_tile_from_descriptors,
     offsets,
+    set_descriptor_blocks,
+    tensor_descriptors,
 )
 
 MAX_TOP_K = 64
@@ -74,6 +78,16 @@ if RANGE_FLATTENS:
         ),
     ]  # fmt: skip
 
+if TensorDescriptor is not None:  # the two chosen tiles again, read by the TMA (3.4 on)
+    HALF_CONFIGS += [
+        triton.Config(
+            {"BLOCK_N": block_n, "BLOCK_V": 128, "BLOCK_D": block_d, "TMA": True, **flatten},
+            num_warps=8, num_stages=3, pre_hook=set_descriptor_blocks,
+        )
+        for block_n, block_d in ((128, 128), (256, 64))
+        for flatten in ({}, {"FLATTEN": True}) if RANGE_FLATTENS or not flatten
+    ]  # fmt: skip
+
 FLOAT32_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
@@ -97,6 +111,7 @@ def lse_forward_kernel(
     TEACHER: tl.constexpr = False, TEACHER_BIAS: tl.constexpr = False,
     TEACHER_SOFTCAP: tl.constexpr = False, MIXTURE: tl.constexpr = False,
     FLATTEN: tl.constexpr = False,
+    e_desc=None, c_desc=None, HAS_DESCRIPTORS: tl.constexpr = False, TMA: tl.constexpr = False,
 ):  # fmt: skip
     """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max) z])
     of a row block on a split; the logit sum weighs column v by weight[v] when HAS_WEIGHT.
@@ -113,8 +128,11 @@ def lse_forward_kernel(
 
     FLATTEN (neither TEACHER nor TOP_K) sweeps the split as one software-pipelined loop over
     (tile, D step), so that the next tile's loads overlap the current tile's softmax update.
+    TMA (idem) reads e and c through `e_desc` and `c_desc` (`tensor_descriptors`; their presence,
+    HAS_DESCRIPTORS, keys the autotuner).
     """
-    tl.static_assert(not (FLATTEN and (TEACHER or TOP_K)), "FLATTEN sweeps plain logits only")
+    tl.static_assert(not ((FLATTEN or TMA) and (TEACHER or TOP_K)), "plain logits only")
+    tl.static_assert(not TMA or HAS_DESCRIPTORS, "TMA reads through e_desc and c_desc")
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -152,12 +170,10 @@ def lse_forward_kernel(
     # and does not compile a branch its constexpr condition turns off.
     if FLATTEN:
         for tile_begin in tl.range(vocab_begin, vocab_end, BLOCK_V, flatten=True):
-            vocab = tile_begin + tl.arange(0, BLOCK_V)
-            col_mask = vocab < vocab_end
-            z = logit_tile(
-                e_ptr, c_ptr, bias_ptr, row_offsets, vocab, offsets(vocab, stride_cv),
-                row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
-                HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+            z, vocab, col_mask = _student_tile(
+                e_ptr, c_ptr, e_desc, c_desc, bias_ptr, row_block, row_offsets, row_mask,
+                tile_begin, vocab_end, D, stride_ed, stride_cv, stride_cd, softcap, scale,
+                HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST, TMA,
             )  # fmt: skip
             _, _, _, running_max, running_sum, target_logit, logit_sum, weighted_sum = _fold_tile(
                 z, vocab, col_mask, targets, weight_ptr, running_max, running_sum, target_logit,
@@ -165,12 +181,10 @@ def lse_forward_kernel(
             )  # fmt: skip
     else:
         for tile_begin in range(vocab_begin, vocab_end, BLOCK_V):
-            vocab = tile_begin + tl.arange(0, BLOCK_V)
-            col_mask = vocab < vocab_end
-            z = logit_tile(
-                e_ptr, c_ptr, bias_ptr, row_offsets, vocab, offsets(vocab, stride_cv),
-                row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
-                HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+            z, vocab, col_mask = _student_tile(
+                e_ptr, c_ptr, e_desc, c_desc, bias_ptr, row_block, row_offsets, row_mask,
+                tile_begin, vocab_end, D, stride_ed, stride_cv, stride_cd, softcap, scale,
+                HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST, TMA,
             )  # fmt: skip
             z, exps, rescale, running_max, running_sum, target_logit, logit_sum, weighted_sum = (
                 _fold_tile(
@@ -243,6 +257,33 @@ def lse_forward_kernel(
 
 
 @triton.jit
+def _student_tile(
+    e_ptr, c_ptr, e_desc, c_desc, bias_ptr, row_block, row_offsets, row_mask, tile_begin,
+    vocab_end, D, stride_ed, stride_cv, stride_cd, softcap, scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """The logit tile of the row block at `tile_begin`, its classes and their mask (the split
+    ends at `vocab_end`), read through the descriptors when TMA."""
+    vocab = tile_begin + tl.arange(0, BLOCK_V)
+    col_mask = vocab < vocab_end
+    if TMA:
+        z = logit_tile_from_descriptors(
+            e_desc, c_desc, bias_ptr, row_block * BLOCK_N, tile_begin, vocab, col_mask, D,
+            softcap, scale, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+            DOT_UPCAST,
+        )  # fmt: skip
+    else:
+        z = logit_tile(
+            e_ptr, c_ptr, bias_ptr, row_offsets, vocab, offsets(vocab, stride_cv), row_mask,
+            col_mask, D, stride_ed, stride_cd, softcap, scale, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
+            BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip
+    return z, vocab, col_mask
+
+
+@triton.jit
 def _fold_tile(z, vocab, col_mask, targets, weight_ptr, running_max, running_sum, target_logit,
                logit_sum, weighted_sum, WITH_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                WITH_MEAN: tl.constexpr):  # fmt: skip
@@ -291,9 +332,9 @@ def _merge_top_k(top_values, top_indices, z, vocab, col_mask, TOP_K: tl.constexp
     return top_values, top_indices
 
 
-lse_forward_tuned = autotune_by_dtype(HALF_CONFIGS, FLOAT32_CONFIGS, key=["D", "vocab_bucket"])(
-    lse_forward_kernel
-)
+lse_forward_tuned = autotune_by_dtype(
+    HALF_CONFIGS, FLOAT32_CONFIGS, key=["D", "vocab_bucket", "HAS_DESCRIPTORS"]
+)(lse_forward_kernel)
 
 
 def lse_forward(
@@ -357,7 +398,7 @@ def lse_forward(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum,
             HAS_WEIGHT=weight is not None, WITH_MEAN=with_mean,
             TOP_K=top_k, TOP_K_SLOTS=triton.next_power_of_2(max(1, top_k)),
-            **dot_options(e.dtype), **teacher_args,
+            **dot_options(e.dtype), **tensor_descriptors(e, c), **teacher_args,
         )  # fmt: skip
     split_max, split_sum = partials[0], partials[1]
     peak = split_max.amax(0)

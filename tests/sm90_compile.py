@@ -109,8 +109,8 @@ def flags(kernel: str, variant: str) -> dict[str, bool]:
     if "TOP_K" in flags:
         flags["TOP_K"] = lse_forward.MAX_TOP_K if flags["TOP_K"] else 0
         flags["TOP_K_SLOTS"] = triton.next_power_of_2(max(1, flags["TOP_K"]))
-    if kernel == "forward":
-        flags["HAS_DESCRIPTORS"] = True  # at model shapes; the TMA configs read through them
+    # at model shapes, launches have tensor descriptors unless their vocabulary is sorted
+    flags["HAS_DESCRIPTORS"] = not flags.get("SORTED")
     return flags
 
 
@@ -182,8 +182,11 @@ def jobs() -> list[tuple[str, str, int, str, dict[str, object]]]:
                 variants = list(VARIANTS[name])
                 for variant in [*variants, "minimal"] if index == 0 else variants:
                     constants = flags(name, variant)
-                    if constants.get("TEACHER") and not config_fits(config, constants):
-                        continue  # never launched with a teacher
+                    never = constants.get("TEACHER") or (
+                        config.kwargs.get("TMA") and not constants["HAS_DESCRIPTORS"]
+                    )
+                    if never and not config_fits(config, constants):
+                        continue  # never launched with a teacher, nor TMA with a sorted vocabulary
                     if not config_fits(config, constants):  # the most this config is run with
                         constants.update(
                             dict.fromkeys(set(SPILLING_OPTIONS) & set(constants), False)

@@ -270,6 +270,19 @@ def test_plain_sweep_variants_meet_the_criterion(monkeypatch, options, dtype, sw
     check_against_reference(inputs, impl="triton", **options)
 
 
+@DESCRIBED
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 3.0}], ids=repr)
+def test_backward_through_descriptors_meets_the_criterion(monkeypatch, options, dtype):
+    """The backward's tiles read through tensor descriptors end to end over several vocabulary
+    chunks (exact mode: a sorted vocabulary reads c through its order)."""
+    _launch_every_time_with(monkeypatch, lse_backward, lse_backward.lse_backward_kernel, TMA=True)
+    inputs = make_inputs(
+        (ROWS,), ALIGNED_DIM, VOCAB, dtype, bias=True, ignore_fraction=0.2, seed=3, device=DEVICE
+    )
+    check_against_reference(inputs, impl="triton", filter_eps=None, **options)
+
+
 def test_plain_sweep_variants_are_offered_to_plain_sweeps_only():
     """Flattened sweeps and those through descriptors omit the teacher's and the top-k's tile
     math, and the latter need the launch's descriptors: the autotuner must never give them a

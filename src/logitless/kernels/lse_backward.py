@@ -33,12 +33,16 @@ from logitless._validation import triton_interpreter_on
 from logitless.backends import Teacher
 from logitless.kernels._tiles import (
     INTERPRETER_BLOCKS,
+    TensorDescriptor,
     autotune_by_dtype,
     dot_options,
     launch,
     log_add_exp,
     logit_tile,
+    logit_tile_from_descriptors,
     offsets,
+    set_descriptor_blocks,
+    tensor_descriptors,
 )
 
 HALF_CONFIGS = [
@@ -55,6 +59,15 @@ HALF_CONFIGS = [
 ]
 """Hopper tiles that compile for sm_90 without register spills (ptxas -v, every option on). The
 grouped one is a candidate the autotuner weighs against the rest on the device."""
+
+if TensorDescriptor is not None:
+    # the H100's choice read by the TMA (3.4 on); grouped, it spills 116-152 bytes (sm90_compile)
+    HALF_CONFIGS.append(
+        triton.Config(
+            {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64, "TMA": True},
+            num_warps=8, num_stages=3, pre_hook=set_descriptor_blocks,
+        )
+    )  # fmt: skip
 
 FLOAT32_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
@@ -87,6 +100,7 @@ def lse_backward_kernel(
     TEACHER_SOFTCAP: tl.constexpr = False, HAS_Q: tl.constexpr = False,
     HAS_PY: tl.constexpr = False, HAS_PLOGR: tl.constexpr = False,
     GROUP_N: tl.constexpr = 0,
+    e_desc=None, c_desc=None, HAS_DESCRIPTORS: tl.constexpr = False, TMA: tl.constexpr = False,
 ):  # fmt: skip
     """Write one tile of d into `d_ptr` (rows, positions - position_begin), zeros if filtered.
 
@@ -94,7 +108,10 @@ def lse_backward_kernel(
     `vocab_bucket` only key the autotuner. With TEACHER, the teacher's logit tile y (its own
     D_t, bias and softcap) adds the terms g q (HAS_Q), p b_y y (HAS_PY) and p b_r log(m / p)
     (HAS_PLOGR) of the gradient formula, q = exp(y - teacher_lse), m = beta q + (1 - beta) p.
+    TMA (neither SORTED nor TEACHER) reads e and c through `e_desc` and `c_desc`
+    (`tensor_descriptors`; their presence, HAS_DESCRIPTORS, keys the autotuner).
     """
+    tl.static_assert(not TMA or (HAS_DESCRIPTORS and not (SORTED or TEACHER)), "TMA: plain rows")
     row_block, vocab_block = _tile_coordinates(
         tl.cdiv(N, BLOCK_N), tl.cdiv(position_end - position_begin, BLOCK_V), GROUP_N
     )
@@ -103,11 +120,18 @@ def lse_backward_kernel(
     positions = position_begin + vocab_block * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = positions < position_end
     vocab = tl.load(order_ptr + positions, mask=col_mask, other=0) if SORTED else positions
-    z = logit_tile(
-        e_ptr, c_ptr, bias_ptr, offsets(rows, stride_en), vocab, offsets(vocab, stride_cv),
-        row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
-        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
-    )  # fmt: skip
+    if TMA:
+        z = logit_tile_from_descriptors(
+            e_desc, c_desc, bias_ptr, row_block * BLOCK_N, position_begin + vocab_block * BLOCK_V,
+            vocab, col_mask, D, softcap, scale, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D,
+            DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip
+    else:
+        z = logit_tile(
+            e_ptr, c_ptr, bias_ptr, offsets(rows, stride_en), vocab, offsets(vocab, stride_cv),
+            row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     target_positions = tl.load(target_positions_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
     probs = tl.exp(z - lse[:, None])
@@ -203,7 +227,7 @@ def _tile_coordinates(row_blocks, vocab_blocks, GROUP_N: tl.constexpr):
 lse_backward_tuned = autotune_by_dtype(
     HALF_CONFIGS,
     FLOAT32_CONFIGS,
-    key=["D", "row_bucket", "vocab_bucket", "FILTER"],
+    key=["D", "row_bucket", "vocab_bucket", "FILTER", "HAS_DESCRIPTORS"],
     restore_value=["counts_ptr"],
 )(lse_backward_kernel)
 
@@ -262,6 +286,7 @@ def lse_backward(
         HAS_PZ=grad_pz is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
+        **(tensor_descriptors(e, c) if order is None else {"HAS_DESCRIPTORS": False}),
     )  # fmt: skip
 
 

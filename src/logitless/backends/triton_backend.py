@@ -20,6 +20,7 @@ import math
 import torch
 
 from logitless.backends import Logits, Teacher, torch_backend
+from logitless.kernels._tiles import tensor_descriptors
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
 from logitless.kernels.lse_forward import MAX_TOP_K, lse_forward
 
@@ -183,6 +184,7 @@ def _sweep(
     teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
     row_vectors = [lse.contiguous(), grad_lse, grad_target]
     unscale = 1 / gain
+    descriptors = tensor_descriptors(e, c) if order is None else None
 
     def products(begin: int, end: int, d: torch.Tensor) -> None:
         rows = slice(begin, end) if order is None else order[begin:end]
@@ -211,7 +213,7 @@ def _sweep(
             e, c, bias, target_positions, *row_vectors, grad_sum, d=d, counts=counts,
             order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
             scale=scale, grad_pz=grad_pz, weight=weight, teacher=teacher,
-            teacher_terms=teacher_terms,
+            teacher_terms=teacher_terms, descriptors=descriptors,
         )  # fmt: skip
         if counts is None:
             products(begin, end, d)

@@ -88,7 +88,9 @@ def _tma_layout(tensor: torch.Tensor) -> bool:
 
 
 def set_descriptor_blocks(args: dict[str, object]) -> None:
-    """Pre-hook of a TMA config: the descriptors' blocks become its tiles of e and c."""
+    """Pre-hook of a TMA config: the descriptors' blocks become its tiles of e and c. (Blocks
+    are part of a compiled signature: a pointer config that wins an autotuning run after a TMA
+    config set them compiles once more for the blocks the next call's descriptors have.)"""
     args["e_desc"].block_shape = [args["BLOCK_N"], args["BLOCK_D"]]
     args["c_desc"].block_shape = [args["BLOCK_V"], args["BLOCK_D"]]
 

@@ -42,7 +42,6 @@ from logitless.kernels._tiles import (
     logit_tile_from_descriptors,
     offsets,
     set_descriptor_blocks,
-    tensor_descriptors,
 )
 
 HALF_CONFIGS = [
@@ -253,6 +252,7 @@ def lse_backward(
     weight: torch.Tensor | None = None,
     teacher: Teacher | None = None,
     teacher_terms: dict[str, torch.Tensor] | None = None,
+    descriptors: dict[str, object] | None = None,
 ) -> None:
     """Write the logits' gradient at vocabulary positions [begin, end) into `d` (N, end - begin).
 
@@ -263,7 +263,8 @@ def lse_backward(
 
     Position p is vocabulary row `order[p]` (p itself without order); `target_positions` holds
     each row's target as a position, -1 for none. With `filter_eps`, negligible tiles are written
-    as zeros and `counts` (an int32 pair) is raised by (tiles, tiles kept).
+    as zeros and `counts` (an int32 pair) is raised by (tiles, tiles kept). `descriptors` are
+    `tensor_descriptors(e, c)`, made once for every chunk of a backward (none with an order).
     """
     n, dim = e.shape
     begin, end = positions
@@ -286,7 +287,7 @@ def lse_backward(
         HAS_PZ=grad_pz is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
-        **(tensor_descriptors(e, c) if order is None else {"HAS_DESCRIPTORS": False}),
+        **(descriptors if descriptors and order is None else {"HAS_DESCRIPTORS": False}),
     )  # fmt: skip
 
 

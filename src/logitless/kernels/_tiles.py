@@ -1,9 +1,8 @@
 """Device helpers shared by the kernels: 64-bit offsets, fp32 dots, and the logit tile.
 
-Both kernels build their logits with `logit_tile` (the forward also with its twin that reads
-through tensor descriptors, the same products of the same operands), each finished by
-`finish_logits`, so the backward recomputes exactly the values whose log-sum-exp the forward
-took.
+Both kernels build their logits with `logit_tile` or its twin that reads through tensor
+descriptors (the same products of the same operands), each finished by `finish_logits`, so the
+backward recomputes exactly the values whose log-sum-exp the forward took.
 """
 
 from __future__ import annotations

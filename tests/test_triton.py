@@ -34,6 +34,7 @@ from logitless._validation import triton_interpreter_on
 from logitless.backends import Logits, triton_backend
 from logitless.kernels import lse_backward, lse_forward
 from logitless.kernels._tiles import (
+    COMPILE_OPTIONS,
     INTERPRETER_BLOCKS,
     TensorDescriptor,
     config_fits,
@@ -387,6 +388,56 @@ def test_first_launches_warn_nothing():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0] == "0", result.stdout
+
+
+UNTRIED_ON_A_GPU = [
+    (module, config)
+    for module in (lse_forward, lse_backward)
+    for config in module.HALF_CONFIGS
+    if config.kwargs.get("TMA") or config.kwargs.get("FLATTEN")
+]
+"""Autotuning candidates that no GPU has run yet: the autotuner runs a config only where it is
+the fastest, so each is forced once here."""
+
+
+def _config_id(module, config: triton.Config) -> str:
+    flags = "".join(f"-{name}" for name in ("TMA", "FLATTEN") if config.kwargs.get(name))
+    tile = "x".join(str(config.kwargs[name]) for name in ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
+    return f"{module.__name__.rsplit('_', 1)[1]}-{tile}{flags}"
+
+
+@pytest.mark.parametrize(
+    ("module", "config"), UNTRIED_ON_A_GPU, ids=[_config_id(*pair) for pair in UNTRIED_ON_A_GPU]
+)
+def test_each_new_candidate_meets_the_criterion(monkeypatch, module, config):
+    """Every launch of the module's kernel that `config` fits takes it, its own tile included
+    (exact mode, so that the backward's vocabulary is unsorted), at a ragged shape whose bf16
+    rows are 16-byte aligned: larger on CUDA, where the config is compiled as the autotuner
+    would."""
+    kernel = getattr(module, module.__name__.rsplit(".", 1)[1] + "_kernel")
+    launch = module.launch
+
+    def forced(launched, tuned, grid, *args, **kwargs):
+        if launched is not kernel or not config_fits(config, kwargs):
+            return launch(launched, tuned, grid, *args, **kwargs)
+        if config.pre_hook is not None:
+            named = dict(zip(kernel.arg_names, args, strict=False))
+            config.pre_hook({**named, **kwargs, **config.kwargs})
+        if triton_interpreter_on():
+            kernel[grid](*args, **kwargs, **config.kwargs)
+        else:
+            with torch.cuda.device(args[0].device):
+                kernel[grid](*args, **kwargs, **config.all_kwargs(), **COMPILE_OPTIONS)
+        forced.launches += 1
+
+    forced.launches = 0
+    monkeypatch.setattr(module, "launch", forced)
+    shape = (1027, 336, 20011) if CUDA else (ROWS, ALIGNED_DIM, VOCAB)
+    inputs = make_inputs(
+        shape[:1], *shape[1:], torch.bfloat16, bias=True, ignore_fraction=0.1, seed=4, device=DEVICE
+    )
+    check_against_reference(inputs, impl="triton", filter_eps=None)
+    assert forced.launches > 0
 
 
 @gpu

@@ -406,6 +406,7 @@ def _config_id(module, config: triton.Config) -> str:
     return f"{module.__name__.rsplit('_', 1)[1]}-{tile}{flags}"
 
 
+@pytest.mark.gpu  # in the GPU call's first part; on the interpreter elsewhere
 @pytest.mark.parametrize(
     ("module", "config"), UNTRIED_ON_A_GPU, ids=[_config_id(*pair) for pair in UNTRIED_ON_A_GPU]
 )

@@ -53,11 +53,27 @@ def test_shift_on_batched_sequences(shift, reduction):
     check_against_reference(inputs, shift=shift, reduction=reduction, label_smoothing=0.1)
 
 
-def test_non_contiguous_inputs():
-    e, c, targets, bias = make_inputs((7, 13), 40, 301, bias=True, seed=9)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(dtype):
+    e, c, targets, bias = make_inputs((7, 13), 40, 301, dtype, bias=True, seed=9)
     e_t = e.transpose(0, 1)  # (13, 7, D) view
-    c_strided = torch.randn(301, 80)[:, ::2].copy_(c)
+    c_strided = torch.randn(301, 80, dtype=dtype)[:, ::2].copy_(c)
     check_against_reference((e_t, c_strided, targets.T, bias), shift=2)
+    c_columns = c.T.contiguous().T  # a classifier stored (D, V), as a transposed weight is
+    check_against_reference((e, c_columns, targets, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=str)
+def test_targets_of_any_integer_dtype(dtype):
+    """Targets are not compared with V or ignore_index in their own dtype, where those wrap
+    around: a uint8 class 156 is not -100, int8 targets are not all at least V = 200."""
+    e, c, targets, bias = make_inputs((9,), 16, 200, bias=True, seed=3)
+    targets = targets.clamp(max=torch.iinfo(dtype).max)
+    targets[0] = 156 if dtype == torch.uint8 else -100
+    narrow = targets.to(dtype)
+    ours = linear_cross_entropy(e, c, narrow, bias, reduction="none")
+    assert torch.equal(ours, linear_cross_entropy(e, c, narrow.long(), bias, reduction="none"))
+    assert (ours[0] > 0) == (dtype == torch.uint8)
 
 
 def test_unbatched_single_token():

@@ -305,6 +305,7 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
     torch.compile, or with LOGITLESS_ASYNC_CHECKS=1 off the CPU, a device-side assertion runs
     instead, with no synchronization; it fails the next synchronizing call.
     """
+    targets = targets.long()  # compared in a narrower dtype, -100 or V would wrap around
     outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
     asynchronous = targets.device.type != "cpu" and os.environ.get(ASYNC_CHECKS_ENV) == "1"

@@ -611,7 +611,8 @@ def _rows_with_target(
 
 def _row_targets(targets: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """Flat int64 targets, one per row of e, NO_TARGET where a row predicts nothing."""
-    row_targets = targets.long().masked_fill(targets == options.ignore_index, NO_TARGET)
+    row_targets = targets.long()  # not compared in a narrower dtype, where -100 wraps around
+    row_targets = row_targets.masked_fill(row_targets == options.ignore_index, NO_TARGET)
     if options.shift:
         dropped = row_targets.new_full((*targets.shape[:-1], options.shift), NO_TARGET)
         row_targets = torch.cat((row_targets[..., options.shift :], dropped), dim=-1)

@@ -238,7 +238,7 @@ def reference_logits(
     logits = logits.float() if dtype.itemsize < 4 else logits
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long()
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -472,7 +472,7 @@ def _tiled_grads(
     fp32 = dict(device=e.device, dtype=torch.float32)
     tiles = _Tiles(e, c, bias, logits)
     grad_e = torch.zeros(n, dim, **fp32) if needs[0] else None
-    grad_c = torch.empty_like(c) if needs[1] else None
+    grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype) if needs[1] else None
     grad_bias = torch.zeros(vocab, **fp32) if needs[2] else None
     chunk_grad = torch.empty(tiles.columns, dim, **fp32) if needs[1] else None
     weight32 = _column_weight(logits, torch.float32)

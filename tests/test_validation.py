@@ -69,6 +69,7 @@ def _bad_tensor_cases():
         ("c", "c", (e, c[:, :-1], targets, bias), ValueError),
         ("c", "c", (e, c[None], targets, bias), ValueError),
         ("c", "c", (e, c[:0], targets, bias), ValueError),
+        ("D=0", "hidden size", (e[..., :0], c[:, :0], targets, bias), ValueError),
         ("e", "e", (torch.tensor(1.0), c, torch.tensor(0), bias), ValueError),
         ("targets-high", "targets", (e, c, targets.clone().fill_(50), bias), ValueError),
         ("targets-negative", "targets", (e, c, targets.clone().fill_(-2), bias), ValueError),

@@ -263,6 +263,8 @@ def _check_local_inputs(
     vocab, dim = c.shape
     if e.shape[-1] != dim:
         raise ValueError(f"e must have hidden size D={dim} of c, got shape {tuple(e.shape)}")
+    if dim == 0:
+        raise ValueError(f"e and c must have a hidden size D >= 1, got shape {tuple(e.shape)}")
     if vocab == 0:
         if options.vocab_parallel is not None:
             raise ValueError(

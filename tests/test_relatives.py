@@ -202,6 +202,13 @@ def test_module_takes_class_weights():
             "weight",
         ),
         (lambda e, c, t: linear_cross_entropy(e, c, t, weight=[1.0] * 97), TypeError, "weight"),
+        (
+            lambda e, c, t: linear_cross_entropy(
+                e, c, t, weight=torch.ones(97, requires_grad=True)
+            ),
+            ValueError,
+            "weight must not require grad",
+        ),
     ],
 )
 def test_bad_arguments(call, error, match):

@@ -321,13 +321,19 @@ def check_weight(
     weight: torch.Tensor | None, e: torch.Tensor, c: torch.Tensor, options: LossOptions
 ) -> None:
     """Class weights: None, or a floating (V,) tensor on the device of e (V the full
-    vocabulary under vocabulary parallelism)."""
+    vocabulary under vocabulary parallelism) that autograd does not track: the loss has no
+    gradient with respect to them (as F.cross_entropy)."""
     if weight is None:
         return
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weight must not require grad: the loss is not differentiable with respect to class "
+            "weights (nor is F.cross_entropy); pass weight.detach()"
+        )
     if weight.device != e.device:
         raise ValueError(f"weight must be on the device of e ({e.device}), got {weight.device}")
     shard = options.vocab_parallel

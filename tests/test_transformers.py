@@ -127,6 +127,37 @@ def test_loss_and_gradients_match_unpatched(family, num_items_in_batch):
     assert_same_loss_and_grads(patched, reference, make_batch(), names, **extra)
 
 
+def test_padded_vocabulary_the_model_slices_off():
+    """Inkling's head has rows past `unpadded_vocab_size`, which its forward slices off the
+    logits: the loss runs over the classes before them (the 4-wide probe cannot see a slice)."""
+    config = transformers.AutoConfig.for_model(
+        "inkling_text", **{**COMMON, "vocab_size": 128}, unpadded_vocab_size=VOCAB,
+        swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+        moe_intermediate_size=37, n_routed_experts=4, num_experts_per_tok=2,
+        mlp_layer_types=["dense", "dense"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    patched = patch(copy.deepcopy(reference))
+    names = head_and_embedding_names(reference)
+    assert_same_loss_and_grads(patched, reference, make_batch(), names)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 23], ids=["mean", "num_items"])
+def test_one_token_sequences_predict_nothing(num_items_in_batch):
+    """A micro-batch of one-token sequences (shifted: no labels left) gives a zero loss with zero
+    gradients, as transformers' own loss does with num_items_in_batch (without it, 0 / 0)."""
+    reference = make_model("llama")
+    patched = patch(copy.deepcopy(reference))
+    batch = {"input_ids": torch.tensor([[5], [7]]), "labels": torch.tensor([[5], [7]])}
+    extra = {"num_items_in_batch": torch.tensor(num_items_in_batch)} if num_items_in_batch else {}
+    out, grads = loss_and_grads(patched, batch, **extra)
+    assert out.loss.item() == 0.0
+    assert all(not grad.any() for grad in grads.values() if grad is not None)
+    if num_items_in_batch:
+        assert reference(**batch, **extra).loss.item() == 0.0
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2-softcap", "phi-head-bias", "gpt2"])
 def test_inference_and_generate_unchanged(family):
     reference = make_model(family)
@@ -386,6 +417,27 @@ def test_unsupported_models_are_refused():
     shifted.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
     with pytest.raises(NotImplementedError, match="transforms its logits"):
         shifted(**make_batch())
+
+    masked_lm = transformers.AutoModelForMaskedLM.from_config(
+        transformers.AutoConfig.for_model(
+            "modernbert", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=1, num_attention_heads=4, pad_token_id=0,
+        )
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="ForMaskedLMLoss, not transformers' ForCausalLMLoss"):
+        patch(masked_lm)
+
+
+def test_an_offloaded_head_is_refused(tmp_path):
+    """accelerate's offloaded head keeps its weight on the meta device until its own hook runs,
+    which a patched call does not: refused with a clear error, not a device mismatch."""
+    make_model("llama").save_pretrained(tmp_path / "model")
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map={"model": "cpu", "lm_head": "disk"},
+        offload_folder=tmp_path / "offload",
+    )  # fmt: skip
+    with pytest.raises(NotImplementedError, match="offloaded"):
+        patch(offloaded)(**make_batch())
 
 
 @pytest.mark.parametrize("family", FOUR)

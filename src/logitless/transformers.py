@@ -12,7 +12,10 @@ LMs do: during a call with labels the head records its input and returns a probe
 one that computes the loss from the recorded hidden states and the head's weight and bias. What
 the model's forward does to the logits between the two (Gemma 2's softcap, Cohere's and
 Granite's scale) it does to the probe, from which the scale is read back and the config's
-softcap is checked; any other transform is refused rather than silently dropped. The probe is
+softcap is checked; any other transform is refused rather than silently dropped. A config's
+`unpadded_vocab_size` (Inkling: the head's rows past it are padding its forward slices off the
+logits) limits the loss to the rows before it. Models whose `loss_function` is not transformers'
+causal-LM loss (masked LMs, T5Gemma) are refused. The probe is
 checked on a model's first call with labels and its scale kept, so that later calls (and
 compiled graphs) read it without a host synchronization.
 """
@@ -30,6 +33,7 @@ from typing import Any, TypeVar
 import torch
 import transformers
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 import logitless
 from logitless._validation import LossOptions
@@ -57,9 +61,10 @@ def patch(
     """Make `model` compute its causal-LM loss with logitless when called with `labels`.
 
     The loss is `logitless.linear_cross_entropy` of the final hidden states and the head's
-    weight (and bias, if any) with shift=1 (or the given `shift_labels`), ignore_index=-100 and
-    the config's `final_logit_softcapping`; with `num_items_in_batch` it is the sum divided by
-    it, as transformers' own loss does for gradient accumulation. Such calls return no logits
+    weight (and bias, if any; its rows before the config's `unpadded_vocab_size`) with shift=1
+    (or the given `shift_labels`), ignore_index=-100 and the config's `final_logit_softcapping`;
+    with `num_items_in_batch` it is the sum divided by it, as transformers' own loss does for
+    gradient accumulation. Such calls return no logits
     (`logits=None`, or None in the logits' place of a tuple). Calls without labels are
     unchanged; one in training mode with gradients enabled warns, since its caller is about to
     compute a loss from the full logits.
@@ -91,6 +96,7 @@ def patch(
         return model
     causal_lm = _causal_lm(model)
     _head_layers(causal_lm)
+    _check_causal_lm_loss(causal_lm)
     fused = _fused_head(causal_lm)
     if fused is not None:
         _check_fused_options(type(causal_lm).__name__, options)
@@ -226,6 +232,7 @@ def _forward(
             )
         return forward(*args, **kwargs)
     layers = _head_layers(model)
+    _check_causal_lm_loss(model)
     hooks = (layer.__dict__.get("forward") for layer in layers)
     if any(isinstance(hook, _Hook) and hook.interception for hook in hooks):
         return forward(*args, **kwargs)  # an outer patch handles this call
@@ -248,6 +255,21 @@ def _intercepted(
     if interception.logits is None:
         raise interception.unsupported(_NO_LOSS_FUNCTION)
     return _without(outputs, (interception.logits, interception.probe))
+
+
+def _check_causal_lm_loss(model: transformers.PreTrainedModel) -> None:
+    """A TypeError unless `model` computes its loss with transformers' causal-LM loss, the one a
+    patch replaces: a masked LM's or an encoder-decoder's loss_function (ModernBERT, T5Gemma)
+    does not shift the labels."""
+    loss_function = model.loss_function
+    if isinstance(loss_function, _Hook):  # patched and called before
+        loss_function = loss_function.default
+    if loss_function is not ForCausalLMLoss:
+        name = getattr(loss_function, "__name__", type(loss_function).__name__)
+        raise TypeError(
+            f"model computes its loss with {name}, not transformers' ForCausalLMLoss: "
+            "logitless.transformers.patch computes a causal LM's loss only"
+        )
 
 
 def _head_layers(model: transformers.PreTrainedModel) -> list[nn.Module]:
@@ -365,6 +387,10 @@ class _HeadInterception:
         """The head's forward: record its operands, return the probe in place of the logits."""
         if self.hidden is not None:
             raise self.unsupported("runs its output layer more than once in a forward")
+        weight = layer.weight if _is_linear(layer) else layer.base_layer.weight
+        if weight.device.type == "meta":
+            raise self.unsupported("keeps its output layer offloaded (weight on the meta device)")
+        hidden = hidden.to(weight.device)  # as accelerate's hook of a head on another device
         self.hidden, self.layer = hidden, layer
         self.operands = _classifier(layer, hidden)
         values = torch.tensor(_PROBE, device=hidden.device) * (self.softcap or 1.0)
@@ -388,9 +414,14 @@ class _HeadInterception:
         scale = self._logit_scale(logits)
         _unshard(self.layer)
         hidden, weight, bias = self.operands
+        classes = getattr(self.model.config.get_text_config(), "unpadded_vocab_size", None)
+        if classes is not None and classes < weight.shape[0]:  # padding rows the model slices off
+            weight, bias = weight[:classes], None if bias is None else bias[:classes]
         if not (isinstance(scale, float) and scale == 1.0):
             hidden = hidden * scale
         targets, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+        if targets.shape[-1] <= shift:  # one-token sequences predict nothing, as in transformers
+            targets, shift = torch.full_like(targets, ignore_index), 0
         options = dataclasses.replace(
             self.options,
             ignore_index=ignore_index,

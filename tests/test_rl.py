@@ -22,12 +22,12 @@ def test_verl_call_shape(reduction):
     ref_log_probs, ref_entropy = reference_linear_log_probs(
         *theirs, targets, temperature=0.7, return_entropy=True
     )
-    if reduction != "none":
-        reduce = getattr(torch, reduction)
-        ref_log_probs, ref_entropy = reduce(ref_log_probs), reduce(ref_entropy)
+    if reduction != "none":  # the log-probs only: verl's entropies stay per token
+        ref_log_probs = getattr(torch, reduction)(ref_log_probs)
     assert log_probs.shape == ref_log_probs.shape
+    assert entropy.shape == targets.shape
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(log_probs.shape, generator=gen) for _ in range(2)]
+    weights = [torch.randn(x.shape, generator=gen) for x in (log_probs, entropy)]
     torch.autograd.backward([log_probs, entropy], weights)
     torch.autograd.backward([ref_log_probs, ref_entropy], [w.double() for w in weights])
     for x, ref in [(log_probs, ref_log_probs), (entropy, ref_entropy)]:

@@ -27,8 +27,9 @@ def verl_linear_cross_entropy(
     dist_process_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's fused-kernel contract: (log-probs, entropies) of `labels` under
-    `softmax(hidden @ weight.T / temperature)`, per token ("none", shaped like `labels`), summed
-    ("sum") or averaged ("mean") over the tokens; both differentiable.
+    `softmax(hidden @ weight.T / temperature)`, both differentiable: the log-probs per token
+    ("none", shaped like `labels`), summed ("sum") or averaged ("mean") over the tokens; the
+    entropies per token whatever the reduction, as verl's kernel returns them.
 
     With `dist_process_group`, `weight` holds this rank's contiguous rows of a vocabulary
     sharded in rank order over that group (tensor parallelism), as verl's kernel expects.
@@ -43,9 +44,9 @@ def verl_linear_cross_entropy(
         vocab_parallel=shard,
     )  # fmt: skip
     if reduction == "sum":
-        return log_probs.sum(), entropy.sum()
+        return log_probs.sum(), entropy
     if reduction == "mean":
-        return log_probs.mean(), entropy.mean()
+        return log_probs.mean(), entropy
     return log_probs, entropy
 
 

@@ -11,6 +11,7 @@ from helpers import DTYPES, check_against_reference, check_results, make_inputs,
 from logitless import (
     LinearCrossEntropyLoss,
     linear_cross_entropy,
+    linear_distillation_loss,
     linear_log_probs,
     linear_top_k,
 )
@@ -191,6 +192,12 @@ def test_module_takes_class_weights():
         (lambda e, c, t: linear_top_k(e, c, 0), ValueError, "k must be in"),
         (lambda e, c, t: linear_top_k(e, c, 98), ValueError, "k must be in"),
         (lambda e, c, t: linear_top_k(e, c, 2.0), TypeError, "k must be an int"),
+        (lambda e, c, t: linear_top_k(e.tolist(), c, 2), TypeError, "e must be a torch.Tensor"),
+        (
+            lambda e, c, t: linear_distillation_loss(e.tolist(), c, e, c),
+            TypeError,
+            "e must be a torch.Tensor",
+        ),
         (
             lambda e, c, t: linear_cross_entropy(e, c, t, weight=torch.ones(96)),
             ValueError,

@@ -226,6 +226,13 @@ def check_num_items_in_batch(num_items: object, options: LossOptions) -> None:
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
 
 
+def check_tensors(**tensors: object) -> None:
+    """A TypeError naming the first of `tensors` that is not a torch.Tensor."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
 def _check_local_inputs(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -234,9 +241,7 @@ def _check_local_inputs(
     options: LossOptions,
 ) -> None:
     """The checks of this process's arguments."""
-    for name, tensor in (("e", e), ("c", c), ("targets", targets)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_tensors(e=e, c=c, targets=targets)
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
 
@@ -370,9 +375,7 @@ def check_teacher(
 ) -> None:
     """The teacher head: (..., D_t) hidden states with the leading shape of e, a (V, D_t)
     classifier with the rows of c, an optional (V,) bias; the dtype and device of e."""
-    for name, tensor in (("teacher_e", teacher_e), ("teacher_c", teacher_c)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_tensors(teacher_e=teacher_e, teacher_c=teacher_c)
     if teacher_bias is not None and not isinstance(teacher_bias, torch.Tensor):
         raise TypeError(
             f"teacher_bias must be a torch.Tensor or None, got {type(teacher_bias).__name__}"

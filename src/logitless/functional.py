@@ -31,6 +31,7 @@ from logitless._validation import (
     check_teacher,
     check_teacher_dtensors,
     check_teacher_top_k,
+    check_tensors,
     check_top_k,
     check_weight,
     temperature_scale,
@@ -304,6 +305,7 @@ def linear_top_k(
     """
     options = LossOptions(softcap=softcap, impl=impl)
     scale = temperature_scale(temperature)
+    check_tensors(e=e)
     no_targets = torch.full(e.shape[:-1], NO_TARGET, dtype=torch.long, device=e.device)
     e, c, _, bias, local = _local_inputs(e, c, no_targets, bias, options)
     if local.vocab_parallel is not None:
@@ -382,6 +384,7 @@ def linear_distillation_loss(
     check_hard_targets(hard_weight, targets)
     labels = targets
     if labels is None:
+        check_tensors(e=e)
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
     check_teacher_dtensors(teacher_e, teacher_c, teacher_bias, c)
     teacher_e, teacher_c, teacher_bias = _under_autocast(
@@ -510,6 +513,7 @@ def linear_top_k_distillation_loss(
     e, c, bias = _under_autocast(e, c, bias)
     labels = targets
     if labels is None:
+        check_tensors(e=e)
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
     check_inputs(e, c, labels, bias, options)
     check_teacher_top_k(e, c, teacher_indices, teacher_log_probs)

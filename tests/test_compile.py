@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from helpers import device_for, make_inputs, outputs_and_grads
-from logitless import linear_cross_entropy, linear_distillation_loss
+from logitless import (
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_top_k,
+    linear_top_k_distillation_loss,
+)
 
 OPTIONS = {"shift": 1, "softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}
 
@@ -59,3 +64,27 @@ def test_compiled_distillation_step_matches_eager_without_graph_breaks(divergenc
     actual_outs, actual_grads = outputs_and_grads(compiled, inputs, 0, **options)
     for x, y in zip(actual_outs + actual_grads, expected_outs + expected_grads, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_top_k_steps_match_eager_without_graph_breaks():
+    """linear_top_k's gathered dots (whose block size reads the CPU's cache size) and the cached
+    top-k teacher's checks (device-side assertions when compiled) traced whole."""
+    torch._dynamo.reset()
+    inputs = make_inputs((2, 23), 16, 301, bias=True, seed=41)
+    gen = torch.Generator().manual_seed(43)
+    teacher_indices = torch.stack([torch.randperm(301, generator=gen)[:5] for _ in range(46)])
+    teacher_log_probs = torch.randn(46, 5, generator=gen).log_softmax(-1) - 0.5
+
+    def top_k(e, c, targets, bias):
+        return linear_top_k(e, c, 4, bias)[0]
+
+    def distillation(e, c, targets, bias):
+        indices, log_probs = (x.view(2, 23, 5) for x in (teacher_indices, teacher_log_probs))
+        return linear_top_k_distillation_loss(e, c, indices, log_probs, targets, bias)
+
+    for step in (top_k, distillation):
+        expected_outs, expected_grads = outputs_and_grads(step, inputs, 0)
+        compiled = torch.compile(step, fullgraph=True)
+        actual_outs, actual_grads = outputs_and_grads(compiled, inputs, 0)
+        for x, y in zip(actual_outs + actual_grads, expected_outs + expected_grads, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # inductor's own fp32 order

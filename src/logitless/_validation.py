@@ -315,11 +315,20 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
     targets = targets.long()  # compared in a narrower dtype, -100 or V would wrap around
     outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
-    asynchronous = targets.device.type != "cpu" and os.environ.get(ASYNC_CHECKS_ENV) == "1"
-    if torch.compiler.is_compiling() or asynchronous:
-        torch._assert_async(~outside.any(), message)
-    elif bool(outside.any()):
+    if _refuse_any(outside, message):
         raise ValueError(f"{message}, found {targets[outside][0].item()}")
+
+
+def _refuse_any(bad: torch.Tensor, message: str) -> bool:
+    """Whether any entry of `bad` holds, read on the host (one synchronization with an
+    accelerator). Under torch.compile, or with LOGITLESS_ASYNC_CHECKS=1 off the CPU, a
+    device-side assertion with `message` runs instead, with no synchronization, and this says
+    False; the assertion fails the next synchronizing call."""
+    asynchronous = bad.device.type != "cpu" and os.environ.get(ASYNC_CHECKS_ENV) == "1"
+    if torch.compiler.is_compiling() or asynchronous:
+        torch._assert_async(~bad.any(), message)
+        return False
+    return bool(bad.any())
 
 
 def check_weight(
@@ -416,7 +425,7 @@ def check_teacher_top_k(
 ) -> None:
     """A cached teacher: (..., k) integer class indices in [0, V) and floating log-probs <= 0
     (-inf marks padding) with the leading shape of e, on its device, whose probabilities sum to
-    at most 1 per token, and no class twice in a token's support (one host synchronization)."""
+    at most 1 per token, and no class twice in a token's support (`_refuse_any`)."""
     if not isinstance(teacher_indices, torch.Tensor):
         raise TypeError(
             f"teacher_indices must be a torch.Tensor, got {type(teacher_indices).__name__}"
@@ -454,20 +463,30 @@ def check_teacher_top_k(
         )
     indices = teacher_indices.reshape(-1, k).long()
     log_probs = teacher_log_probs.reshape(-1, k).float()
-    if bool(((indices < 0) | (indices >= vocab)).any()):
-        raise ValueError(f"teacher_indices must lie in [0, {vocab}) (the rows of c)")
-    if bool((log_probs.isnan() | (log_probs > 0)).any()):
-        raise ValueError("teacher_log_probs must be log-probabilities: <= 0 (or -inf), not NaN")
-    if bool((log_probs.exp().sum(-1) > 1.0 + TOP_K_MASS_TOLERANCE).any()):
-        raise ValueError(
-            "teacher_log_probs must be log-probabilities of one distribution: their "
-            "probabilities sum to more than 1 in some token"
-        )
     in_support = log_probs != -math.inf
     distinct_padding = -1 - torch.arange(k, device=e.device)
     ordered = torch.where(in_support, indices, distinct_padding).sort(-1).values
-    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-        raise ValueError("teacher_indices must not repeat a class within a token's support")
+    for bad, message in (
+        (
+            (indices < 0) | (indices >= vocab),
+            f"teacher_indices must lie in [0, {vocab}) (the rows of c)",
+        ),
+        (
+            log_probs.isnan() | (log_probs > 0),
+            "teacher_log_probs must be log-probabilities: <= 0 (or -inf), not NaN",
+        ),
+        (
+            log_probs.exp().sum(-1) > 1.0 + TOP_K_MASS_TOLERANCE,
+            "teacher_log_probs must be log-probabilities of one distribution: their "
+            "probabilities sum to more than 1 in some token",
+        ),
+        (
+            ordered[:, 1:] == ordered[:, :-1],
+            "teacher_indices must not repeat a class within a token's support",
+        ),
+    ):
+        if _refuse_any(bad, message):
+            raise ValueError(message)
 
 
 def check_distillation(

@@ -12,7 +12,6 @@ accumulates in float32.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Callable
@@ -175,8 +174,12 @@ def _block_mb_override() -> float | None:
     return value
 
 
-@functools.cache
 def _last_level_cache_mb() -> float:
+    """The largest CPU cache in MiB (`_LAST_LEVEL_CACHE_MB`)."""
+    return _LAST_LEVEL_CACHE_MB
+
+
+def _read_last_level_cache_mb() -> float:
     """The largest CPU cache in MiB, from Linux sysfs (`DEFAULT_CPU_CACHE_MB` elsewhere)."""
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
@@ -185,6 +188,11 @@ def _last_level_cache_mb() -> float:
         if text[-1:] in units and text[:-1].isdigit():
             sizes.append(int(text[:-1]) * units[text[-1]])
     return max(sizes, default=DEFAULT_CPU_CACHE_MB)
+
+
+_LAST_LEVEL_CACHE_MB = _read_last_level_cache_mb()
+"""Read once at import: torch.compile traces the block sizes of the ops it traces through
+(`linear_top_k`'s gathered dots), and cannot trace a file system read."""
 
 
 def _sweep(

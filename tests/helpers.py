@@ -83,6 +83,19 @@ def outputs_and_grads(fn, inputs, grad_seed: int, upstream_scale: float = 1.0, *
     ]
 
 
+MASKED_CLASSES = [3, 100, 250]
+"""Classes a -inf bias masks in the masked-class tests (no target among them)."""
+
+
+def masked(inputs):
+    """`inputs` with MASKED_CLASSES masked by a -inf bias and no target among them."""
+    e, c, targets, bias = inputs
+    bias[MASKED_CLASSES] = float("-inf")
+    for masked_class in MASKED_CLASSES:
+        targets[targets == masked_class] = masked_class + 1
+    return e, c, targets, bias
+
+
 def check_against_reference(
     inputs,
     *,

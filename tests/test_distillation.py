@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DTYPES, check_results, device_for, make_inputs, outputs_and_grads
+from helpers import (
+    DTYPES,
+    MASKED_CLASSES,
+    check_results,
+    device_for,
+    make_inputs,
+    masked,
+    outputs_and_grads,
+)
 from logitless import (
     LinearDistillationLoss,
     functional,
@@ -100,6 +108,24 @@ def test_divergences(request, impl, dtype, options):
         ignore_index=options.get("ignore_index", -100), device=device_for(impl),
     )  # fmt: skip
     teacher = teacher_head(dtype, bias=True, device=device_for(impl))
+    ours = outputs_and_grads(
+        adapter(linear_distillation_loss, teacher), inputs, 1, impl=impl, **options
+    )
+    check_results(
+        ours, inputs, reference=adapter(reference_linear_distillation_loss, teacher), **options
+    )
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_classes_both_heads_mask(request, impl, divergence):
+    """A class both heads mask with a -inf bias adds 0 to every divergence and its gradient."""
+    backend_fixture(request, impl)
+    inputs = masked(make_inputs((ROWS,), DIM, VOCAB, bias=True, seed=3, device=device_for(impl)))
+    teacher_e, teacher_c, teacher_bias = teacher_head(torch.float32, True, device=device_for(impl))
+    teacher_bias[MASKED_CLASSES] = float("-inf")
+    teacher = (teacher_e, teacher_c, teacher_bias)
+    options = {"divergence": divergence, "hard_weight": 0.3}
     ours = outputs_and_grads(
         adapter(linear_distillation_loss, teacher), inputs, 1, impl=impl, **options
     )

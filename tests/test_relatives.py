@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DTYPES, check_against_reference, check_results, make_inputs, outputs_and_grads
+from helpers import (
+    DTYPES,
+    check_against_reference,
+    check_results,
+    make_inputs,
+    masked,
+    outputs_and_grads,
+)
 from logitless import (
     LinearCrossEntropyLoss,
     linear_cross_entropy,
@@ -59,6 +66,15 @@ def test_log_probs_shift_on_batched_sequences(impl, shift):
         inputs, impl=impl, function=linear_log_probs, shift=shift, temperature=0.7,
         return_entropy=True, softcap=3.0,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_with_classes_masked_by_the_bias(impl):
+    """A -inf bias masks a class: it adds 0 to the entropy and to its gradient, not NaN."""
+    inputs = masked(make_inputs((37,), 29, 301, bias=True, seed=3, device=DEVICE))
+    check_against_reference(
+        inputs, impl=impl, function=linear_log_probs, return_entropy=True, temperature=0.7
+    )
 
 
 def test_log_probs_are_minus_the_unreduced_loss():

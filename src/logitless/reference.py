@@ -88,7 +88,7 @@ def reference_linear_log_probs(
     log_probs = torch.where(valid, picked, 0.0).view(shape)
     if not return_entropy:
         return log_probs
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    entropy = -_expected(log_p.exp(), log_p)
     return log_probs, torch.where(valid, entropy, 0.0).view(shape)
 
 
@@ -140,15 +140,15 @@ def reference_linear_distillation_loss(
     log_p = torch.log_softmax(student / temperature, dim=-1)
     log_q = torch.log_softmax(teacher / temperature, dim=-1)
     if divergence == "forward_kl":
-        losses = (log_q.exp() * (log_q - log_p)).sum(-1)
+        losses = _expected(log_q.exp(), log_q - log_p)
     elif divergence == "reverse_kl":
-        losses = (log_p.exp() * (log_p - log_q)).sum(-1)
+        losses = _expected(log_p.exp(), log_p - log_q)
     else:
         log_m = torch.logsumexp(
             torch.stack((log_q + math.log(beta), log_p + math.log1p(-beta))), dim=0
         )
-        losses = beta * (log_q.exp() * (log_q - log_m)).sum(-1)
-        losses = losses + (1 - beta) * (log_p.exp() * (log_p - log_m)).sum(-1)
+        losses = beta * _expected(log_q.exp(), log_q - log_m)
+        losses = losses + (1 - beta) * _expected(log_p.exp(), log_p - log_m)
     return _mix_hard_and_reduce(
         losses, student, flat_targets, targets, hard_weight, ignore_index, reduction, shift
     )
@@ -239,6 +239,12 @@ def reference_logits(
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long()
+
+
+def _expected(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum_v probs * values per row, a class of probability 0 adding 0 (a class masked by a -inf
+    logit has an infinite or NaN value), and no NaN in the gradient either."""
+    return (probs * torch.where(probs > 0, values, 0.0)).sum(-1)
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -545,16 +545,17 @@ ROW_DOT_COLUMNS = 2048
 """Vocabulary columns per product in `_row_dot`: its scratch is a few columns of the block."""
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a[n, v] * b[n, v] per row of two vocabulary-major blocks, with a scratch of
-    ROW_DOT_COLUMNS columns rather than a block-sized temporary."""
-    out = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
-    columns = min(a.shape[1], ROW_DOT_COLUMNS)
-    scratch = torch.empty(columns, a.shape[0], device=a.device, dtype=a.dtype).T
-    for lo in range(0, a.shape[1], ROW_DOT_COLUMNS):
-        hi = min(a.shape[1], lo + ROW_DOT_COLUMNS)
-        part = torch.mul(a[:, lo:hi], b[:, lo:hi], out=scratch[:, : hi - lo])
-        out += part.sum(1)
+def _row_dot(probs: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v probs[n, v] * b[n, v] per row of two vocabulary-major blocks, a class of
+    probability 0 adding 0 (b may be infinite there: a class masked by a -inf logit), with a
+    scratch of ROW_DOT_COLUMNS columns rather than a block-sized temporary."""
+    out = torch.zeros(probs.shape[0], device=probs.device, dtype=probs.dtype)
+    columns = min(probs.shape[1], ROW_DOT_COLUMNS)
+    scratch = torch.empty(columns, probs.shape[0], device=probs.device, dtype=probs.dtype).T
+    for lo in range(0, probs.shape[1], ROW_DOT_COLUMNS):
+        hi = min(probs.shape[1], lo + ROW_DOT_COLUMNS)
+        part = torch.mul(probs[:, lo:hi], b[:, lo:hi], out=scratch[:, : hi - lo])
+        out += part.masked_fill_(probs[:, lo:hi] == 0, 0.0).sum(1)
     return out
 
 
@@ -627,8 +628,10 @@ def _softmax_to_grad(
     with the coefficient rows present in `coefs` (the other buffers are overwritten)."""
     column = lambda name: coefs[name].unsqueeze(1)  # noqa: E731
     inner = None
+    impossible = p == 0 if {"pz", "py", "plogr"} & coefs.keys() else None
     for name, values in (("pz", z), ("py", y), ("plogr", ratio)):
         if name in coefs:
+            values.masked_fill_(impossible, 0.0)  # a masked class's -inf would make p * z NaN
             if inner is None:
                 inner = values.mul_(column(name))
             else:

@@ -152,7 +152,9 @@ def lse_backward_kernel(
         teacher_terms = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
         if HAS_PY:
             grad_py = tl.load(grad_py_ptr + rows, mask=row_mask, other=0.0)
-            teacher_terms += probs * grad_py[:, None] * y
+            # where(probs > 0, ...): a class a -inf logit masks has p = 0 and an infinite z,
+            # y or log(m / p), whose product with p would be NaN
+            teacher_terms += probs * grad_py[:, None] * tl.where(probs > 0, y, 0.0)
         if HAS_Q or HAS_PLOGR:
             teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)
             log_q = y - teacher_lse[:, None]
@@ -162,9 +164,8 @@ def lse_backward_kernel(
         if HAS_PLOGR:
             grad_plogr = tl.load(grad_plogr_ptr + rows, mask=row_mask, other=0.0)
             gap = (z - lse[:, None]) - log_q  # log p - log q
-            teacher_terms += (
-                probs * grad_plogr[:, None] * log_add_exp(log_beta - gap, log_one_minus_beta)
-            )
+            to_student = log_add_exp(log_beta - gap, log_one_minus_beta)  # log(m / p)
+            teacher_terms += probs * grad_plogr[:, None] * tl.where(probs > 0, to_student, 0.0)
     if HAS_SOFTCAP:
         capped = z * (1.0 / (softcap * scale))
         slope = (1.0 - capped * capped) * scale
@@ -173,7 +174,7 @@ def lse_backward_kernel(
     is_target = positions[None, :] == target_positions[:, None]
     if HAS_PZ:
         grad_pz = tl.load(grad_pz_ptr + rows, mask=row_mask, other=0.0)
-        probs *= grad_lse[:, None] + grad_pz[:, None] * z
+        probs *= grad_lse[:, None] + grad_pz[:, None] * tl.where(probs > 0, z, 0.0)
     else:
         probs *= grad_lse[:, None]
     if HAS_SUM:

@@ -209,10 +209,11 @@ def lse_forward_kernel(
                     gap = tl.where(col_mask[None, :], log_p - log_q, 0.0)
                     to_student = log_add_exp(log_beta - gap, log_one_minus_beta)
                     to_teacher = log_add_exp(gap + log_one_minus_beta, log_beta)
-                    teacher_mean_sum += tl.sum(tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
-                                               * to_student, axis=1)  # fmt: skip
-                    cross_sum += tl.sum(tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
-                                        * to_teacher, axis=1)  # fmt: skip
+                    p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
+                    q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
+                    # a class both heads mask (p = q = 0) has a NaN gap: it adds 0
+                    teacher_mean_sum += tl.sum(p * tl.where(p > 0, to_student, 0.0), axis=1)
+                    cross_sum += tl.sum(q * tl.where(q > 0, to_teacher, 0.0), axis=1)
                 else:
                     y = tl.where(col_mask[None, :], y, float("-inf"))
                     new_teacher_max = tl.maximum(teacher_max, tl.max(y, axis=1))

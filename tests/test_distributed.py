@@ -119,6 +119,7 @@ def _error_calls(rank: int, world: int, vp: VocabParallel):
     out_of_range = targets.clone()
     out_of_range[5] = VOCAB
     first, last = rank == 0, rank == world - 1
+    teacher_e, teacher_c, _, teacher_bias = make_inputs((ROWS,), 23, VOCAB, bias=True, seed=8)
     return {
         "targets differ": lambda: call(e, c[rows], targets.flip(0) if last else targets),
         "rows differ": lambda: call(e[first:], c[rows], targets[first:]),
@@ -126,6 +127,16 @@ def _error_calls(rank: int, world: int, vp: VocabParallel):
         "target out of range": lambda: call(e, c[rows], out_of_range),
         "c rows": lambda: call(e, c[vp.start : vp.stop - first], targets),
         "bias length": lambda: call(e, c[rows], targets, bias[vp.start : vp.stop - last]),
+        "weight length": lambda: call(e, c[rows], targets, weight=torch.ones(VOCAB - last)),
+        "teacher bias length": lambda: linear_distillation_loss(
+            e,
+            c[rows],
+            teacher_e,
+            teacher_c[rows],
+            targets,
+            teacher_bias=teacher_bias[vp.start : vp.stop - last],
+            vocab_parallel=vp,
+        ),
         "shards overlap": lambda: VocabParallel(0, vp.stop),
         "shards leave a gap": lambda: VocabParallel(vp.start, vp.stop - 1),
         "vocabulary smaller than world": lambda: VocabParallel.from_vocab(world - 1),
@@ -142,6 +153,12 @@ EXPECTED_ERRORS = {
     "target out of range": (None, None, ("ValueError", r"targets must lie in \[0, 1031\)")),
     "c rows": (0, ("ValueError", "c must hold the"), ("ValueError", ANY_RANK)),
     "bias length": (-1, ("ValueError", "bias must have shape"), ("ValueError", ANY_RANK)),
+    "weight length": (-1, ("ValueError", "weight must have shape"), ("ValueError", ANY_RANK)),
+    "teacher bias length": (
+        -1,
+        ("ValueError", "teacher_bias must have shape"),
+        ("ValueError", ANY_RANK),
+    ),
     "shards overlap": (None, None, ("ValueError", r"tile \[0, V\)")),
     "shards leave a gap": (None, None, ("ValueError", r"tile \[0, V\)")),
     "vocabulary smaller than world": (None, None, ("ValueError", r"tile \[0, V\)")),

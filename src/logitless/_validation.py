@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +84,10 @@ def check_inputs(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     options: LossOptions,
+    more: Callable[[], None] | None = None,
 ) -> TokenGather | None:
-    """Raise TypeError/ValueError naming the first bad argument of a call.
+    """Raise TypeError/ValueError naming the first bad argument of a call (`more`: the call's
+    further checks, such as its class weights or its teacher).
 
     Under vocabulary parallelism every rank raises when any rank does, instead of leaving the
     others waiting in a collective; the `TokenGather` there if the ranks' tokens differ (only
@@ -93,6 +96,8 @@ def check_inputs(
     error = None
     try:
         _check_local_inputs(e, c, targets, bias, options)
+        if more is not None:
+            more()
     except (TypeError, ValueError) as exc:
         if options.vocab_parallel is None:
             raise

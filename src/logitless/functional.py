@@ -161,8 +161,9 @@ def _under_autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
 
 def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight):
     """The loss of checked local tensors."""
-    gather = check_inputs(e, c, targets, bias, options)
-    check_weight(weight, e, c, options)
+    gather = check_inputs(
+        e, c, targets, bias, options, more=lambda: check_weight(weight, e, c, options)
+    )
     impl = check_impl(options.impl, e.device, e.dtype)
     rows, row_targets, kept = _backend_rows(e, targets, options, gather)
     shard = options.vocab_parallel
@@ -394,8 +395,10 @@ def linear_distillation_loss(
         )
     )
     e, c, labels, bias, options = _local_inputs(e, c, labels, bias, options)
-    gather = check_inputs(e, c, labels, bias, options)
-    check_teacher(e, c, teacher_e, teacher_c, teacher_bias)
+    gather = check_inputs(
+        e, c, labels, bias, options,
+        more=lambda: check_teacher(e, c, teacher_e, teacher_c, teacher_bias),
+    )  # fmt: skip
     rows, row_targets, kept = _backend_rows(e, labels, options, gather)
     teacher_rows = teacher_e.detach().reshape(-1, teacher_e.shape[-1])
     if gather is not None:

@@ -9,6 +9,7 @@ from helpers import device_for, make_inputs, outputs_and_grads
 from logitless import (
     linear_cross_entropy,
     linear_distillation_loss,
+    linear_log_probs,
     linear_top_k,
     linear_top_k_distillation_loss,
 )
@@ -88,3 +89,25 @@ def test_compiled_top_k_steps_match_eager_without_graph_breaks():
         actual_outs, actual_grads = outputs_and_grads(compiled, inputs, 0)
         for x, y in zip(actual_outs + actual_grads, expected_outs + expected_grads, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # inductor's own fp32 order
+
+
+def test_compiled_steps_take_any_sequence_length():
+    """One graph for every length (after the first recompile, dynamo's automatic dynamic
+    shapes; fullgraph fails at its recompile limit otherwise), and dynamic=True with every
+    option left at its default (symbolic floats reach the option checks)."""
+    torch._dynamo.reset()
+    c = torch.randn(300, 8)
+
+    def top_k(e):
+        return linear_top_k(e, c, 3)[0].exp().sum()
+
+    compiled = torch.compile(top_k, fullgraph=True)
+    for length in range(5, 17):
+        e = torch.randn(2, length, 8)
+        torch.testing.assert_close(compiled(e), top_k(e), rtol=1e-5, atol=1e-6)
+    targets = torch.randint(0, 300, (9,))
+    for function in (linear_cross_entropy, linear_log_probs):
+        step = lambda e, c, function=function: function(e, c, targets).sum()  # noqa: E731
+        compiled = torch.compile(step, fullgraph=True, dynamic=True)
+        e = torch.randn(9, 8)
+        torch.testing.assert_close(compiled(e, c), step(e, c))

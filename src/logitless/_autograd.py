@@ -20,7 +20,6 @@ import torch
 
 from logitless import _ops as ops
 from logitless._loss import TokenLoss, divergence_from_statistics, statistic_coefficients
-from logitless.backends.torch_backend import accumulation_dtype, rows_per_block
 
 if TYPE_CHECKING:
     from logitless.distributed import TokenGather, VocabParallel
@@ -205,23 +204,14 @@ class FusedLinearDivergence(_FusedLoss):
 
 class GatheredDots(torch.autograd.Function):
     """(N, k) dot products `e[n] . c[indices[n, j]]`, in the accumulation dtype, for a few
-    classes per row (a top-k, a cached teacher's support).
-
-    Row blocks gather at most a memory budget of classifier rows at a time (the portable
-    backend's, `LOGITLESS_BLOCK_MB`), in forward and again in backward: never N x k x D at
-    once, with autocast off. grad_c is accumulated in the accumulation dtype over the distinct
-    classes hit only, then rounded once into a (V, D) gradient of c's dtype.
+    classes per row (a top-k, a cached teacher's support): `ops.gathered_dots`, which gathers
+    at most a memory budget of classifier rows at a time (the portable backend's,
+    `LOGITLESS_BLOCK_MB`), in forward and again in backward, with autocast off.
     """
 
     @staticmethod
     def forward(e, c, indices):
-        acc = accumulation_dtype(e.dtype)
-        out = torch.empty(indices.shape, device=e.device, dtype=acc)
-        with torch.autocast(e.device.type, enabled=False):
-            for rows in _gather_blocks(indices, c.shape[1]):
-                gathered = c[indices[rows]].to(acc)  # (rows, k, D)
-                out[rows] = (gathered @ e[rows].to(acc).unsqueeze(2)).squeeze(2)
-        return out
+        return ops.gathered_dots(e, c, indices)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -233,31 +223,8 @@ class GatheredDots(torch.autograd.Function):
         check_not_double_backward()
         e, c, indices = ctx.saved_tensors
         need_e, need_c, _ = ctx.needs_input_grad
-        acc = grad.dtype
-        grad_e = torch.zeros(e.shape, device=e.device, dtype=acc) if need_e else None
-        grad_c = None
-        if need_c:
-            classes, slots = torch.unique(indices, return_inverse=True)
-            grad_rows = torch.zeros(len(classes), c.shape[1], device=c.device, dtype=acc)
-        with torch.no_grad(), torch.autocast(e.device.type, enabled=False):
-            for rows in _gather_blocks(indices, c.shape[1]):
-                g = grad[rows]
-                if need_e:
-                    grad_e[rows] = (g.unsqueeze(1) @ c[indices[rows]].to(acc)).squeeze(1)
-                if need_c:
-                    outer = g.unsqueeze(2) * e[rows].to(acc).unsqueeze(1)  # (rows, k, D)
-                    grad_rows.index_add_(0, slots[rows].reshape(-1), outer.flatten(0, 1))
-            if need_c:
-                grad_c = torch.zeros_like(c).index_copy_(0, classes, grad_rows.to(c.dtype))
-        return None if grad_e is None else grad_e.to(e.dtype), grad_c, None
-
-
-def _gather_blocks(indices: torch.Tensor, dim: int) -> list[slice]:
-    """Row blocks whose gathered (rows, k, D) classifier rows fit the portable backend's
-    memory budget."""
-    n, k = indices.shape
-    block = rows_per_block(n, k * dim, 4, indices.device)
-    return [slice(start, min(n, start + block)) for start in range(0, n, block)]
+        grads = ops.gathered_dots_backward(grad, e, c, indices, need_e, need_c)
+        return *_present(grads, (need_e, need_c)), None
 
 
 SCALE_CHUNK_ELEMENTS = 2**18

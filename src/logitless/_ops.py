@@ -16,7 +16,7 @@ from torch import Tensor
 
 from logitless._loss import TokenLoss, coefficient_terms, statistic_coefficients
 from logitless.backends import Logits, Teacher, get_backend
-from logitless.backends.torch_backend import accumulation_dtype
+from logitless.backends.torch_backend import accumulation_dtype, rows_per_block
 
 
 @torch.library.custom_op("logitless::stats", mutates_args=())
@@ -224,6 +224,65 @@ def add_uniform_gradient(grad_e, grad_c, grad_bias, e, c, grad_sum, column_weigh
         grad_bias.add_((total if weight is None else total * weight).to(grad_bias.dtype))
 
 
+@torch.library.custom_op("logitless::gathered_dots", mutates_args=())
+def gathered_dots(e: Tensor, c: Tensor, indices: Tensor) -> Tensor:
+    """(N, k) products `e[n] . c[indices[n, j]]` in the accumulation dtype, the classifier rows
+    gathered a row block at a time (`_gather_blocks`): never N x k x D at once."""
+    acc = accumulation_dtype(e.dtype)
+    out = torch.empty(indices.shape, device=e.device, dtype=acc)
+    with _no_autocast(e):
+        for rows in _gather_blocks(indices, c.shape[1]):
+            gathered = c[indices[rows]].to(acc)  # (rows, k, D)
+            out[rows] = (gathered @ e[rows].to(acc).unsqueeze(2)).squeeze(2)
+    return out
+
+
+@gathered_dots.register_fake
+def _(e, c, indices):
+    return e.new_empty(indices.shape, dtype=accumulation_dtype(e.dtype))
+
+
+@torch.library.custom_op("logitless::gathered_dots_backward", mutates_args=())
+def gathered_dots_backward(
+    grad: Tensor, e: Tensor, c: Tensor, indices: Tensor, need_e: bool, need_c: bool
+) -> tuple[Tensor, Tensor]:
+    """(grad_e in the accumulation dtype, grad_c in c's dtype) of `gathered_dots`, empty where
+    not needed; grad_c is accumulated over the distinct classes hit only, then rounded once."""
+    acc = grad.dtype
+    grad_e = torch.zeros(e.shape, device=e.device, dtype=acc) if need_e else e.new_empty(0)
+    grad_c = c.new_empty(0)
+    if need_c:
+        classes, slots = torch.unique(indices, return_inverse=True)
+        grad_rows = torch.zeros(len(classes), c.shape[1], device=c.device, dtype=acc)
+    with _no_autocast(e):
+        for rows in _gather_blocks(indices, c.shape[1]):
+            g = grad[rows]
+            if need_e:
+                grad_e[rows] = (g.unsqueeze(1) @ c[indices[rows]].to(acc)).squeeze(1)
+            if need_c:
+                outer = g.unsqueeze(2) * e[rows].to(acc).unsqueeze(1)  # (rows, k, D)
+                grad_rows.index_add_(0, slots[rows].reshape(-1), outer.flatten(0, 1))
+        if need_c:
+            grad_c = torch.zeros_like(c).index_copy_(0, classes, grad_rows.to(c.dtype))
+    return grad_e, grad_c
+
+
+@gathered_dots_backward.register_fake
+def _(grad, e, c, indices, need_e, need_c):
+    return (
+        e.new_empty(e.shape, dtype=grad.dtype) if need_e else e.new_empty(0),
+        c.new_empty(c.shape) if need_c else c.new_empty(0),
+    )
+
+
+def _gather_blocks(indices: Tensor, dim: int) -> list[slice]:
+    """Row blocks whose gathered (rows, k, D) classifier rows fit the portable backend's
+    memory budget."""
+    n, k = indices.shape
+    block = rows_per_block(n, k * dim, 4, indices.device)
+    return [slice(start, min(n, start + block)) for start in range(0, n, block)]
+
+
 def _no_autocast(e: Tensor) -> torch.autocast:
     return torch.autocast(e.device.type, enabled=False)
 
@@ -272,6 +331,7 @@ def _outside_compile(op):
     return call
 
 
-stats, grads, stats_and_grads, linear_stats_and_grads = map(
-    _outside_compile, (stats, grads, stats_and_grads, linear_stats_and_grads)
+stats, grads, stats_and_grads, linear_stats_and_grads, gathered_dots, gathered_dots_backward = map(
+    _outside_compile,
+    (stats, grads, stats_and_grads, linear_stats_and_grads, gathered_dots, gathered_dots_backward),
 )

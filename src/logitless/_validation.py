@@ -41,13 +41,13 @@ class LossOptions:
             raise ValueError(f"shift must be >= 0, got {self.shift}")
         if self.softcap is not None:
             _check_real("softcap", self.softcap)
-            if not (self.softcap > 0 and math.isfinite(self.softcap)):
+            if not 0 < self.softcap < math.inf:
                 raise ValueError(f"softcap must be a finite number > 0 or None, got {self.softcap}")
         _check_real("label_smoothing", self.label_smoothing)
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         _check_real("z_loss", self.z_loss)
-        if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
+        if not 0 <= self.z_loss < math.inf:
             raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
         if not isinstance(self.return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {type(self.return_lse).__name__}")
@@ -365,7 +365,7 @@ def check_weight(
 def temperature_scale(temperature: float) -> float:
     """1 / temperature, for a finite temperature > 0."""
     _check_real("temperature", temperature)
-    if not (temperature > 0 and math.isfinite(temperature)):
+    if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return 1.0 / temperature
 
@@ -506,7 +506,7 @@ def check_distillation(
     check_hard_weight(hard_weight)
     if teacher_softcap is not None:
         _check_real("teacher_softcap", teacher_softcap)
-        if not (teacher_softcap > 0 and math.isfinite(teacher_softcap)):
+        if not 0 < teacher_softcap < math.inf:
             raise ValueError(
                 f"teacher_softcap must be a finite number > 0 or None, got {teacher_softcap}"
             )
@@ -549,9 +549,11 @@ def _check_int(name: str, value: object) -> None:
 
 
 def _check_real(name: str, value: object) -> None:
+    """A number, not NaN. (Checks of numbers compare them rather than call math.isnan or
+    math.isfinite, which torch.compile's symbolic floats, under dynamic=True, do not take.)"""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if math.isnan(value):
+    if value != value:
         raise ValueError(f"{name} must not be NaN")
 
 

@@ -223,8 +223,8 @@ class GatheredDots(torch.autograd.Function):
         check_not_double_backward()
         e, c, indices = ctx.saved_tensors
         need_e, need_c, _ = ctx.needs_input_grad
-        grads = ops.gathered_dots_backward(grad, e, c, indices, need_e, need_c)
-        return *_present(grads, (need_e, need_c)), None
+        grad_e, grad_c = ops.gathered_dots_backward(grad, e, c, indices, need_e, need_c)
+        return grad_e.to(e.dtype) if need_e else None, grad_c if need_c else None, None
 
 
 SCALE_CHUNK_ELEMENTS = 2**18

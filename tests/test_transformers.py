@@ -269,12 +269,17 @@ def test_lora_adapters(patch_first):
 
 
 def make_trainer(model, tmp_path, **args) -> transformers.Trainer:
-    """A Trainer over 9 batches of 2 rows on the CPU, logging the loss of every step."""
+    """A Trainer over 9 batches of 2 rows on the CPU, logging the loss of every step.
+
+    Plain SGD, whose steps are linear in the gradients: Adam's first steps move a parameter by
+    about lr x sign(gradient), which turns rounding noise on a near-zero gradient into a whole
+    step (the BLAS's thread count alone then changes the result)."""
     pytest.importorskip("accelerate")  # the Trainer's requirement
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
-        learning_rate=1e-2,
+        optim="sgd",
+        learning_rate=1e-1,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -300,8 +305,6 @@ def assert_same_training(patched, reference, our_losses, their_losses, steps):
     assert len(our_losses) == steps
     torch.testing.assert_close(our_losses, their_losses, rtol=1e-4, atol=0)
     for name, param in patched.named_parameters():
-        if name.endswith("k_proj.bias"):
-            continue  # gradient 0 up to rounding (softmax is shift-invariant): Adam steps on noise
         their_param = reference.get_parameter(name)
         assert rel_error(param.detach(), their_param.detach()) <= 1e-5, name
 

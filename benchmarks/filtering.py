@@ -6,9 +6,9 @@ gradient error, before a kernel is built for it.
 
 For each preset it reports, on the trained regime (`logitless.bench.data`):
 
-- the Triton backward's census at filter_eps="auto" for bfloat16 (tiles kept, chunks kept), on a
-  CUDA device: the rule in use, which skips a tile only if every row's mass in it is under the
-  tile's equal share `filter_eps * BLOCK_V / V` of the budget;
+- the Triton backward's census at the bench's filtered methods' budget (tiles kept, chunks
+  kept), on a CUDA device: the rule in use, which skips a tile only if every row's mass in it
+  is under the tile's equal share `filter_eps * BLOCK_V / V` of the budget;
 - on any device, that rule emulated from the exact masses at the H100's 128 x 256 tile, beside
   SPEC.md's (and cut-cross-entropy's) per-entry rule, which skips a tile whose softmax entries
   are all below a threshold: tiles skipped, the mass a token loses, the gradient errors;
@@ -31,9 +31,9 @@ import math
 
 import torch
 
-from logitless._validation import AUTO_FILTER_EPS
 from logitless.backends import triton_backend
 from logitless.bench import data, lm
+from logitless.bench.methods import FILTER_EPS
 from logitless.bench.runner import PRESETS
 from logitless.reference import reference_linear_cross_entropy, relative_error
 
@@ -151,10 +151,10 @@ class _Bfloat16Product(torch.autograd.Function):
 
 
 def study(preset: str, rows: int, device: torch.device, budgets: list[int]) -> None:
-    """The census and rules at filter_eps="auto" for bfloat16, then the best chunk decisions
+    """The census and rules at filter_eps=FILTER_EPS, then the best chunk decisions
     under each per-token budget 2^b of `budgets`."""
     shape = PRESETS[preset]
-    eps = AUTO_FILTER_EPS[torch.bfloat16]
+    eps = FILTER_EPS
     width = lm.DEFAULT_CONFIG.width + 1
     low = data.make_inputs("trained", data.Shape(shape.n, width, shape.v), torch.float32, device)
     e, c, targets = low.e, low.c, low.targets
@@ -263,8 +263,8 @@ def main() -> None:
         "--log2-budgets",
         nargs="+",
         type=int,
-        default=[int(math.log2(AUTO_FILTER_EPS[torch.bfloat16]))],
-        help="per-token budgets 2^b of the chunk decisions (default: bfloat16's 'auto')",
+        default=[int(math.log2(FILTER_EPS))],
+        help="per-token budgets 2^b of the chunk decisions (default: the filtered methods')",
     )
     args = parser.parse_args()
     for preset in args.preset:

@@ -36,7 +36,7 @@ REGIMES=${REGIMES:-trained}
 OPS=${OPS:-loss loss+backward}
 # every peer, torch.compile last: its compilation is the slowest part, and a run cut off at the
 # limit then loses only its last tables
-METHODS=${METHODS:-logitless-triton logitless-triton-exact cce cce-exact liger eager matmul torch-compile}
+METHODS=${METHODS:-logitless-triton logitless-triton-filtered cce cce-exact liger eager matmul torch-compile}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

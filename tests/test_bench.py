@@ -211,11 +211,12 @@ def test_cli_rejects_bad_options(capsys):
 
 
 def test_one_run_measures_several_tables(tmp_path, capsys):
-    """Several ops in one run: one subfolder per table, one worker per method for all of them."""
+    """Several ops in one run: one subfolder per table, one worker per method for all of them
+    (none for a method that cannot run: filtering at float32)."""
     out = tmp_path / "out"
     argv = ["bench", "--device", "cpu", "--n", "40", "--d", "16", "--v", "100", "--methods",
-            "eager", "matmul", "--op", "loss", "loss+backward", "--repeats", "1", "--warmup", "0",
-            "--sweep-v", "--out", str(out)]  # fmt: skip
+            "eager", "matmul", "logitless-filtered", "--op", "loss", "loss+backward", "--repeats",
+            "1", "--warmup", "0", "--sweep-v", "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     progress = capsys.readouterr().err
     for op, folder in (("loss", "cpu-default-random-loss"),
@@ -224,6 +225,7 @@ def test_one_run_measures_several_tables(tmp_path, capsys):
         assert results["environment"]["op"] == op
         rows = {r["method"]: r for r in results["results"]}
         assert rows["eager"]["reason"] == "" and rows["eager"]["errors"]["loss"] < 1e-5
+        assert "for 16-bit inputs" in rows["logitless-filtered"]["reason"]
         assert (rows["eager"]["errors"]["grad_e"] is not None) == (op == "loss+backward")
         assert f"eager: N=40 D=16 V=100 random {op}: " in progress
     assert progress.count("case(s) in one worker") == 2

@@ -381,6 +381,6 @@ def test_each_shard_gets_its_share_of_the_filtering_budget():
     shard = object.__new__(VocabParallel)  # its fields only: no process group needed here
     shard.start, shard.stop, shard.vocab_size = 300, VOCAB, VOCAB
     options = LossOptions(filter_eps=2.0**-10, vocab_parallel=shard)
-    share = functional._filter_eps(options, torch.bfloat16, VOCAB - 300)
+    share = functional._filter_eps(options, VOCAB - 300)
     assert share == 2.0**-10 * (VOCAB - 300) / VOCAB
-    assert functional._filter_eps(LossOptions(filter_eps=2.0**-10), torch.bfloat16, 300) == 2.0**-10
+    assert functional._filter_eps(LossOptions(filter_eps=2.0**-10), 300) == 2.0**-10

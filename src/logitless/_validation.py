@@ -15,7 +15,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
 ASYNC_CHECKS_ENV = "LOGITLESS_ASYNC_CHECKS"
-AUTO_FILTER_EPS = {torch.bfloat16: 2.0**-10, torch.float16: 2.0**-13}
 
 
 @dataclass(frozen=True)
@@ -66,15 +65,16 @@ class LossOptions:
                 f"got {type(self.vocab_parallel).__name__}"
             )
 
-    def resolved_filter_eps(self, dtype: torch.dtype) -> float | None:
-        """The gradient-filtering budget for inputs of `dtype`; None means exact.
+    def resolved_filter_eps(self) -> float | None:
+        """The gradient-filtering budget; None means exact.
 
         The budget is the most softmax probability per token that skipped tiles may hold in
-        all. "auto" keeps it a quarter of the dtype's rounding unit (2**-10 for bfloat16,
-        2**-13 for float16), where it cannot change a rounded gradient, and float32 exact.
+        all. "auto" is exact: on a trained model's data a budget that keeps eager's accuracy
+        (2**-10 for bfloat16) finds almost nothing to skip, and on the GPU the filtered
+        backward costs more than it saves (benchmarks/RESULTS.md, H100, 2026-11-27).
         """
         if self.filter_eps == "auto":
-            return AUTO_FILTER_EPS.get(dtype)
+            return None
         return self.filter_eps or None
 
 

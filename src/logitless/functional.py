@@ -86,8 +86,8 @@ def linear_cross_entropy(
         z_loss: adds `z_loss * lse**2` per token (PaLM), reduced like the loss.
         return_lse: also return the per-token log-sum-exp (differentiable).
         filter_eps: gradient filtering: the most softmax probability per token that skipped
-            backward tiles may hold in all; "auto" (2**-10 for bfloat16, 2**-13 for float16,
-            exact for float32), a float, or None (exact).
+            backward tiles may hold in all: a float, or None (exact); "auto" is exact, since
+            on a trained model's data filtering within eager's accuracy skips almost nothing.
         impl: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
         vocab_parallel: this rank's vocabulary shard (`logitless.VocabParallel`): `c` and `bias`
             hold its rows only, `e` and `targets` are the same on every rank, and every rank
@@ -179,7 +179,7 @@ def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weig
     plan = Plan(
         impl=impl,
         softcap=options.softcap,
-        filter_eps=_filter_eps(options, e.dtype, c.shape[0]),
+        filter_eps=_filter_eps(options, c.shape[0]),
         vocab_parallel=shard,
         column_weight=column_weight,
         token_gather=gather,
@@ -266,7 +266,7 @@ def linear_log_probs(
     plan = Plan(
         impl=check_impl(impl, e.device, e.dtype),
         softcap=softcap,
-        filter_eps=_filter_eps(options, e.dtype, c.shape[0]),
+        filter_eps=_filter_eps(options, c.shape[0]),
         vocab_parallel=shard,
         token_gather=gather,
         scale=scale,
@@ -419,9 +419,7 @@ def linear_distillation_loss(
         beta=beta,
     )  # fmt: skip
     weights = DIVERGENCES[divergence]
-    hard_plan = dataclasses.replace(
-        plan, scale=1.0, filter_eps=_filter_eps(options, e.dtype, c.shape[0])
-    )
+    hard_plan = dataclasses.replace(plan, scale=1.0, filter_eps=_filter_eps(options, c.shape[0]))
     if _fuses(options, get_backend(plan.impl), e, c, bias):
         token_weights = valid.to(accumulation_dtype(e.dtype))
         if reduction == "mean":
@@ -531,7 +529,7 @@ def linear_top_k_distillation_loss(
     valid = row_targets != NO_TARGET
     plan = Plan(
         impl=check_impl(impl, e.device, e.dtype), softcap=softcap,
-        filter_eps=_filter_eps(options, e.dtype, c.shape[0]), scale=scale,
+        filter_eps=_filter_eps(options, c.shape[0]), scale=scale,
     )  # fmt: skip
     shared = hard_weight and scale == 1.0  # the hard loss's statistics come in the same sweep
     found = _stats(rows, c, bias, row_targets, plan, ("lse", "target") if shared else ("lse",))
@@ -662,12 +660,12 @@ def _per_token(
     return values[..., : targets.shape[-1] - shift] if shift else values
 
 
-def _filter_eps(options: LossOptions, dtype: torch.dtype, vocab_rows: int) -> float | None:
+def _filter_eps(options: LossOptions, vocab_rows: int) -> float | None:
     """The filtering budget the backend gets for its `vocab_rows` classes: under vocabulary
     parallelism each shard gets its share, so that a token loses at most filter_eps in all."""
     if options.label_smoothing and options.softcap is not None:
         return None  # the smoothing gradient passes the softcap: no tile is negligible
-    eps = options.resolved_filter_eps(dtype)
+    eps = options.resolved_filter_eps()
     shard = options.vocab_parallel
     if eps is None or shard is None:
         return eps

@@ -680,8 +680,7 @@ def _fused_fields(
         ignore_index=options.ignore_index,
         shift=options.shift,
         softcap=options.softcap,
-        # "auto" means exact here: RL compares these log-probs with an inference engine's.
-        filter_eps=None if options.filter_eps == "auto" else options.filter_eps,
+        filter_eps=options.filter_eps,
         impl=options.impl,
     )
     labels = targets[..., options.shift :]

@@ -183,14 +183,19 @@ def _logitless_triton(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _same_as_default(device: torch.device, dtype: torch.dtype) -> str | None:
+FILTER_EPS = 2.0**-10
+"""The filtered methods' budget: a token loses at most this much softmax mass, a quarter of
+bfloat16's rounding unit (`filter_eps="auto"` is exact)."""
+
+
+def _sixteen_bit(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype == torch.float32:
-        return "same as logitless here: filter_eps='auto' filters nothing at float32"
+        return f"filtering at {FILTER_EPS:g} is for 16-bit inputs, beyond float32's precision"
     return None
 
 
-def _logitless_triton_exact(device: torch.device, dtype: torch.dtype) -> str | None:
-    return _logitless_triton(device, dtype) or _same_as_default(device, dtype)
+def _logitless_triton_filtered(device: torch.device, dtype: torch.dtype) -> str | None:
+    return _logitless_triton(device, dtype) or _sixteen_bit(device, dtype)
 
 
 def _torch_has_linear_cross_entropy(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -210,12 +215,12 @@ METHODS: dict[str, dict[str, Method]] = {
     "cross-entropy": _registry(
         Method("logitless", "logitless", "impl='torch', filter_eps='auto'",
                _logitless("torch", "auto")),
-        Method("logitless-exact", "logitless", "impl='torch', filter_eps=None",
-               _logitless("torch", None), _same_as_default),
+        Method("logitless-filtered", "logitless", "impl='torch', filter_eps=2**-10",
+               _logitless("torch", FILTER_EPS), _sixteen_bit),
         Method("logitless-triton", "logitless", "impl='triton', filter_eps='auto'",
                _logitless("triton", "auto"), _logitless_triton),
-        Method("logitless-triton-exact", "logitless", "impl='triton', filter_eps=None",
-               _logitless("triton", None), _logitless_triton_exact),
+        Method("logitless-triton-filtered", "logitless", "impl='triton', filter_eps=2**-10",
+               _logitless("triton", FILTER_EPS), _logitless_triton_filtered),
         Method("eager", "peer", "logits in the input dtype, F.cross_entropy in float32",
                _eager("cross-entropy")),
         Method("torch-compile", "peer", "torch.compile of eager", _torch_compile("cross-entropy")),

@@ -63,34 +63,35 @@ run_tests() {
     local log=$1 limit=$2 workers=()
     "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n "$3")
     shift 3
-    timeout -s INT -k 15 "$limit" "$PYTHON" -m pytest "${workers[@]}" -q -rfE --tb=short \
+    timeout -s INT -k 15 "$limit" "$PYTHON" -m pytest "${workers[@]}" -rfE --tb=short \
         -p no:cacheprovider -p no:benchmark "$@" tests 2>&1 | tee -a "$OUT/$log" | tail -25
 }
 
 if [ "${TESTS:-1}" = 1 ]; then
     echo "== pytest -m gpu" >&2
-    # model shapes take GBs each: four at a time; the two past 2^31 elements one at a time
-    run_tests gpu-tests.log "${TESTS_TIMEOUT:-110}" 4 -m gpu -k "not past_two_to_the_31"
-    run_tests gpu-tests.log 50 0 -m gpu -k "past_two_to_the_31"
+    # model shapes take GBs each: four at a time; the two past 2^31 elements one at a time; each
+    # test's name and outcome logged as it ends (-v), so that a run cut off says which ran
+    run_tests gpu-tests.log "${TESTS_TIMEOUT:-150}" 4 -v -m gpu -k "not past_two_to_the_31"
+    run_tests gpu-tests.log 50 0 -v -m gpu -k "past_two_to_the_31"
 fi
 
 if [ "${TUNE:-1}" = 1 ]; then
     echo "== where the time goes (benchmarks/tune.py)" >&2
     # shellcheck disable=SC2086
-    timeout "${TUNE_TIMEOUT:-120}" "$PYTHON" benchmarks/tune.py --preset $PRESETS 2>&1 \
+    timeout "${TUNE_TIMEOUT:-100}" "$PYTHON" benchmarks/tune.py --preset $PRESETS 2>&1 \
         | tee "$OUT/tune.txt"
 fi
 
 echo "== benchmark: $PRESETS / $REGIMES / $OPS" >&2
 # shellcheck disable=SC2086  # the lists are words
-timeout "${BENCH_TIMEOUT:-200}" "$PYTHON" -m logitless bench --device cuda --dtype bfloat16 \
+timeout "${BENCH_TIMEOUT:-210}" "$PYTHON" -m logitless bench --device cuda --dtype bfloat16 \
     --preset $PRESETS --data $REGIMES --op $OPS --methods $METHODS --repeats "${REPEATS:-5}" \
     --warmup 1 --sweep-v --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -vE "^ {6}[a-z]" || true
 tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -r "$OUT/bench"
 
 if [ "${SUITE:-1}" = 1 ]; then
     echo "== every other test, on CUDA" >&2
-    run_tests suite.log "${SUITE_TIMEOUT:-60}" 14 -m "not gpu"
+    run_tests suite.log "${SUITE_TIMEOUT:-30}" 14 -q -m "not gpu"
 fi
 
 if [ "${FILTERING:-0}" = 1 ]; then

@@ -1,11 +1,12 @@
 """Where the Triton backend's time goes on a GPU, and which buffer size and tiles serve it best.
 
-    python benchmarks/tune.py [--preset gemma2-2b llama3-8b] [--buffers-mb 32 64 128]
+    python benchmarks/tune.py [--preset gemma2-2b llama3-8b] [--buffers-mb 64 32 128]
 
 On the benchmark's trained regime in bfloat16, per preset: the time and peak memory of the loss
-and of loss+backward, exact and filtered, at each size of the backward's buffer for the logits'
-gradient; the GPU kernels of one exact loss+backward by total time (torch.profiler), and how
-long the GPU waited between them, with what the host was doing during the longest waits; the
+and of loss+backward, exact and filtered (the bench's filtered methods' budget), at each size of
+the backward's buffer for the logits' gradient; the GPU kernels of one loss and of one exact
+loss+backward by total time (torch.profiler), and how long the GPU waited between them, with
+what the host was doing during the longest waits; the
 tiles the autotuner chose, with each candidate's time; one cuBLAS matmul of the logits' shape as
 the floor. One line per figure, printed as it is measured, so that a run cut off still says what
 it found.
@@ -22,6 +23,7 @@ from torch.autograd import DeviceType
 from logitless import linear_cross_entropy
 from logitless.backends import triton_backend
 from logitless.bench import data
+from logitless.bench.methods import FILTER_EPS
 from logitless.bench.runner import PRESETS
 from logitless.kernels.lse_backward import lse_backward_tuned
 from logitless.kernels.lse_forward import lse_forward_tuned
@@ -66,7 +68,7 @@ def study(preset: str, buffers_mb: list[int], repeats: int) -> None:
     e, c, targets = inputs.e, inputs.c, inputs.targets
     name = f"{preset} {PRESETS[preset]} bf16 trained"
 
-    def loss_backward(filter_eps: str | None) -> None:
+    def loss_backward(filter_eps: float | None) -> None:
         ex, cx = e.detach().requires_grad_(), c.detach().requires_grad_()
         linear_cross_entropy(ex, cx, targets, impl="triton", filter_eps=filter_eps).backward()
 
@@ -77,9 +79,11 @@ def study(preset: str, buffers_mb: list[int], repeats: int) -> None:
         ms, mb = median_ms(lambda: linear_cross_entropy(e, c, targets, impl="triton"), repeats)
     print(f"{name}: loss {ms:.2f} ms, {mb:.0f} MB", flush=True)
     report_tuning(seen)
+    with torch.no_grad():
+        profile_one(f"{name}: one loss", lambda: linear_cross_entropy(e, c, targets, impl="triton"))
     for buffer_mb in buffers_mb:
         triton_backend.LOGIT_GRAD_BUFFER_BYTES = buffer_mb * 2**20
-        for filter_eps in (None, "auto"):
+        for filter_eps in (None, FILTER_EPS):
             ms, mb = median_ms(lambda f=filter_eps: loss_backward(f), repeats)
             mode = "exact" if filter_eps is None else "filtered"
             print(
@@ -89,11 +93,18 @@ def study(preset: str, buffers_mb: list[int], repeats: int) -> None:
             )
             report_tuning(seen)
     triton_backend.LOGIT_GRAD_BUFFER_BYTES = buffers_mb[0] * 2**20
+    profile_one(
+        f"{name}: one exact loss+backward, buffer {buffers_mb[0]} MiB", lambda: loss_backward(None)
+    )
+
+
+def profile_one(label: str, step) -> None:
+    """The GPU kernels of one call of `step` by total time, and the GPU's waits between them."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
-        loss_backward(None)
+        step()
         torch.cuda.synchronize()
-    print(f"{name}: kernels of one exact loss+backward, buffer {buffers_mb[0]} MiB")
+    print(f"{label}: kernels")
     print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
     report_idle(profile.events())
 
@@ -135,7 +146,15 @@ def _overlap(event, begin: float, end: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", nargs="+", default=["gemma2-2b", "llama3-8b"])
-    parser.add_argument("--buffers-mb", nargs="+", type=int, default=[32, 64, 128])
+    default_mb = triton_backend.LOGIT_GRAD_BUFFER_BYTES // 2**20
+    parser.add_argument(
+        "--buffers-mb",
+        nargs="+",
+        type=int,
+        default=list(dict.fromkeys([default_mb, 32, 128])),
+        help="sizes of the backward's buffer to time; the first is profiled (default: the "
+        "library's, then 32 and 128)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), flush=True)

@@ -24,10 +24,11 @@ from logitless.kernels._tiles import tensor_descriptors
 from logitless.kernels.lse_backward import lse_backward, vocabulary_alignment
 from logitless.kernels.lse_forward import MAX_TOP_K, lse_forward
 
-LOGIT_GRAD_BUFFER_BYTES = 32 * 2**20
+LOGIT_GRAD_BUFFER_BYTES = 64 * 2**20
 """Most bytes of the buffer holding one vocabulary chunk of the logits' gradient (N x chunk, in
-the input dtype): 2048 positions at N=8192 in bf16, 125 chunks for V=256000, under 3% of the
-gradients' own 1.2 GB at the Gemma 2 shape; filtering holds two."""
+the input dtype): 4096 positions at N=8192 in bf16, 63 chunks for V=256000, under 6% of the
+gradients' own 1.2 GB at the Gemma 2 shape; filtering holds two. Each chunk reads and writes the
+fp32 grad_e once: at 32 MiB an H100 took 4% longer (benchmarks/RESULTS.md)."""
 MAX_CHUNK = 2**20
 """Most vocabulary positions per chunk, so that few rows never make a launch grid too tall."""
 

@@ -34,6 +34,7 @@ from logitless._validation import triton_interpreter_on
 from logitless.backends import Logits, triton_backend
 from logitless.kernels import lse_backward, lse_forward
 from logitless.kernels._tiles import (
+    AUTOTUNE_TAKES_A_TIMER,
     COMPILE_OPTIONS,
     INTERPRETER_BLOCKS,
     TensorDescriptor,
@@ -41,6 +42,7 @@ from logitless.kernels._tiles import (
     dot_options,
     offsets,
     tensor_descriptors,
+    time_candidate,
 )
 from logitless.reference import reference_linear_cross_entropy
 from test_functional import OPTION_SETS
@@ -389,6 +391,48 @@ def test_first_launches_warn_nothing():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0] == "0", result.stdout
+
+
+def test_candidate_timer_reports_quantiles_of_back_to_back_runs(monkeypatch):
+    """The autotuner's timer, its device clock replaced by one that each run advances by a
+    scripted time: a compiling run, an estimating run, then TUNING_MS worth of runs."""
+    clock, durations = [0.0], iter([50.0, 10.0, *map(float, range(10, 0, -1))])
+
+    class ScriptedEvent:
+        def __init__(self, enable_timing: bool) -> None:
+            self.time = None
+
+        def record(self) -> None:
+            self.time = clock[0]
+
+        def elapsed_time(self, end: ScriptedEvent) -> float:
+            return end.time - self.time
+
+    def run() -> None:
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(torch.cuda, "Event", ScriptedEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert time_candidate(run, (0.5, 0.2, 0.8)) == [5.0, 3.0, 8.0]  # of runs 10, 9, ..., 1 ms
+    assert next(durations, None) is None  # TUNING_MS / 10 ms = 10 runs after the first two
+
+
+@gpu
+@pytest.mark.skipif(not AUTOTUNE_TAKES_A_TIMER, reason="this Triton's autotune takes no timer")
+def test_autotuning_holds_no_cache_clearing_buffer():
+    """Tuning both kernels afresh adds no more memory than the call itself uses: Triton's own
+    timer would write a 256 MB buffer to clear the L2 before timing each candidate."""
+    e, c, targets, _ = make_inputs((517,), 200, 5003, torch.bfloat16, device="cuda", seed=31)
+    tuners = [tuned() for tuned in (lse_forward.lse_forward_tuned, lse_backward.lse_backward_tuned)]
+    for tuner in tuners:
+        tuner.cache.clear()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(e.requires_grad_(), c.requires_grad_(), targets, impl="triton").backward()
+    torch.cuda.synchronize()
+    assert all(tuner.cache for tuner in tuners)  # both tuned in this call
+    assert torch.cuda.max_memory_allocated() - base < 64 * 2**20
 
 
 UNTRIED_ON_A_GPU = [

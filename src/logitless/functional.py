@@ -247,8 +247,9 @@ def linear_log_probs(
         filter_eps: as in `linear_cross_entropy`; None (exact) by default.
 
     Returns:
-        float32 log-probs shaped like `targets[..., shift:]` (0 at ignored positions), and with
-        `return_entropy` the entropies of that shape (0 at ignored positions).
+        float32 log-probs (float64 for float64 inputs) shaped like `targets[..., shift:]` (0 at
+        ignored positions), and with `return_entropy` the entropies of that shape (0 at ignored
+        positions).
     """
     options = LossOptions(
         ignore_index=ignore_index, shift=shift, softcap=softcap, filter_eps=filter_eps,
@@ -301,8 +302,8 @@ def linear_top_k(
     is one more sweep. k = 1 gives argmax predictions (and accuracy) without logits.
 
     Returns:
-        (values, indices), both (..., k): float32 log-probabilities in descending order and
-        their int64 class indices.
+        (values, indices), both (..., k): float32 log-probabilities (float64 for float64 inputs)
+        in descending order and their int64 class indices.
     """
     options = LossOptions(softcap=softcap, impl=impl)
     scale = temperature_scale(temperature)
@@ -374,7 +375,8 @@ def linear_distillation_loss(
             only the hard loss could skip tiles.
 
     Returns:
-        The float32 loss: a scalar, or per token (the shape of `targets[..., shift:]`).
+        The float32 loss (float64 for float64 inputs): a scalar, or per token (the shape of
+        `targets[..., shift:]`).
     """
     options = LossOptions(
         ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
@@ -497,7 +499,8 @@ def linear_top_k_distillation_loss(
             tiles with a budget, as in `linear_cross_entropy`.
 
     Returns:
-        The float32 loss: a scalar, or per token (the shape of `targets[..., shift:]`).
+        The float32 loss (float64 for float64 inputs): a scalar, or per token (the shape of
+        `targets[..., shift:]`).
     """
     options = LossOptions(
         ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,

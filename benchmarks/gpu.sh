@@ -20,8 +20,9 @@
 # keeps every method it finished (one archive: the device tool returns at most 8 files);
 # OUT/suite.log: every other test, on CUDA; OUT/filtering.txt: what each filtering rule skips on
 # trained data, at what error. Each benchmark method runs in one worker process for all tables, so
-# its imports and compilation are paid once. Tests run on pytest-xdist workers where it is
-# installed, which compile the kernels' variants in parallel.
+# its imports are paid once (each table compiles afresh, as a fresh process would, and only the
+# first table's "1st work" is a process's first call). Tests run on pytest-xdist workers where it
+# is installed, which compile the kernels' variants in parallel.
 #
 # No network is needed. Peers come as wheels from .whl/ (cut-cross-entropy, liger-kernel:
 # pure Python, installed without dependencies). The trained regime's model and token ids come

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from logitless import cli
-from logitless.bench import accuracy, corpus, data, lm, ops, report, runner
+from logitless.bench import accuracy, corpus, data, lm, ops, report, runner, worker
 from logitless.bench.measure import CPU_WORKER_ENV
 
 TINY_LM = lm.LMConfig(vocab_size=256, width=16, layers=1, heads=2, context=32, batch=4, steps=20)
@@ -186,6 +186,58 @@ def test_working_memory_is_never_negative_or_zero():
     assert (result.working_bytes, result.first_working_bytes) == (30, 180)
 
 
+def test_a_table_of_unavailable_methods_only_is_printed():
+    """A table with no figures yet (its methods n/a, or the first one failed: the files are
+    rewritten after every method) still prints each method with its reason."""
+    results = [report.MethodResult("cce", "peer", "cut-cross-entropy", 8, 4, 16, "needs CUDA")]
+    text = report.table(results, ["header"])
+    assert "cce     n/a: needs CUDA" in text
+
+
+def _worker_spec(tmp_path: Path, method: str, op: str, vocabs: list[int]) -> tuple[Path, list]:
+    """A worker spec measuring `method` on one random case (N=8, D=4) per vocabulary size, and
+    the files its results will be in."""
+    cases = []
+    for v in vocabs:
+        shape = data.Shape(8, 4, v)
+        inputs = data.make_inputs("random", shape, torch.float32)
+        tensors = {"e": inputs.e, "c": inputs.c, "targets": inputs.targets}
+        probe = accuracy.Probe.spread(shape.n, shape.v, torch.device("cpu"))
+        path = runner._save_inputs(tensors, probe, tmp_path / f"inputs-{v}.pt")
+        result = tmp_path / f"result-{v}.pt"
+        cases.append(
+            {"inputs": str(path), "result": str(result), "repeats": 1, "op": op, "label": str(v)}
+        )
+    spec = {"method": method, "device": "cpu", "warmup": 1, "threads": None, "cases": cases}
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    return spec_file, [Path(case["result"]) for case in cases]
+
+
+def test_first_call_memory_only_for_the_worker_first_case(tmp_path):
+    """A worker measures every table of a method in one process: only its first case's first
+    call is the process's first call; a later case reports none rather than a warm one."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak resident memory over a call needs Linux /proc")
+    spec_file, result_files = _worker_spec(tmp_path, "eager", "loss+backward", [16, 32])
+    assert worker.main([str(spec_file)]) == 0
+    first, second = (torch.load(path) for path in result_files)
+    assert first["first_peak_bytes"] is not None
+    assert second["peak_bytes"] is not None and second["first_peak_bytes"] is None
+
+
+def test_each_case_compiles_its_shape_as_a_fresh_process_would(tmp_path):
+    """torch.compile makes dynamic-shape code of the second shape it sees and reuses it for the
+    third: each case of a worker compiles its own static graph, as at one shape in a run."""
+    from torch._dynamo.utils import counters
+
+    spec_file, _ = _worker_spec(tmp_path, "torch-compile", "loss", [50, 60, 70])
+    torch.compiler.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
+    assert worker.main([str(spec_file)]) == 0
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3
+
+
 def test_small_ratios_keep_their_digits():
     ratios = [report._x(r) for r in (None, 1.0, 0.587, 0.0039886)]
     assert ratios == ["-", "1.00x", "0.59x", "0.004x"]
@@ -210,6 +262,15 @@ def test_cli_rejects_bad_options(capsys):
     assert expected in capsys.readouterr().err
 
 
+def test_a_sweep_point_given_twice_is_measured_once():
+    """A V given twice would put two results of each method in one sweep point, whose ratios are
+    keyed by method name: eager came out at 0.84x eager."""
+    parser, bench = cli._parsers()
+    args = parser.parse_args(["bench", "--device", "cpu", "--sweep-v", "260", "520", "260"])
+    [config] = cli._bench_configs(args, bench, "")
+    assert config.sweep_vocabs == (260, 520)
+
+
 def test_one_run_measures_several_tables(tmp_path, capsys):
     """Several ops in one run: one subfolder per table, one worker per method for all of them
     (none for a method that cannot run: filtering at float32)."""
@@ -229,6 +290,7 @@ def test_one_run_measures_several_tables(tmp_path, capsys):
         assert (rows["eager"]["errors"]["grad_e"] is not None) == (op == "loss+backward")
         assert f"eager: N=40 D=16 V=100 random {op}: " in progress
     assert progress.count("case(s) in one worker") == 2
+    assert progress.rstrip().endswith(f"; results in {out}/")  # the folder of every table
 
 
 def test_a_run_cut_off_keeps_the_methods_it_finished(tmp_path, monkeypatch):

@@ -126,8 +126,8 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
             if len(tables) == 1
             else args.out / f"{preset}-{regime}-{op.replace('+', '-')}",
             sweep_vocabs=tuple(
-                SWEEP_VOCABS if args.sweep_v is None and cuda else args.sweep_v or ()
-            ),
+                dict.fromkeys(SWEEP_VOCABS if args.sweep_v is None and cuda else args.sweep_v or ())
+            ),  # each point once: a point's ratios are keyed by method
             threads=args.threads,
             preset=None if shape != base else preset,
             command=command,

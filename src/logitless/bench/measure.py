@@ -31,8 +31,9 @@ class Measurement:
     peak_bytes: int | None
     """The largest rise of memory over one timed call; None where it cannot be measured."""
     first_peak_bytes: int | None
-    """The rise of memory over the process's first call (a warm-up call when there is one): what
-    a user meets once, lazily allocated library buffers included."""
+    """The rise of memory over the first call (a warm-up call when there is one): in a process
+    that has called nothing else, what a user meets once, lazily allocated library buffers
+    included."""
     memory_method: str
 
     @property

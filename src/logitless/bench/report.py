@@ -31,7 +31,8 @@ class MethodResult:
     times_s: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     first_peak_bytes: int | None = None
-    """The peak of the process's first call, where lazily allocated buffers show."""
+    """The peak of the process's first call, where lazily allocated buffers show (None for the
+    cases a worker measures after its first: their first call is not the process's)."""
     gradient_bytes: int = 0
     """What dE and dC take at the input dtype: the memory no method can avoid."""
     memory_method: str = ""
@@ -109,7 +110,8 @@ def table(results: list[MethodResult], header: list[str]) -> str:
             _err(r.errors.get("loss")), _err(r.errors.get("grad_e")), _err(r.errors.get("grad_c")),
         ])  # fmt: skip
     full = [row for row in rows if len(row) == len(columns)]
-    widths = [max(len(c[0]), *(len(row[i]) for row in full)) for i, c in enumerate(columns)]
+    # max of a list: a table whose methods are all n/a (so far) has no full row
+    widths = [max([len(c[0]), *(len(row[i]) for row in full)]) for i, c in enumerate(columns)]
     widths[0] = max(widths[0], *(len(row[0]) for row in rows))
 
     def line(cells):

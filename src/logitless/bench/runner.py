@@ -111,8 +111,9 @@ def run_all(configs: list[BenchConfig]) -> list[list[report.MethodResult]]:
 
     The configs share device, dtype, warm-up and threads; each method name runs in one worker
     process over the cases of every config that measures it (a name means that op's method of
-    that name), so imports and compilation are paid once per method, and inputs shared by
-    several configs (the same shape, data and op task) are built once.
+    that name), so imports are paid once per method (each case compiles afresh, as in a fresh
+    process), and inputs shared by several configs (the same shape, data and op task) are built
+    once.
     """
     began = time.perf_counter()
     first = configs[0]
@@ -140,7 +141,8 @@ def run_all(configs: list[BenchConfig]) -> list[list[report.MethodResult]]:
 
     for table in tables:
         _write_outputs(table, began)
-    _progress(f"done in {time.perf_counter() - began:.0f} s; results in {first.out}/")
+    out = Path(os.path.commonpath([config.out for config in configs]))  # every table's folder
+    _progress(f"done in {time.perf_counter() - began:.0f} s; results in {out}/")
     return [table.main for table in tables]
 
 
@@ -378,8 +380,9 @@ def _header(config: BenchConfig, environment: dict, data: dict) -> list[str]:
     lines.append(
         "time: median of "
         f"{config.repeats} after {config.warmup} warm-up; memory: {_memory_method(config)}; "
-        "work = peak - gradients (1st: the process's first call; - where below the meter's "
-        "reach); err = relative error vs float64 (dE, dC on a probe)"
+        "work = peak - gradients (1st: the process's first call, - where its worker ran an "
+        "earlier table first; - where below the meter's reach); err = relative error vs float64 "
+        "(dE, dC on a probe)"
     )
     return [*lines, ""]
 

@@ -6,6 +6,11 @@ write the result to (figures, the loss and the probed gradient rows, or the erro
 raised). A line on stderr after the first call of each case (which compiles, where a method
 compiles) and after each case, starting with PROGRESS, says where the worker is, so that a long
 case shows it is moving and a run cut off midway still shows how far it got.
+
+Each case after the first starts from a reset compiler, so that a compiled method compiles its
+shape as a fresh process would (not as dynamic-shape code, which is what torch.compile makes of a
+second shape); its first-call memory is reported for the first case only, the one call in the
+process that meets what the library allocates once.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(spec["threads"])
     _start_libraries(torch.device(spec["device"]))
     built: dict[str, LossFn | Exception] = {}  # per task: the method's call, or why it has none
+    fresh = True  # no case has called the method yet
     for case in spec["cases"]:
         task = OPS[case["op"]].task
         if task not in built:
@@ -41,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(loss_fn, Exception):
             result = {"error": _describe(loss_fn)}
         else:
+            if not fresh:
+                torch.compiler.reset()
             try:
-                result = _run_case(loss_fn, case, spec)
+                result = _run_case(loss_fn, case, spec, fresh)
             except Exception as error:
                 result = {"error": _describe(error)}
+            fresh = False
         torch.save(result, case["result"])
         _report(case["label"], result)
     return 0
@@ -53,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 def _start_libraries(device: torch.device) -> None:
     """One small matmul and backward, as the model before a loss layer would have run: the
     memory PyTorch and its BLAS take once per process (about 11 MB on a CPU) then does not count
-    in any method's first call."""
+    in any method's first call. A CUDA device becomes the current one, which the timing events
+    and synchronizations use (a `--device cuda:1` would otherwise time GPU 0)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     x = torch.randn(256, 256, device=device, requires_grad=True)
     (x @ x).sum().backward()
 
@@ -72,7 +84,8 @@ def _progress(message: str) -> None:
     print(f"{PROGRESS}{message}", file=sys.stderr, flush=True)
 
 
-def _run_case(loss_fn: LossFn, case: dict, spec: dict) -> dict:
+def _run_case(loss_fn: LossFn, case: dict, spec: dict, fresh: bool) -> dict:
+    """The case's figures; its first call's memory only when `fresh`: the process's first call."""
     device = torch.device(spec["device"])
     method = METHODS[OPS[case["op"]].task][spec["method"]]
     data = torch.load(case["inputs"])
@@ -96,10 +109,11 @@ def _run_case(loss_fn: LossFn, case: dict, spec: dict) -> dict:
     measurement, (loss, grads) = measure(
         call, device, warmup=spec["warmup"], repeats=case["repeats"]
     )
+    memory = not method.time_only
     result = {
         "times_s": measurement.times_s,
-        "peak_bytes": None if method.time_only else measurement.peak_bytes,
-        "first_peak_bytes": None if method.time_only else measurement.first_peak_bytes,
+        "peak_bytes": measurement.peak_bytes if memory else None,
+        "first_peak_bytes": measurement.first_peak_bytes if memory and fresh else None,
         "memory_method": measurement.memory_method,
     }
     if not method.time_only:

@@ -178,6 +178,33 @@ def test_reduced_loss_takes_its_gradients_from_the_forward_sweep(
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_hard_loss_at_temperature_one_adds_no_sweep(request, monkeypatch, impl, divergence):
+    """At T = 1 the cross-entropy's statistics (lse, target) come from the divergence's own
+    sweeps, forward and backward; at another temperature its logits differ and it costs more."""
+    backend_fixture(request, impl)
+    backend = {"torch": torch_backend, "triton": triton_backend}[impl]
+    calls = []
+    for name in ("stats", "grads", "stats_and_grads"):
+        if hasattr(backend, name):
+            original = getattr(backend, name)
+            monkeypatch.setattr(
+                backend, name, lambda *a, _call=original, **k: calls.append(1) or _call(*a, **k)
+            )
+    device = device_for(impl)
+    inputs = make_inputs((ROWS,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=5, device=device)
+    loss = adapter(linear_distillation_loss, teacher_head(torch.float32, True, device=device))
+
+    def sweeps(**options) -> int:
+        calls.clear()
+        outputs_and_grads(loss, inputs, 1, impl=impl, divergence=divergence, **options)
+        return len(calls)
+
+    assert sweeps(hard_weight=0.3) == sweeps()
+    assert sweeps(hard_weight=0.3, temperature=1.3) > sweeps(temperature=1.3)
+
+
 def test_identical_heads_have_zero_divergence_and_the_teacher_no_gradient():
     e, c, _targets, bias = make_inputs((ROWS,), DIM, VOCAB, bias=True, seed=2)
     teacher_e, teacher_c = e.clone().requires_grad_(), c.clone().requires_grad_()

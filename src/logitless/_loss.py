@@ -71,9 +71,19 @@ sum q log q - sum q log p = (teacher_mean - teacher_lse) - (cross_mean - lse), K
 (mean - lse) - (teacher_under_student - teacher_lse); the JSD is a statistic of its own."""
 
 
+def with_hard_loss(weights: dict[str, float], hard_weight: float) -> dict[str, float]:
+    """(1 - h) divergence + h cross-entropy (lse - target) as one linear combination of
+    statistics: at T = 1 the cross-entropy's statistics come from the divergence's sweep."""
+    mixed = {name: (1.0 - hard_weight) * weight for name, weight in weights.items()}
+    mixed["lse"] = mixed.get("lse", 0.0) + hard_weight
+    mixed["target"] = -hard_weight
+    return mixed
+
+
 def divergence_from_statistics(weights: dict[str, float], stats: torch.Tensor) -> torch.Tensor:
     """The divergence per row from its statistics (the rows of `stats`, in the order of
-    `weights`, one of `DIVERGENCES`); further rows of `stats` are ignored."""
+    `weights`, one of `DIVERGENCES` or `with_hard_loss` of one); further rows of `stats` are
+    ignored."""
     return sum(w * stat for w, stat in zip(weights.values(), stats, strict=False))
 
 

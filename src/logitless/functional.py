@@ -16,7 +16,13 @@ from logitless._autograd import (
     LinearLogitStats,
     Plan,
 )
-from logitless._loss import DIVERGENCES, TokenLoss, divergence_from_statistics, top_k_forward_kl
+from logitless._loss import (
+    DIVERGENCES,
+    TokenLoss,
+    divergence_from_statistics,
+    top_k_forward_kl,
+    with_hard_loss,
+)
 from logitless._validation import (
     LossOptions,
     check_distillation,
@@ -359,8 +365,9 @@ def linear_distillation_loss(
     size D_t may differ from D). `divergence` is "forward_kl" KL(P_t || P_s), "reverse_kl"
     KL(P_s || P_t), or "jsd" beta KL(P_t || M) + (1 - beta) KL(P_s || M) with
     M = beta P_t + (1 - beta) P_s (no implicit T**2 factor). With `hard_weight` h, the loss is
-    (1 - h) divergence + h cross-entropy of the student's logits (at T = 1) against `targets`.
-    See docs/statistics.md for the statistics each divergence needs and its sweeps.
+    (1 - h) divergence + h cross-entropy of the student's logits (at T = 1) against `targets`;
+    at T = 1 it costs no sweep of its own. See docs/statistics.md for the statistics each
+    divergence needs and its sweeps.
 
     Args:
         e, c, bias: the student (gradients flow to these).
@@ -421,6 +428,8 @@ def linear_distillation_loss(
         beta=beta,
     )  # fmt: skip
     weights = DIVERGENCES[divergence]
+    if hard_weight and scale == 1.0:  # the hard loss's statistics come in the same sweep
+        weights, hard_weight = with_hard_loss(weights, hard_weight), 0.0
     hard_plan = dataclasses.replace(plan, scale=1.0, filter_eps=_filter_eps(options, c.shape[0]))
     if _fuses(options, get_backend(plan.impl), e, c, bias):
         token_weights = valid.to(accumulation_dtype(e.dtype))

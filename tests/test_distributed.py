@@ -208,8 +208,9 @@ def _verl_call(shard: VocabParallel):
 DISTILLATION = [
     {"divergence": "jsd", "beta": 0.3, "temperature": 0.7, "reduction": "none"},
     {"divergence": "forward_kl", "hard_weight": 0.4, "temperature": 1.3},
-    {"divergence": "reverse_kl", "softcap": 3.0, "teacher_softcap": 4.0},
+    {"divergence": "reverse_kl", "softcap": 3.0, "teacher_softcap": 4.0, "hard_weight": 0.25},
 ]
+"""The hard loss at T = 1.3 (its own sweep) and at T = 1 (in the divergence's sweep)."""
 
 
 def _distillation_inputs():

@@ -11,6 +11,7 @@ out of the other methods' memory.
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -190,7 +191,7 @@ bfloat16's rounding unit (`filter_eps="auto"` is exact)."""
 
 def _sixteen_bit(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype == torch.float32:
-        return f"filtering at {FILTER_EPS:g} is for 16-bit inputs, beyond float32's precision"
+        return f"filtering at 2**{math.log2(FILTER_EPS):g} is for 16-bit inputs, not float32"
     return None
 
 

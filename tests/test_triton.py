@@ -435,27 +435,27 @@ def test_autotuning_holds_no_cache_clearing_buffer():
     assert torch.cuda.max_memory_allocated() - base < 64 * 2**20
 
 
-UNTRIED_ON_A_GPU = [
+FORCED_CANDIDATES = [
     (module, config)
     for module in (lse_forward, lse_backward)
     for config in module.HALF_CONFIGS
     if config.kwargs.get("TMA") or config.kwargs.get("FLATTEN")
 ]
-"""Autotuning candidates that no GPU has run yet: the autotuner runs a config only where it is
-the fastest, so each is forced once here."""
+"""Autotuning candidates with code paths of their own (TMA reads, the flattened sweep): the
+autotuner runs a config only where it is the fastest, so each is forced once here."""
 
 
 def _config_id(module, config: triton.Config) -> str:
     flags = "".join(f"-{name}" for name in ("TMA", "FLATTEN") if config.kwargs.get(name))
     tile = "x".join(str(config.kwargs[name]) for name in ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
-    return f"{module.__name__.rsplit('_', 1)[1]}-{tile}{flags}"
+    return f"{module.__name__.rsplit('_', 1)[1]}-{tile}-s{config.num_stages}{flags}"
 
 
 @pytest.mark.gpu  # in the GPU call's first part; on the interpreter elsewhere
 @pytest.mark.parametrize(
-    ("module", "config"), UNTRIED_ON_A_GPU, ids=[_config_id(*pair) for pair in UNTRIED_ON_A_GPU]
+    ("module", "config"), FORCED_CANDIDATES, ids=[_config_id(*pair) for pair in FORCED_CANDIDATES]
 )
-def test_each_new_candidate_meets_the_criterion(monkeypatch, module, config):
+def test_each_forced_candidate_meets_the_criterion(monkeypatch, module, config):
     """Every launch of the module's kernel that `config` fits takes it, its own tile included
     (exact mode, so that the backward's vocabulary is unsorted), at a ragged shape whose bf16
     rows are 16-byte aligned: larger on CUDA, where the config is compiled as the autotuner

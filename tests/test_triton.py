@@ -417,6 +417,21 @@ def test_candidate_timer_reports_quantiles_of_back_to_back_runs(monkeypatch):
     assert next(durations, None) is None  # TUNING_MS / 10 ms = 10 runs after the first two
 
 
+def test_both_autotuners_are_given_the_candidate_timer(monkeypatch):
+    """Where this Triton's autotune takes a timer, each kernel's autotuner gets
+    `time_candidate` (made afresh here with a recording `triton.autotune`)."""
+    timers = []
+
+    def recording_autotune(*args, **kwargs):
+        timers.append(kwargs.get("do_bench"))
+        return lambda kernel: kernel
+
+    monkeypatch.setattr(triton, "autotune", recording_autotune)
+    for tuned in (lse_forward.lse_forward_tuned, lse_backward.lse_backward_tuned):
+        tuned.__wrapped__()
+    assert timers == [time_candidate if AUTOTUNE_TAKES_A_TIMER else None] * 2
+
+
 @gpu
 @pytest.mark.skipif(not AUTOTUNE_TAKES_A_TIMER, reason="this Triton's autotune takes no timer")
 def test_autotuning_holds_no_cache_clearing_buffer():

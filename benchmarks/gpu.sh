@@ -72,7 +72,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     echo "== pytest -m gpu" >&2
     # model shapes take GBs each: four at a time; the two past 2^31 elements one at a time; each
     # test's name and outcome logged as it ends (-v), so that a run cut off says which ran
-    run_tests gpu-tests.log "${TESTS_TIMEOUT:-150}" 4 -v -m gpu -k "not past_two_to_the_31"
+    run_tests gpu-tests.log "${TESTS_TIMEOUT:-160}" 4 -v -m gpu -k "not past_two_to_the_31"
     run_tests gpu-tests.log 50 0 -v -m gpu -k "past_two_to_the_31"
 fi
 
@@ -92,7 +92,7 @@ tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -r "$OUT/bench"
 
 if [ "${SUITE:-1}" = 1 ]; then
     echo "== every other test, on CUDA" >&2
-    run_tests suite.log "${SUITE_TIMEOUT:-30}" 14 -q -m "not gpu"
+    run_tests suite.log "${SUITE_TIMEOUT:-20}" 14 -q -m "not gpu"
 fi
 
 if [ "${FILTERING:-0}" = 1 ]; then

@@ -7,7 +7,11 @@ reference than eager PyTorch at the input dtype, plus a small stated tolerance.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +85,20 @@ def outputs_and_grads(fn, inputs, grad_seed: int, upstream_scale: float = 1.0, *
     return [o.detach() for o in outs], [
         torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
     ]
+
+
+def run_python(*args: str, timeout: float = 300, **env: str | None):
+    """`python *args` in a fresh process that imports this checkout's logitless, its output
+    captured as text; `env` sets environment variables (None removes one)."""
+    environ = {**os.environ, "PYTHONPATH": str(Path(logitless.reference.__file__).parents[1])}
+    for name, value in env.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return subprocess.run(
+        [sys.executable, *args], env=environ, capture_output=True, text=True, timeout=timeout
+    )
 
 
 MASKED_CLASSES = [3, 100, 250]

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_python
 from logitless import cli
 from logitless.bench import accuracy, corpus, data, lm, ops, report, runner, worker
 from logitless.bench.measure import CPU_WORKER_ENV
@@ -146,9 +144,7 @@ def test_cpu_memory_meter_sees_each_allocation(tmp_path):
                            warmup=1, repeats=2)
             print(m.peak_bytes / 2**20)
     """)
-    src = str(Path(runner.__file__).resolve().parents[2])
-    env = {**os.environ, **CPU_WORKER_ENV, "PYTHONPATH": src}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    done = run_python("-c", script, **CPU_WORKER_ENV)
     assert done.returncode == 0, done.stderr
     measured = [float(x) for x in done.stdout.split()]
     assert measured == pytest.approx([96, 16, 96], abs=3)
@@ -171,9 +167,7 @@ def test_first_call_memory_is_measured_beside_the_warm_one(tmp_path):
             m, _ = measure(call, torch.device("cpu"), warmup=warmup, repeats=2)
             print(m.first_peak_bytes / 2**20, m.peak_bytes / 2**20)
     """)
-    src = str(Path(runner.__file__).resolve().parents[2])
-    env = {**os.environ, **CPU_WORKER_ENV, "PYTHONPATH": src}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    done = run_python("-c", script, **CPU_WORKER_ENV)
     assert done.returncode == 0, done.stderr
     measured = [float(x) for x in done.stdout.split()]
     assert measured == pytest.approx([80, 16, 80, 80], abs=6)  # + lazy first-call set-up

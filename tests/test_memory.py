@@ -7,9 +7,6 @@ minus the library code a first call pages in.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 import torch
 
 import logitless
+from helpers import run_python
 from logitless.backends import torch_backend
 from logitless.bench.measure import CPU_WORKER_ENV
 
@@ -55,11 +53,7 @@ def test_loss_and_backward_hold_about_one_block_beyond_the_gradients(dtype):
     left out: it is not memory the call holds."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak resident memory over a call needs Linux /proc")
-    src = str(Path(logitless.__file__).resolve().parents[1])
-    env = {**os.environ, **CPU_WORKER_ENV, "PYTHONPATH": src, "LOGITLESS_BLOCK_MB": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, dtype], env=env, capture_output=True, text=True
-    )
+    done = run_python("-c", SCRIPT, dtype, **CPU_WORKER_ENV, LOGITLESS_BLOCK_MB="1")
     assert done.returncode == 0, done.stderr
     first, *warm = (float(x) for x in done.stdout.split())
     assert max(warm) < 3.0, f"{max(warm):.1f} MiB beyond the gradients in a warm call"

@@ -9,9 +9,6 @@ empty) and, with the backward's buffer bound shrunk below, several vocabulary ch
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-import logitless
 from helpers import (
     DTYPES,
     check_against_reference,
@@ -28,6 +24,7 @@ from helpers import (
     make_inputs,
     outputs_and_grads,
     rel_error,
+    run_python,
 )
 from logitless import linear_cross_entropy
 from logitless._validation import triton_interpreter_on
@@ -334,23 +331,15 @@ def test_kernels_import_and_interpret_without_making_an_autotuner():
         print(e.grad.isfinite().all().item(), c.grad.isfinite().all().item())
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = str(Path(logitless.__file__).parents[1])
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_python("-c", script, TRITON_INTERPRET="1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", "True"]
 
 
 def test_kernels_compile_for_hopper_without_spills():
     """Code generation for sm_90a, which the interpreter never exercises, in a clean process."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(logitless.__file__).parents[1])
     script = Path(__file__).with_name("sm90_compile.py")
-    result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
-    )
+    result = run_python(str(script), timeout=600, TRITON_INTERPRET=None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FP_FUSION" not in result.stderr  # each compile names its fp fusion (COMPILE_OPTIONS)
     variants = [json.loads(line) for line in result.stdout.splitlines()]
@@ -384,11 +373,7 @@ def test_first_launches_warn_nothing():
         print(len(caught), *(str(w.message)[:200] for w in caught), sep="\\n")
         """
     )
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(logitless.__file__).parents[1])
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_python("-c", script, TRITON_INTERPRET=None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0] == "0", result.stdout
 

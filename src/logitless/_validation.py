@@ -320,20 +320,23 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
     targets = targets.long()  # compared in a narrower dtype, -100 or V would wrap around
     outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
-    if _refuse_any(outside, message):
+    if _first_refused((outside, message)):
         raise ValueError(f"{message}, found {targets[outside][0].item()}")
 
 
-def _refuse_any(bad: torch.Tensor, message: str) -> bool:
-    """Whether any entry of `bad` holds, read on the host (one synchronization with an
-    accelerator). Under torch.compile, or with LOGITLESS_ASYNC_CHECKS=1 off the CPU, a
-    device-side assertion with `message` runs instead, with no synchronization, and this says
-    False; the assertion fails the next synchronizing call."""
-    asynchronous = bad.device.type != "cpu" and os.environ.get(ASYNC_CHECKS_ENV) == "1"
+def _first_refused(*checks: tuple[torch.Tensor, str]) -> str | None:
+    """The message of the first (bad, message) check whose `bad` holds anywhere, read on the
+    host in one synchronization with an accelerator for all of them. Under torch.compile, or with
+    LOGITLESS_ASYNC_CHECKS=1 off the CPU, device-side assertions with the messages run instead,
+    with no synchronization, and this says None; they fail the next synchronizing call."""
+    found = torch.stack([bad.any() for bad, _ in checks])
+    asynchronous = found.device.type != "cpu" and os.environ.get(ASYNC_CHECKS_ENV) == "1"
     if torch.compiler.is_compiling() or asynchronous:
-        torch._assert_async(~bad.any(), message)
-        return False
-    return bool(bad.any())
+        for holds, (_, message) in zip(found, checks, strict=True):
+            torch._assert_async(~holds, message)
+        return None
+    flags = zip(found.tolist(), checks, strict=True)
+    return next((message for holds, (_, message) in flags if holds), None)
 
 
 def check_weight(
@@ -430,7 +433,7 @@ def check_teacher_top_k(
 ) -> None:
     """A cached teacher: (..., k) integer class indices in [0, V) and floating log-probs <= 0
     (-inf marks padding) with the leading shape of e, on its device, whose probabilities sum to
-    at most 1 per token, and no class twice in a token's support (`_refuse_any`)."""
+    at most 1 per token, and no class twice in a token's support (`_first_refused`)."""
     if not isinstance(teacher_indices, torch.Tensor):
         raise TypeError(
             f"teacher_indices must be a torch.Tensor, got {type(teacher_indices).__name__}"
@@ -471,7 +474,7 @@ def check_teacher_top_k(
     in_support = log_probs != -math.inf
     distinct_padding = -1 - torch.arange(k, device=e.device)
     ordered = torch.where(in_support, indices, distinct_padding).sort(-1).values
-    for bad, message in (
+    message = _first_refused(
         (
             (indices < 0) | (indices >= vocab),
             f"teacher_indices must lie in [0, {vocab}) (the rows of c)",
@@ -489,9 +492,9 @@ def check_teacher_top_k(
             ordered[:, 1:] == ordered[:, :-1],
             "teacher_indices must not repeat a class within a token's support",
         ),
-    ):
-        if _refuse_any(bad, message):
-            raise ValueError(message)
+    )
+    if message:
+        raise ValueError(message)
 
 
 def check_distillation(

@@ -137,6 +137,24 @@ def test_top_k(impl, dtype, k, options):
     assert (picked - exact[0][..., :k]).abs().max() <= slack
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_top_k_of_confident_rows_keeps_relative_precision(impl, grad):
+    """A confident row's largest log-prob (near 0) is as precise, relative to itself, as
+    log_softmax's in float32 (a logit minus a rounded log-sum-exp was 300x further off)."""
+    e, c, _, bias = make_inputs((211,), 64, 1009, bias=True, scale=12.0, seed=9, device=DEVICE)
+    exact = reference_linear_top_k(e, c, 3, bias)[0][:, 0]
+    confident = (exact.abs() > 1e-6) & (exact.abs() < 1e-3)  # 1 + 1e-6 still has 3 digits
+    assert confident.sum() >= 10
+    eager = torch.log_softmax(e @ c.T + bias, dim=-1).amax(-1)
+    ours = linear_top_k(e.requires_grad_(grad), c, 3, bias, impl=impl)[0][:, 0]
+
+    def relative(values):
+        return ((values.double() - exact).abs() / exact.abs())[confident].max()
+
+    assert relative(ours) <= 2 * relative(eager)
+
+
 def test_argmax_gives_accuracy_without_logits():
     e, c, targets, bias = make_inputs((64,), 16, 211, bias=True, scale=3.0, seed=6)
     _, predicted = linear_top_k(e, c, 1, bias)

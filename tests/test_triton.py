@@ -582,9 +582,10 @@ def test_top_k_comes_from_the_forward_kernel(monkeypatch, k):
 
     monkeypatch.setattr(triton_backend.torch_backend, "stats", portable)
     no_targets = torch.full((ROWS,), -1, dtype=torch.long, device=DEVICE)
-    found, top = triton_backend.stats(
+    found, top, log_probs = triton_backend.stats(
         e, c, bias, no_targets, logits=Logits(softcap=3.0), names=("lse",), top_k=k
     )
     logits = 3.0 * torch.tanh((e.double() @ c.double().T + bias.double()) / 3.0)
     assert top.dtype == torch.int64 and torch.equal(top, logits.topk(k, dim=1).indices)
     assert rel_error(found[0], torch.logsumexp(logits, 1)) < 1e-6
+    assert rel_error(log_probs, torch.log_softmax(logits, 1).topk(k, dim=1).values) < 1e-6

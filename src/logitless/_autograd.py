@@ -57,15 +57,16 @@ def filters(terms: tuple[str, ...], softcap: float | None) -> bool:
 
 class LinearLogitStats(torch.autograd.Function):
     """The statistics `names` per row, (len(names), N), with `top_k` the indices of each row's
-    largest logits, and (for backward) every statistic computed; backward recomputes the logits
-    block by block."""
+    largest logits and their log-probabilities (not differentiable here: see `SweepValues`),
+    and (for backward) every statistic computed; backward recomputes the logits block by
+    block."""
 
     @staticmethod
     def forward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, plan: Plan,
                 names: tuple[str, ...], top_k: int):  # fmt: skip
         first = _first_sweep(names, teacher_e is not None)
         teacher = (teacher_e, teacher_c, teacher_bias, plan.teacher_softcap, plan.beta)
-        found, top = ops.stats(
+        found, top, top_log_probs = ops.stats(
             e, c, bias, targets, plan.impl, plan.softcap, plan.scale, plan.column_weight,
             ",".join(first), *teacher, None, None, top_k,
         )  # fmt: skip
@@ -74,7 +75,7 @@ class LinearLogitStats(torch.autograd.Function):
             found = shard.combine_stats(found, list(first))
         values = dict(zip(first, found, strict=True))
         if "jsd" in names:
-            second, _ = ops.stats(
+            second, *_ = ops.stats(
                 e, c, bias, targets, plan.impl, plan.softcap, plan.scale, plan.column_weight,
                 ",".join(MIXTURE), *teacher, values["teacher_lse"], values["lse"], 0,
             )  # fmt: skip
@@ -82,15 +83,15 @@ class LinearLogitStats(torch.autograd.Function):
                 second = shard.sum_stats(second)
             values.update(zip(MIXTURE, second, strict=True))
         kept = torch.stack(list(values.values()))
-        return torch.stack([values[name] for name in names]), top, kept
+        return torch.stack([values[name] for name in names]), top, top_log_probs, kept
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         e, c, bias, targets, teacher_e, teacher_c, teacher_bias, plan, names, _ = inputs
         ctx.plan, ctx.names = plan, names
         ctx.kept = _first_sweep(names, teacher_e is not None) + (MIXTURE if "jsd" in names else ())
-        ctx.save_for_backward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, output[2])
-        ctx.mark_non_differentiable(targets, output[1], output[2])
+        ctx.save_for_backward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, output[3])
+        ctx.mark_non_differentiable(targets, *output[1:])
 
     @staticmethod
     def backward(ctx, grad_stats, *_):
@@ -225,6 +226,25 @@ class GatheredDots(torch.autograd.Function):
         need_e, need_c, _ = ctx.needs_input_grad
         grad_e, grad_c = ops.gathered_dots_backward(grad, e, c, indices, need_e, need_c)
         return grad_e.to(e.dtype) if need_e else None, grad_c if need_c else None, None
+
+
+class SweepValues(torch.autograd.Function):
+    """`values` forward, with the gradient of `differentiable`: the same function of the
+    inputs, computed another way. A top-k's log-probabilities come from the sweep, where the
+    largest is exact relative to the row's log-sum-exp; the gathered logits carry their
+    gradient."""
+
+    @staticmethod
+    def forward(values, differentiable):
+        return values.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
 
 
 SCALE_CHUNK_ELEMENTS = 2**18

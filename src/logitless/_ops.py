@@ -38,9 +38,9 @@ def stats(
     teacher_lse: Tensor | None,
     lse: Tensor | None,
     top_k: int,
-) -> tuple[Tensor, Tensor]:
-    """(statistics (len(names), N), top-k indices (N, top_k)) of `backends.stats`; `names` is
-    comma-separated (custom ops take no list of strings)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(statistics (len(names), N), top-k indices (N, top_k), their log-probabilities) of
+    `backends.stats`; `names` is comma-separated (custom ops take no list of strings)."""
     teacher = _teacher(teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse)
     with _no_autocast(e):
         out = get_backend(impl).stats(
@@ -49,15 +49,17 @@ def stats(
         )  # fmt: skip
     if top_k:
         return out
-    return out, targets.new_empty(e.shape[0], 0, dtype=torch.int64)
+    return out, targets.new_empty(e.shape[0], 0, dtype=torch.int64), out.new_empty(e.shape[0], 0)
 
 
 @stats.register_fake
 def _(e, c, bias, targets, impl, softcap, scale, column_weight, names, teacher_e, teacher_c,
       teacher_bias, teacher_softcap, beta, teacher_lse, lse, top_k):  # fmt: skip
+    acc = accumulation_dtype(e.dtype)
     return (
-        e.new_empty(len(_split(names)), e.shape[0], dtype=accumulation_dtype(e.dtype)),
+        e.new_empty(len(_split(names)), e.shape[0], dtype=acc),
         e.new_empty(e.shape[0], top_k, dtype=torch.int64),
+        e.new_empty(e.shape[0], top_k, dtype=acc),
     )
 
 

@@ -15,6 +15,7 @@ from logitless._autograd import (
     GatheredDots,
     LinearLogitStats,
     Plan,
+    SweepValues,
 )
 from logitless._loss import (
     DIVERGENCES,
@@ -302,10 +303,12 @@ def linear_top_k(
     """The k most likely classes of each row of `e` under
     `softmax(softcap(e @ c.T + bias) / temperature)`, without forming the logits.
 
-    One sweep over the vocabulary keeps a running top-k of the logits and their log-sum-exp.
-    The values are recomputed from the k selected rows of `c` (gathered in row blocks, never
-    N x k x D at once), so they are differentiable in e, c and bias; the log-sum-exp's gradient
-    is one more sweep. k = 1 gives argmax predictions (and accuracy) without logits.
+    One sweep over the vocabulary keeps a running top-k of the logits and their log-sum-exp,
+    and gives the values as log_softmax does. They are differentiable in e, c and bias: the
+    gradient flows through the logits recomputed from the k selected rows of `c` (gathered in
+    row blocks, never N x k x D at once, and only when a gradient is needed), and through the
+    log-sum-exp, whose gradient is one more sweep. k = 1 gives argmax predictions (and
+    accuracy) without logits.
 
     Returns:
         (values, indices), both (..., k): float32 log-probabilities (float64 for float64 inputs)
@@ -324,14 +327,12 @@ def linear_top_k(
     plan = Plan(
         impl=check_impl(impl, e.device, e.dtype), softcap=softcap, filter_eps=None, scale=scale
     )
-    found, indices, _ = LinearLogitStats.apply(
+    found, indices, values, _ = LinearLogitStats.apply(
         rows, c, bias, no_targets.reshape(-1), None, None, None, plan, ("lse",), k
     )
-    logits = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
-    # float32 values of classes picked from 16-bit logits may order near-ties otherwise
-    logits, order = logits.sort(dim=1, descending=True)
-    indices = indices.gather(1, order)
-    values = logits - found[0].unsqueeze(1)  # every row: top-k has no targets to drop
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (e, c, bias)):
+        logits = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
+        values = SweepValues.apply(values, logits - found[0].unsqueeze(1))
     lead = e.shape[:-1]
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 
@@ -446,7 +447,7 @@ def linear_distillation_loss(
                 TokenLoss(0.0, 0.0, c.shape[0]), needs,
             )[0]  # fmt: skip
         return loss
-    found, _, _ = LinearLogitStats.apply(
+    found, *_ = LinearLogitStats.apply(
         rows, c, bias, backend_targets, *teacher, plan, tuple(weights), 0
     )
     losses = divergence_from_statistics(weights, found)

@@ -60,14 +60,15 @@ def stats(
     """The statistics `names` per row, (len(names), N) fp32 (see `logitless.backends`).
 
     `lse`, the student's, is given for the second sweep (`jsd`, `jsd_p`). With `top_k`,
-    also the (N, top_k) indices of each row's largest logits, in descending order.
+    also the (N, top_k) indices of each row's largest logits, in descending order, and their
+    log-probabilities.
     """
     if lse is None and _in_tiles(e, names, (), teacher, top_k):
         return _tiled_stats(e, c, bias, targets, logits, names)
-    out, *_, top = _sweep(
+    out, *_, top, top_log_probs = _sweep(
         e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse, top_k=top_k
     )
-    return (out, top) if top_k else out
+    return (out, top, top_log_probs) if top_k else out
 
 
 def grads(
@@ -87,7 +88,7 @@ def grads(
     if _in_tiles(e, (), terms, teacher, 0):
         rows = dict(zip(terms, coefficients, strict=True))
         return _tiled_grads(e, c, bias, targets, lse, rows, logits, filter_eps, needs)
-    _, grad_e, grad_c, grad_bias, _ = _sweep(
+    _, grad_e, grad_c, grad_bias, *_ = _sweep(
         e, c, bias, targets, logits=logits, names=(), teacher=teacher, lse=lse,
         coefficients=lambda rows, _: coefficients[:, rows], terms=terms,
         filter_eps=filter_eps, needs=needs,
@@ -119,7 +120,7 @@ def stats_and_grads(
             e, c, bias, targets, out[names.index("lse")], rows, logits, filter_eps, needs
         )
         return out, grad_e, grad_c, grad_bias
-    out, grad_e, grad_c, grad_bias, _ = _sweep(
+    out, grad_e, grad_c, grad_bias, *_ = _sweep(
         e, c, bias, targets, logits=logits, names=names, teacher=teacher,
         coefficients=coefficients_of, terms=terms, filter_eps=filter_eps, needs=needs,
     )  # fmt: skip
@@ -213,7 +214,7 @@ def _sweep(
 ) -> tuple[torch.Tensor | None, ...]:
     """One pass over row blocks: the statistics `names` (the forward sweep when `lse` is None),
     and gradients when `coefficients` are given. Returns (stats, grad_e, grad_c, grad_bias,
-    top-k indices)."""
+    top-k indices, their log-probabilities)."""
     n, dim = e.shape
     vocab = c.shape[0]
     forward = lse is None
@@ -249,6 +250,7 @@ def _sweep(
     grad_c = torch.zeros(vocab, dim, **fp32) if backward and needs[1] else None
     grad_bias = torch.zeros(vocab, **fp32) if backward and needs[2] else None
     top = torch.empty(n, top_k, device=e.device, dtype=torch.int64) if top_k else None
+    top_log_probs = torch.empty(n, top_k, **fp32) if top_k else None
 
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
@@ -257,15 +259,17 @@ def _sweep(
         z = _logits(e_rows, c, bias32, logits_buffer[:size])
         deriv = _cap_and_scale(z, logits, None if deriv_buffer is None else deriv_buffer[:size])
         if top is not None:
-            top[rows] = z.topk(top_k, dim=1).indices
+            top_logits, top[rows] = z.topk(top_k, dim=1)
         found: dict[str, torch.Tensor] = {}
         z_kept = z_buffer[:size].copy_(z) if need_z else None
         if forward:
             found["target"] = _gather_targets(z, t)
             if "sum" in names:
                 found["sum"] = z.sum(1) if weight32 is None else z @ weight32
-            found["lse"] = _exp_in_place(z, normalize=backward or need_p)
-            lse_rows = found["lse"]
+            peak, log_total = _exp_in_place(z, normalize=backward or need_p)
+            found["lse"] = lse_rows = peak + log_total
+            if top is not None:
+                top_log_probs[rows] = top_logits.sub_(peak[:, None]).sub_(log_total[:, None])
         else:
             lse_rows = lse[rows]
             z.sub_(lse_rows[:, None]).exp_()
@@ -284,7 +288,8 @@ def _sweep(
         if need_q:
             q = q_buffer[:size].copy_(y) if need_y else y
             if teacher.lse is None:
-                found["teacher_lse"] = teacher_lse_rows = _exp_in_place(q, normalize=True)
+                peak, log_total = _exp_in_place(q, normalize=True)
+                found["teacher_lse"] = teacher_lse_rows = peak + log_total
             else:
                 teacher_lse_rows = teacher.lse[rows]
                 q.sub_(teacher_lse_rows[:, None]).exp_()
@@ -323,7 +328,7 @@ def _sweep(
                 grad_c[lo:hi].addmm_(d_part.T, e_rows32)
             if grad_bias is not None:
                 grad_bias[lo:hi] += d_part.sum(0)
-    return out, grad_e, grad_c, grad_bias, top
+    return out, grad_e, grad_c, grad_bias, top, top_log_probs
 
 
 def _cap_and_scale(z: torch.Tensor, logits: Logits, deriv_out: torch.Tensor | None):
@@ -599,14 +604,15 @@ def _gather_targets(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return picked.masked_fill_(t < 0, 0.0)
 
 
-def _exp_in_place(z: torch.Tensor, *, normalize: bool) -> torch.Tensor:
-    """Turn z into exp(z - max) (the softmax if `normalize`) and return the row log-sum-exp."""
+def _exp_in_place(z: torch.Tensor, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn z into exp(z - max) (the softmax if `normalize`) and return the row maximum and
+    the log of the row sum of exp(z - max): their sum is the log-sum-exp."""
     peak = z.amax(1, keepdim=True)
     z.sub_(peak).exp_()
     total = z.sum(1, keepdim=True)
     if normalize:
         z.div_(total)
-    return (peak + total.log()).squeeze(1)
+    return peak.squeeze(1), total.log_().squeeze(1)
 
 
 def _softmax_to_grad(

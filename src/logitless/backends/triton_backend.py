@@ -59,7 +59,7 @@ def stats(
         teacher=teacher, lse=lse,
     )  # fmt: skip
     out = torch.stack([found[name] for name in names])
-    return (out, found["top"]) if top_k else out
+    return (out, found["top"], found["top_log_probs"]) if top_k else out
 
 
 def grads(

@@ -358,7 +358,7 @@ def lse_forward(
     """fp32 per-row `lse`, `target` and, if asked, `sum` (weighted by `weight`) and `mean`
     (the softmax-weighted mean logit) of e; see `logitless.backends`. With `top_k` (at most
     MAX_TOP_K), also `top`: the (N, top_k) int64 classes of each row's largest logits, in
-    descending order.
+    descending order, and `top_log_probs`: their log-probabilities, from the kernel's logits.
 
     With a `teacher`, also `teacher_lse`, `teacher_mean`, `cross_mean` and
     `teacher_under_student`; with the student's `lse` given (and the teacher's in
@@ -407,7 +407,8 @@ def lse_forward(
     peak = split_max.amax(0)
     rescale = torch.exp(split_max - peak)
     total = (split_sum * rescale).sum(0)
-    found = {"lse": peak + total.log(), "target": partials[2].sum(0)}
+    log_total = total.log()
+    found = {"lse": peak + log_total, "target": partials[2].sum(0)}
     if with_sum:
         found["sum"] = partials[3].sum(0)
     if with_mean:
@@ -417,9 +418,12 @@ def lse_forward(
                                          teacher.beta, mixture))  # fmt: skip
     if top_k:
         candidates = top_values.permute(1, 0, 2).reshape(n, splits * top_k)
-        best = candidates.topk(top_k, dim=1).indices
+        best_logits, best = candidates.topk(top_k, dim=1)
         classes = top_indices.permute(1, 0, 2).reshape(n, splits * top_k)
         found["top"] = classes.gather(1, best).long()
+        # The kernel ranks a masked class (a -inf logit) as the lowest finite value.
+        best_logits.masked_fill_(best_logits == torch.finfo(torch.float32).min, float("-inf"))
+        found["top_log_probs"] = best_logits.sub_(peak[:, None]).sub_(log_total[:, None])
     return found
 
 

@@ -387,6 +387,44 @@ def test_trainer_label_smoothing_runs_through_logitless(family, tmp_path, logitl
     assert_same_training(model, reference, our_losses, their_losses, steps=2)
 
 
+@pytest.mark.parametrize("eval_logits", [True, False])
+def test_trainer_label_smoothing_in_evaluation_and_unpatch(tmp_path, eval_logits):
+    """Trainer.evaluate of a patched Trainer with label_smoothing_factor reports the unpatched
+    Trainer's smoothed eval_loss (with eval_logits the Trainer smooths the model's logits as it
+    would unpatched); unpatch gives the Trainer its label smoother back."""
+    reference = make_model("llama")
+    args = {"label_smoothing_factor": 0.1, "max_steps": 1}
+    theirs = make_trainer(reference, tmp_path, **args)
+    ours = patch(make_trainer(copy.deepcopy(reference), tmp_path, **args), eval_logits=eval_logits)
+    assert ours.label_smoother is None
+    evaluated = [
+        trainer.evaluate(theirs.train_dataset[:6])["eval_loss"] for trainer in (theirs, ours)
+    ]
+    assert abs(evaluated[1] - evaluated[0]) <= LOSS_TOLERANCE * evaluated[0]
+    assert unpatch(ours).label_smoother is not None and "compute_loss" not in vars(ours)
+    assert our_loss_is_the_models_own(ours.model)
+
+
+def our_loss_is_the_models_own(model) -> bool:
+    """Whether `model` returns logits and its own loss of them (it is not patched)."""
+    batch = make_batch()
+    outputs = model(**batch)
+    if outputs.logits is None:
+        return False
+    return bool(outputs.loss == model.loss_function(outputs.logits, batch["labels"], VOCAB))
+
+
+def test_unpatch_after_mixed_precision_training(tmp_path):
+    """accelerate wraps the forward of a Trainer's model for mixed precision around the patched
+    one; unpatch still turns the patch off."""
+    model = make_model("llama")
+    trainer = patch(make_trainer(model, tmp_path, bf16=True, max_steps=1))
+    trainer.train()
+    assert model(**make_batch()).logits is None
+    unpatch(trainer)
+    assert our_loss_is_the_models_own(model)
+
+
 def test_trainer_that_would_take_the_logits_warns(tmp_path):
     """A patched model that a Trainer calls without labels (label smoothing or a
     compute_loss_func set) warns instead of silently computing the logits."""
@@ -452,6 +490,33 @@ def test_unpatch_restores_the_models_own_loss(family):
     ours, theirs = model(**make_batch()), reference(**make_batch())
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=0)
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=0, atol=0)
+
+
+def test_unpatch_of_an_unpatched_model_and_twice(monkeypatch):
+    model = make_model("llama")
+    unpatch(unpatch(model))  # nothing to undo
+    unpatch(unpatch(patch(model)))
+    assert our_loss_is_the_models_own(model)
+    cls = transformers.LlamaForCausalLM
+    monkeypatch.setattr(cls, "forward", cls.forward)  # restored after the test
+    patch(cls)
+    unpatch(model)  # an instance of a patched class has no patch of its own
+    assert model(**make_batch()).logits is None
+
+
+def test_instance_patch_over_a_class_patch_takes_its_own_options(monkeypatch):
+    """An instance patch on a patched class computes with its own options; unpatching both in
+    any order leaves the model's own forward."""
+    cls = transformers.LlamaForCausalLM
+    monkeypatch.setattr(cls, "forward", cls.forward)  # restored after the test
+    model = make_model("llama")
+    expected = model(**make_batch()).loss
+    patch(cls, z_loss=1.0)
+    patch(model)
+    assert rel_error(model(**make_batch()).loss, expected) <= LOSS_TOLERANCE
+    unpatch(cls)
+    unpatch(model)
+    assert our_loss_is_the_models_own(model)
 
 
 def test_unpatch_of_a_class(monkeypatch):
@@ -546,6 +611,16 @@ def test_modules_to_save_head(family):
     assert any("modules_to_save" in name for name in names)
     assert_same_loss_and_grads(patched, reference, make_batch(), names)
     assert_same_loss_without_adapters(patched, reference)
+
+
+def test_mixed_adapter_batches_are_refused():
+    """PEFT's adapter_names (a batch mixing adapters) reaches a LoRA head's forward: refused
+    clearly rather than failing inside the patch."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False)
+    model = patch(peft.get_peft_model(make_model("llama"), lora).eval())
+    with pytest.raises(NotImplementedError, match="adapter_names"):
+        model(**make_batch(), adapter_names=["default"] * BATCH)
 
 
 def assert_same_loss_without_adapters(patched, reference):

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -45,6 +46,12 @@ _PROBE = (-1.0, -0.5, 0.25, 0.75)
 _NO_LOSS_FUNCTION = "does not compute its loss by loss_function"
 _SCALE = "_logitless_logit_scale"
 """Attribute of a patched model: the logit scale its probe showed, once checked."""
+_ACTIVE = "_logitless_patched"
+"""Attribute of a patched instance while its patch is on: `unpatch` clears it, which turns the
+patch off even where a wrapper of the patched forward remains (accelerate's mixed precision
+wraps a Trainer's model's forward)."""
+_SMOOTHER = "_logitless_label_smoother"
+"""Attribute of a patched Trainer: the label smoother the patch took over, for `unpatch`."""
 
 Patchable = TypeVar("Patchable")
 
@@ -104,8 +111,9 @@ def patch(
     forward = _unpatched_forward(causal_lm)
     # A partial over the model (not a closure) so that a deepcopy calls its own copy.
     causal_lm.forward = functools.update_wrapper(
-        functools.partial(_forward, causal_lm, forward, options, eval_logits), forward
+        functools.partial(_instance_forward, causal_lm, forward, options, eval_logits), forward
     )
+    setattr(causal_lm, _ACTIVE, True)
     if fused is not None:
         _install_fused_head(causal_lm, fused, options)
     return model
@@ -117,19 +125,23 @@ def unpatch(model: Patchable) -> Patchable:
         for wrapped in (model.model, getattr(model, "ref_model", None)):
             if wrapped is not None:
                 unpatch(wrapped)
+        if _SMOOTHER in vars(model):
+            model.label_smoother = vars(model).pop(_SMOOTHER)
+            vars(model).pop("compute_loss", None)
     elif isinstance(model, type):
         model.forward = getattr(model.forward, "__logitless_unpatched__", model.forward)
     else:
         causal_lm = _causal_lm(model)
-        forward = causal_lm.forward
-        if isinstance(forward, functools.partial) and forward.func is _fused_forward:
-            causal_lm.forward = forward.args[2].trl_forward  # TRL's own fused head
-        elif _unpatched_forward(causal_lm) is not forward:
-            original = _unpatched_forward(causal_lm)
-            if getattr(original, "__func__", None) is type(causal_lm).forward:
-                del causal_lm.forward  # the class's forward shows through again
+        own = causal_lm.__dict__.get("forward")
+        if isinstance(own, functools.partial) and own.func is _fused_forward:
+            causal_lm.forward = own.args[2].trl_forward  # TRL's own fused head
+        elif isinstance(own, functools.partial) and own.func is _instance_forward:
+            original = own.args[1]
+            if _is_class_forward(causal_lm, original):
+                del causal_lm.forward  # the class's forward (patched or not) shows through again
             else:
                 causal_lm.forward = original  # an instance's own, such as accelerate's hook
+        causal_lm.__dict__.pop(_ACTIVE, None)
         causal_lm.__dict__.pop(_SCALE, None)
         for module in causal_lm.modules():
             for hook in list(vars(module).values()):
@@ -146,10 +158,25 @@ def _causal_lm(model: Any) -> transformers.PreTrainedModel:
 
 
 def _unpatched_forward(model: transformers.PreTrainedModel) -> Callable:
+    """The model's forward without its own patch, and without its class's: an instance's patch
+    takes precedence over its class's."""
+    own = model.__dict__.get("forward")
+    if isinstance(own, functools.partial) and own.func is _instance_forward:
+        return own.args[1]  # patched before
     forward = model.forward
-    if isinstance(forward, functools.partial) and forward.func is _forward:
-        return forward.args[1]  # patched before
-    return forward
+    original = getattr(getattr(forward, "__func__", None), "__logitless_unpatched__", None)
+    return forward if original is None else types.MethodType(original, model)
+
+
+def _is_class_forward(model: transformers.PreTrainedModel, forward: Callable) -> bool:
+    """Whether `forward` is the model's class's forward (or what a class patch wraps), bound to
+    the model."""
+    method = type(model).forward
+    functions = (method, getattr(method, "__logitless_unpatched__", None))
+    return (
+        getattr(forward, "__self__", None) is model
+        and getattr(forward, "__func__", None) in functions
+    )
 
 
 def _patch_trainer(
@@ -172,7 +199,7 @@ def _patch_trainer(
         )
     elif factor:
         options = dataclasses.replace(options, label_smoothing=factor)
-        trainer.label_smoother = None
+        _take_label_smoother(trainer, eval_logits)
     if trainer.compute_loss_func is not None:
         warnings.warn(
             "the Trainer's compute_loss_func takes the model's logits, so its loss is computed "
@@ -192,6 +219,28 @@ def _patch_trainer(
     return trainer
 
 
+def _take_label_smoother(trainer: transformers.Trainer, eval_logits: bool) -> None:
+    """Move the Trainer's label smoothing into the patch: its label smoother takes the labels
+    out of the model's inputs and smooths the loss from the logits. With `eval_logits`,
+    evaluation runs the model unpatched, so the smoother is given back there, and the Trainer
+    evaluates the loss it would unpatched."""
+    if _SMOOTHER in vars(trainer):
+        return  # patched before
+    vars(trainer)[_SMOOTHER] = trainer.label_smoother
+    trainer.label_smoother = None
+    if eval_logits:
+        trainer.compute_loss = functools.partial(_compute_loss, trainer, trainer.compute_loss)
+
+
+def _compute_loss(trainer: transformers.Trainer, compute_loss: Callable, *args, **kwargs):
+    """The Trainer's `compute_loss`, with its label smoother in evaluation (gradients off)."""
+    trainer.label_smoother = None if torch.is_grad_enabled() else vars(trainer)[_SMOOTHER]
+    try:
+        return compute_loss(*args, **kwargs)
+    finally:
+        trainer.label_smoother = None
+
+
 def _patched_method(method: Callable, options: LossOptions, eval_logits: bool) -> Callable:
     """A class's `forward` method that routes calls with labels through `_forward`."""
     method = getattr(method, "__logitless_unpatched__", method)
@@ -203,6 +252,20 @@ def _patched_method(method: Callable, options: LossOptions, eval_logits: bool) -
 
     forward.__logitless_unpatched__ = method
     return forward
+
+
+def _instance_forward(
+    model: transformers.PreTrainedModel,
+    forward: Callable,
+    options: LossOptions,
+    eval_logits: bool,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """A patched instance's forward: `_forward` while its patch is on (`_ACTIVE`)."""
+    if not getattr(model, _ACTIVE, False):
+        return forward(*args, **kwargs)
+    return _forward(model, forward, options, eval_logits, *args, **kwargs)
 
 
 def _forward(
@@ -383,8 +446,15 @@ class _HeadInterception:
         for hook in self.hooks:
             hook.interception = None
 
-    def record(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def record(
+        self, layer: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """The head's forward: record its operands, return the probe in place of the logits."""
+        if args or kwargs:
+            raise self.unsupported(
+                "passes its output layer more than the hidden states (PEFT's adapter_names: a "
+                "batch mixing adapters)"
+            )
         if self.hidden is not None:
             raise self.unsupported("runs its output layer more than once in a forward")
         weight = layer.weight if _is_linear(layer) else layer.base_layer.weight
@@ -628,6 +698,8 @@ def _fused_forward(
     """TRL's fused-head forward, computed by logitless."""
     if not fused_lm_head:
         return plain(*args, **kwargs)
+    if not getattr(model, _ACTIVE, False):  # unpatched under a wrapper that kept this forward
+        return head.trl_forward(*args, fused_lm_head=True, **kwargs)
     kwargs["use_cache"] = False
     interception = _FusedHeadInterception(model, _head_layers(model), options, head)
     outputs = _intercepted(interception, _unpatched_forward(model), args, kwargs)

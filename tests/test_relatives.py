@@ -173,6 +173,7 @@ WEIGHT_OPTIONS = [
     {"label_smoothing": 0.1, "reduction": "none", "return_lse": True},
     {"label_smoothing": 0.1, "softcap": 3.0},
     {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none"},
+    {"z_loss": 1e-2},
 ]
 
 
@@ -206,6 +207,25 @@ def test_class_weights_equal_float64_cross_entropy_directly():
                 e @ c.T, targets, weight=weight, label_smoothing=smoothing, reduction=reduction
             )
             torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_z_loss_with_class_weights_is_reduced_like_the_loss(impl):
+    """A token's z-loss is weighted like its cross-entropy: the weighted mean does not change
+    with the weights' scale, and a token whose target weighs 0 adds nothing."""
+    e, c, targets, bias = make_inputs((33,), 16, 211, bias=True, seed=8, device=DEVICE)
+    weight = class_weights(211)
+    options = {"z_loss": 0.1, "label_smoothing": 0.1, "impl": impl}
+    loss = linear_cross_entropy(e, c, targets, bias, weight=weight, **options)
+    scaled = linear_cross_entropy(e, c, targets, bias, weight=7 * weight, **options)
+    torch.testing.assert_close(scaled, loss, rtol=1e-5, atol=0)
+    zeroed = weight.clone()
+    zeroed[targets[:5]] = 0
+    dropped = targets.clone()
+    dropped[torch.isin(targets, targets[:5])] = -100
+    without = linear_cross_entropy(e, c, targets, bias, weight=zeroed, reduction="sum", z_loss=0.1)
+    expected = linear_cross_entropy(e, c, dropped, bias, weight=zeroed, reduction="sum", z_loss=0.1)
+    torch.testing.assert_close(without, expected, rtol=1e-5, atol=0)
 
 
 def test_module_takes_class_weights():

@@ -16,10 +16,11 @@ class TokenLoss:
     w[y] (without class weights: w = 1, W = V):
 
         loss = w[y] (1 - label_smoothing) (lse - target_logit)
-               + label_smoothing / V * (W lse - logit_sum) + z_loss * lse**2
+               + label_smoothing / V * (W lse - logit_sum) + w[y] z_loss * lse**2
 
     where logit_sum = sum_v w[v] z[v]: F.cross_entropy with `weight` and label smoothing, plus
-    PaLM's z-loss.
+    PaLM's z-loss, weighted like the token's cross-entropy: F.cross_entropy's weighted mean
+    divides by sum w[y], and a z-loss left unweighted would change with the weights' scale.
 
     Not a frozen dataclass: torch 2.11's dynamo loses the fields of a frozen dataclass built
     inside a compiled function when one of its methods is called (test_compile, torch 2.11).
@@ -42,7 +43,8 @@ class TokenLoss:
         if smoothing:
             loss = loss - (smoothing / self.vocab) * logit_sum
         if self.z_loss:
-            loss = loss + self.z_loss * lse.square()
+            z_loss = self.z_loss if target_weight is None else self.z_loss * target_weight
+            loss = loss + z_loss * lse.square()
         return loss
 
     def coefficients(self, lse, weights, target_weight=None):
@@ -57,7 +59,8 @@ class TokenLoss:
             )
             grad_target = -(1.0 - smoothing) * weights * target_weight
         if self.z_loss:
-            grad_lse = grad_lse + weights * (2.0 * self.z_loss) * lse
+            z_loss = self.z_loss if target_weight is None else self.z_loss * target_weight
+            grad_lse = grad_lse + weights * (2.0 * z_loss) * lse
         return grad_lse, grad_target, -(self.label_smoothing / self.vocab) * weights
 
 

@@ -90,7 +90,8 @@ def linear_cross_entropy(
         shift: k > 0 makes `e[..., t, :]` predict `targets[..., t + k]` (causal LM: 1).
         softcap: s applies `s * tanh(logits / s)` to the logits (Gemma 2).
         label_smoothing: as in `F.cross_entropy`.
-        z_loss: adds `z_loss * lse**2` per token (PaLM), reduced like the loss.
+        z_loss: adds `z_loss * lse**2` per token (PaLM), reduced like the loss (with `weight`,
+            weighted by the target's class weight, as the token's cross-entropy).
         return_lse: also return the per-token log-sum-exp (differentiable).
         filter_eps: gradient filtering: the most softmax probability per token that skipped
             backward tiles may hold in all: a float, or None (exact); "auto" is exact, since

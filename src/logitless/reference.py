@@ -47,8 +47,9 @@ def reference_linear_cross_entropy(
     valid = flat_targets != ignore_index
     if z_loss or return_lse:  # only then: eager code pays for no log-sum-exp it does not use
         lse = torch.where(valid, torch.logsumexp(flat_logits, dim=-1), 0.0)
-    if z_loss:
-        losses = losses + z_loss * lse.square()
+    if z_loss:  # weighted like the token's cross-entropy, by its target's weight
+        scale = z_loss if weight is None else z_loss * weight[flat_targets.clamp(min=0)]
+        losses = losses + scale * lse.square()
     shape = targets[..., shift:].shape if shift else targets.shape
     if reduction == "mean":
         if weight is None:

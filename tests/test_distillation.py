@@ -253,13 +253,13 @@ def cached_teacher(
 ):
     """A teacher's top-k log-probabilities and classes at `temperature`, as offline
     distillation caches them (float32); the first `pad_rows` rows hold fewer than k classes
-    (-inf padding on class 0)."""
+    (-inf padding, with index -1)."""
     teacher_e, teacher_c, teacher_bias = teacher_head(torch.float64, bias=True)
     log_q = torch.log_softmax((teacher_e @ teacher_c.T + teacher_bias) / temperature, dim=-1)
     log_probs, indices = log_q.topk(k, dim=-1)
     log_probs = log_probs.float()
     log_probs[:pad_rows, k // 2 :] = -torch.inf
-    indices[:pad_rows, k // 2 :] = 0
+    indices[:pad_rows, k // 2 :] = -1
     return indices.reshape(*lead, k).to(device), log_probs.reshape(*lead, k).to(device)
 
 

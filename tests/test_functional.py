@@ -14,7 +14,7 @@ from helpers import (
     outputs_and_grads,
     rel_error,
 )
-from logitless import LinearCrossEntropyLoss, linear_cross_entropy
+from logitless import LinearCrossEntropyLoss, linear_cross_entropy, linear_log_probs
 from logitless.backends import get_backend, torch_backend
 from logitless.reference import reference_linear_cross_entropy
 
@@ -51,6 +51,16 @@ def test_shift_on_batched_sequences(shift, reduction):
     inputs = make_inputs((3, 11), 24, 513, ignore_fraction=0.1, seed=5)
     check_against_reference(inputs, shift=shift, reduction=reduction, return_lse=True)
     check_against_reference(inputs, shift=shift, reduction=reduction, label_smoothing=0.1)
+
+
+def test_per_token_outputs_of_shifted_sequences_are_contiguous():
+    """reduction="none", return_lse and log-probs with a shift come back contiguous, as eager's
+    (a view of the unshifted shape could not be flattened with .view)."""
+    e, c, targets, _ = make_inputs((2, 6), 8, 50, ignore_fraction=0.3, seed=2)
+    losses, lse = linear_cross_entropy(e, c, targets, shift=1, reduction="none", return_lse=True)
+    log_probs = linear_log_probs(e, c, targets, shift=1)
+    for values in (losses, lse, log_probs):
+        assert values.shape == (2, 5) and values.view(-1).shape == (10,)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -136,11 +146,15 @@ def test_explicit_filter_threshold_bounds_the_error():
 
 def test_backward_twice_on_fused_path_is_a_clear_error():
     e, c, targets, _ = make_inputs((5,), 8, 50)
-    e.requires_grad_()
+    e.requires_grad_(), c.requires_grad_()
     loss = linear_cross_entropy(e, c, targets)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="logitless: a second backward"):
         loss.backward()
+    loss = linear_cross_entropy(e, c, targets)
+    torch.autograd.grad(loss, e, retain_graph=True)
+    with pytest.raises(RuntimeError, match="reduction='none'"):
+        torch.autograd.grad(loss, c)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

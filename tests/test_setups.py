@@ -281,6 +281,8 @@ def test_module_takes_num_items_in_batch():
         (2.5, {}, TypeError),
         (True, {}, TypeError),
         (torch.tensor([3, 4]), {}, ValueError),
+        (torch.tensor(0), {}, ValueError),
+        (torch.tensor(-2.0), {}, ValueError),
         (5, {"reduction": "none"}, ValueError),
         (5, {"reduction": "sum"}, ValueError),
     ],

@@ -135,10 +135,10 @@ class _FusedLoss(torch.autograd.Function):
     Forward returns the loss and those gradients (the caller keeps the loss only): grad_e and
     grad_bias in the accumulation dtype, grad_c in c's; its first three inputs are (e, c, bias),
     its last `needs`, which of them get a gradient. Backward multiplies the gradients by the
-    upstream gradient in float32 (or float64) and rounds once. They are scaled in place, so a
-    second backward through the same graph is refused by autograd's check of modified saved
-    tensors. 16-bit gradients are rounded before that multiplication, which costs range in
-    float16 (a GradScaler's scale would overflow or its small gradients flush to zero);
+    upstream gradient in float32 (or float64) and rounds once. They are scaled in place (no
+    second copy of grad_c), so a second backward through the same graph is refused. 16-bit
+    gradients are rounded before that multiplication, which costs range in float16 (a
+    GradScaler's scale would overflow or its small gradients flush to zero);
     `logitless.functional` does not fuse float16 inputs.
     """
 
@@ -154,6 +154,13 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         check_not_double_backward()
+        if getattr(ctx, "spent", False):
+            raise RuntimeError(
+                "logitless: a second backward through the same reduced loss (retain_graph=True): "
+                "its gradients, computed in the forward pass, were scaled in place by the first. "
+                "Compute the loss again, or sum reduction='none' losses, whose backward recomputes"
+            )
+        ctx.spent = True
         grad_e, grad_c, grad_bias = ctx.saved_tensors
         e_dtype, c_dtype = ctx.dtypes
         scaled = (

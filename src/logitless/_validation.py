@@ -211,7 +211,9 @@ def check_no_vmap() -> None:
 
 
 def check_num_items_in_batch(num_items: object, options: LossOptions) -> None:
-    """num_items_in_batch: None, a positive int, or a one-element real tensor; for "mean" only."""
+    """num_items_in_batch: None, a positive int, or a positive one-element real tensor; for
+    "mean" only. A tensor on an accelerator is checked by a device-side assertion (transformers
+    passes one every step: no host synchronization), which fails the next synchronizing call."""
     if num_items is None:
         return
     if options.reduction != "mean":
@@ -225,6 +227,11 @@ def check_num_items_in_batch(num_items: object, options: LossOptions) -> None:
                 "num_items_in_batch must be a one-element real tensor, got "
                 f"{tuple(num_items.shape)} {num_items.dtype}"
             )
+        message = "num_items_in_batch must be > 0"
+        if num_items.device.type != "cpu" or torch.compiler.is_compiling():
+            torch._assert_async((num_items > 0).reshape(()), message)
+        elif not num_items > 0:
+            raise ValueError(f"{message}, got {num_items.item()}")
         return
     _check_int("num_items_in_batch", num_items)
     if num_items <= 0:
@@ -432,8 +439,9 @@ def check_teacher_top_k(
     e: torch.Tensor, c: torch.Tensor, teacher_indices: torch.Tensor, teacher_log_probs: torch.Tensor
 ) -> None:
     """A cached teacher: (..., k) integer class indices in [0, V) and floating log-probs <= 0
-    (-inf marks padding) with the leading shape of e, on its device, whose probabilities sum to
-    at most 1 per token, and no class twice in a token's support (`_first_refused`)."""
+    (-inf marks padding, whatever its index) with the leading shape of e, on its device, whose
+    probabilities sum to at most 1 per token, and no class twice in a token's support
+    (`_first_refused`)."""
     if not isinstance(teacher_indices, torch.Tensor):
         raise TypeError(
             f"teacher_indices must be a torch.Tensor, got {type(teacher_indices).__name__}"
@@ -476,8 +484,8 @@ def check_teacher_top_k(
     ordered = torch.where(in_support, indices, distinct_padding).sort(-1).values
     message = _first_refused(
         (
-            (indices < 0) | (indices >= vocab),
-            f"teacher_indices must lie in [0, {vocab}) (the rows of c)",
+            ((indices < 0) | (indices >= vocab)) & in_support,
+            f"teacher_indices must lie in [0, {vocab}) (the rows of c) where not padding",
         ),
         (
             log_probs.isnan() | (log_probs > 0),

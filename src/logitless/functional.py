@@ -6,6 +6,7 @@ Backends only compute (see `logitless.backends`); everything a call means is dec
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -499,7 +500,8 @@ def linear_top_k_distillation_loss(
             shape of e (row t: the teacher's prediction at position t, like e's).
         teacher_log_probs: (..., k) the teacher's log-probabilities of those classes, at
             `temperature` (taken as given: a cached teacher cannot be re-tempered); -inf
-            marks padding (fewer than k classes). Gets no gradient.
+            marks padding (fewer than k classes; its index may be anything, -1 say). Gets no
+            gradient.
         targets: optional: ignore_index marks tokens left out, shift aligns them, and they are
             the labels of the hard loss.
         temperature: T > 0 divides the student's (softcapped) logits.
@@ -538,6 +540,7 @@ def linear_top_k_distillation_loss(
     k = teacher_indices.shape[-1]
     indices = teacher_indices.reshape(-1, k).long()
     teacher_log_q = teacher_log_probs.detach().reshape(-1, k).to(accumulation_dtype(e.dtype))
+    indices = indices.masked_fill(teacher_log_q == -math.inf, 0)  # padding weighs nothing
     if kept is not None:
         indices, teacher_log_q = indices[kept], teacher_log_q[kept]
     valid = row_targets != NO_TARGET
@@ -671,7 +674,7 @@ def _per_token(
     if kept is not None:
         values = values.new_zeros(targets.numel()).index_copy(0, kept, values)
     values = values.view(targets.shape)
-    return values[..., : targets.shape[-1] - shift] if shift else values
+    return values[..., : targets.shape[-1] - shift].contiguous() if shift else values
 
 
 def _filter_eps(options: LossOptions, vocab_rows: int) -> float | None:

@@ -181,10 +181,10 @@ def reference_linear_top_k_distillation_loss(
         teacher_indices = teacher_indices[..., :-shift, :]
         teacher_log_probs = teacher_log_probs[..., :-shift, :]
     k = teacher_indices.shape[-1]
-    indices = teacher_indices.reshape(-1, k).long()
     log_q = teacher_log_probs.detach().reshape(-1, k).to(student.dtype)
     log_p = torch.log_softmax(student / temperature, dim=-1)
     in_support = log_q != -math.inf
+    indices = torch.where(in_support, teacher_indices.reshape(-1, k).long(), 0)  # any padding
     outside = torch.zeros_like(log_p).scatter_add(1, indices, in_support.to(log_p.dtype)) == 0
     q = torch.where(in_support, log_q.exp(), 0.0)
     losses = (q * (torch.where(in_support, log_q, 0.0) - log_p.gather(1, indices))).sum(-1)

@@ -78,3 +78,15 @@ def test_trl_completion_log_probs_recipe(model_type):
     assert ours[2].keys() == theirs[2].keys()
     for name, grad in ours[2].items():
         assert rel_error(grad, theirs[2][name]) < 1e-4, name
+
+
+@pytest.mark.parametrize(("keep", "error"), [(0, ValueError), (15, ValueError), (2.0, TypeError)])
+def test_bad_logits_to_keep_names_it(keep, error):
+    config = transformers.AutoConfig.for_model(
+        "llama", vocab_size=101, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    input_ids = torch.randint(3, 101, (2, 15))
+    with pytest.raises(error, match="logits_to_keep"):
+        completion_log_probs(model, input_ids, torch.ones_like(input_ids), keep)

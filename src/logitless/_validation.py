@@ -554,6 +554,19 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_logits_to_keep(logits_to_keep: object, input_ids: object) -> None:
+    """The completion's length: an int in [1, T - 1] for T tokens of `input_ids` (each token
+    is predicted from the one before it, so the first predicts nothing)."""
+    check_tensors(input_ids=input_ids)
+    _check_int("logits_to_keep", logits_to_keep)
+    length = input_ids.shape[-1] if input_ids.dim() else 0
+    if not 1 <= logits_to_keep < length:
+        raise ValueError(
+            f"logits_to_keep must be in [1, {length - 1}] for input_ids of {length} tokens, got "
+            f"{logits_to_keep}"
+        )
+
+
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

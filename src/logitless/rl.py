@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from logitless._validation import REDUCTIONS
+from logitless._validation import REDUCTIONS, check_logits_to_keep
 from logitless.distributed import VocabParallel
 from logitless.functional import linear_log_probs
 
@@ -68,6 +68,7 @@ def completion_log_probs(
     and the config's `final_logit_softcapping`. Models whose forward scales the logits by a
     constant (Cohere's `logit_scale`, Granite's `logits_scaling`) are not covered.
     """
+    check_logits_to_keep(logits_to_keep, input_ids)
     decoder = model.get_decoder()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     head = model.get_output_embeddings()

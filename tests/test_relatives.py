@@ -155,6 +155,27 @@ def test_top_k_of_confident_rows_keeps_relative_precision(impl, grad):
     assert relative(ours) <= 2 * relative(eager)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_of_confident_rows_keeps_relative_precision(impl):
+    """A confident token's entropy (near 0) is about as precise, relative to itself, as eager
+    float32's -(p * log p).sum(): lse - mean, two numbers of the size of the largest logit, had
+    lost it (50x eager's error, and negative entropies)."""
+    e, c, targets, bias = make_inputs((211,), 64, 1009, bias=True, scale=12.0, seed=9)
+    log_p = torch.log_softmax(e.double() @ c.double().T + bias.double(), dim=-1)
+    exact = -(log_p.exp() * log_p).sum(-1)
+    confident = (exact > 1e-6) & (exact < 1e-3)
+    assert confident.sum() >= 10
+    log_p32 = torch.log_softmax(e @ c.T + bias, dim=-1)
+    eager = -(log_p32.exp() * log_p32).sum(-1)
+    ours = linear_log_probs(e.to(DEVICE), c.to(DEVICE), targets.to(DEVICE), bias.to(DEVICE),
+                            return_entropy=True, impl=impl)[1].cpu()  # fmt: skip
+
+    def relative(values):
+        return ((values.double() - exact).abs() / exact)[confident].max()
+
+    assert (ours >= 0).all() and relative(ours) <= 3 * relative(eager)
+
+
 def test_argmax_gives_accuracy_without_logits():
     e, c, targets, bias = make_inputs((64,), 16, 211, bias=True, scale=3.0, seed=6)
     _, predicted = linear_top_k(e, c, 1, bias)

@@ -95,6 +95,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
     each statistic (docs/statistics.md):
 
         lse: a += G; target: t += G; sum: s += G; mean: a += G (1 - mean), b += G;
+        entropy (lse - mean): a += G mean, b -= G;
         cross_mean: g += G; teacher_under_student: a -= G tus, b_y += G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
         teacher_lse, teacher_mean: nothing (the teacher gets no gradient).
@@ -112,6 +113,9 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         elif name == "mean":
             add("p", g * (1.0 - values["mean"]))
             add("pz", g)
+        elif name == "entropy":
+            add("p", g * values["mean"])
+            add("pz", -g)
         elif name == "cross_mean":
             add("q", g)
         elif name == "teacher_under_student":
@@ -126,7 +130,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
 def coefficient_terms(names: tuple[str, ...], beta: float) -> tuple[str, ...]:
     """The coefficient rows that the upstream gradients of the statistics `names` give."""
     one = torch.ones(())
-    values = dict.fromkeys((*names, "jsd_p"), one)
+    values = dict.fromkeys((*names, "mean", "jsd_p"), one)
     return tuple(statistic_coefficients(dict.fromkeys(names, one), values, beta))
 
 

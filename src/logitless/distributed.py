@@ -154,7 +154,9 @@ class VocabParallel:
         Log-sum-exps combine by one all-reduce (max) and one (sum) of exp(lse_r - max); sums by
         the sum; softmax-weighted means (`mean`, `teacher_under_student` under p, and
         `teacher_mean`, `cross_mean` under q) by the sum of exp(lse_r - max) * mean_r, divided by
-        the global sum of exponentials. All sums go in the one all-reduce.
+        the global sum of exponentials; the entropy, with pi_r = exp(lse_r - lse) each rank's
+        share of the mass, as sum_r pi_r (entropy_r - log pi_r). All sums go in the one
+        all-reduce.
         """
         normalizers = [name for name in names if name in _NORMALIZER_OF.values()]
         peaks = torch.stack([stats[names.index(name)] for name in normalizers])
@@ -165,6 +167,9 @@ class VocabParallel:
         for name, row in zip(names, stats, strict=True):
             if name in peak:
                 partials.append(weight[name])
+            elif name == "entropy":  # sum_r w_r (entropy_r - (lse_r - peak)), then + log sum w
+                lse = stats[names.index("lse")]
+                partials.append(weight["lse"] * (row - (lse - peak["lse"])))
             elif name in _NORMALIZER_OF:
                 partials.append(weight[_NORMALIZER_OF[name]] * row)
             else:
@@ -176,6 +181,8 @@ class VocabParallel:
         for name, row in zip(names, sums, strict=True):
             if name in peak:
                 combined.append(peak[name] + row.log())
+            elif name == "entropy":
+                combined.append(row / total["lse"] + total["lse"].log())
             elif name in _NORMALIZER_OF:
                 combined.append(row / total[_NORMALIZER_OF[name]])
             else:

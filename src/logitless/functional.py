@@ -252,7 +252,8 @@ def linear_log_probs(
         e, c, targets, bias, ignore_index, shift, softcap, impl, vocab_parallel: as in
             `linear_cross_entropy`.
         temperature: T > 0 divides the (softcapped) logits.
-        return_entropy: also return each token's entropy, `lse - sum_v p_v z_v`.
+        return_entropy: also return each token's entropy, `lse - sum_v p_v z_v`, formed as
+            `log sum_v exp(z_v - max z) - sum_v p_v (z_v - max z)`.
         filter_eps: as in `linear_cross_entropy`; None (exact) by default.
 
     Returns:
@@ -281,14 +282,14 @@ def linear_log_probs(
         token_gather=gather,
         scale=scale,
     )
-    names = ("lse", "target", "mean") if return_entropy else ("lse", "target")
+    names = ("lse", "target", "entropy") if return_entropy else ("lse", "target")
     found = _stats(rows, c, bias, backend_targets, plan, names)
     if gather is not None:  # this rank's values are those of its own tokens
         found, valid = gather.own(found.T).T, gather.own(valid)
     log_probs = _per_token(torch.where(valid, found[1] - found[0], 0.0), targets, shift, kept)
     if not return_entropy:
         return log_probs
-    entropy = torch.where(valid, found[0] - found[2], 0.0)
+    entropy = torch.where(valid, found[2], 0.0)
     return log_probs, _per_token(entropy, targets, shift, kept)
 
 

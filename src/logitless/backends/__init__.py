@@ -58,6 +58,7 @@ STATISTICS = (
     "target",  # z[target], 0 without target
     "sum",  # sum_v w[v] z[v]
     "mean",  # sum_v p z
+    "entropy",  # lse - mean, from sum_v p (z - max z): without the cancellation of that difference
     "teacher_lse",  # log sum_v exp y
     "teacher_mean",  # sum_v q y
     "cross_mean",  # sum_v q z

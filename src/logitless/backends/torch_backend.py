@@ -227,12 +227,13 @@ def _sweep(
 
     # Block-sized buffers besides the logits, which become the softmax in place:
     need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
-    need_z = "mean" in names or "cross_mean" in names or "pz" in terms or need_ratio
+    with_mean = "mean" in names or "entropy" in names
+    need_z = with_mean or "cross_mean" in names or "pz" in terms or need_ratio
     need_y = (
         "teacher_mean" in names or "teacher_under_student" in names or "py" in terms or need_ratio
     )
     need_q = need_ratio or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
-    need_p = "mean" in names or "teacher_under_student" in names or need_ratio
+    need_p = with_mean or "teacher_under_student" in names or need_ratio
     sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
     bytes_per_logit = acc.itemsize * (1 + sum(sizes))
     block = rows_per_block(n, vocab, bytes_per_logit, e.device)
@@ -274,8 +275,10 @@ def _sweep(
             lse_rows = lse[rows]
             z.sub_(lse_rows[:, None]).exp_()
         p = z  # the softmax from here on (unnormalized when nothing needs it)
-        if "mean" in names:
-            found["mean"] = _row_dot(p, z_kept)
+        if with_mean:  # the entropy without the rounding of lse and mean: from sum p (z - max)
+            relative_mean = _row_dot(p, z_kept, shift=peak)
+            found["mean"] = peak + relative_mean
+            found["entropy"] = log_total - relative_mean
         y = q = ratio = None
         if need_y or need_q:
             y_out = (y_buffer if need_y else q_buffer)[:size]
@@ -550,16 +553,23 @@ ROW_DOT_COLUMNS = 2048
 """Vocabulary columns per product in `_row_dot`: its scratch is a few columns of the block."""
 
 
-def _row_dot(probs: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v probs[n, v] * b[n, v] per row of two vocabulary-major blocks, a class of
-    probability 0 adding 0 (b may be infinite there: a class masked by a -inf logit), with a
-    scratch of ROW_DOT_COLUMNS columns rather than a block-sized temporary."""
+def _row_dot(
+    probs: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_v probs[n, v] * (b[n, v] - shift[n]) per row of two vocabulary-major blocks (no
+    shift if None), a class of probability 0 adding 0 (b may be infinite there: a class masked
+    by a -inf logit), with a scratch of ROW_DOT_COLUMNS columns rather than a block-sized
+    temporary."""
     out = torch.zeros(probs.shape[0], device=probs.device, dtype=probs.dtype)
     columns = min(probs.shape[1], ROW_DOT_COLUMNS)
     scratch = torch.empty(columns, probs.shape[0], device=probs.device, dtype=probs.dtype).T
     for lo in range(0, probs.shape[1], ROW_DOT_COLUMNS):
         hi = min(probs.shape[1], lo + ROW_DOT_COLUMNS)
-        part = torch.mul(probs[:, lo:hi], b[:, lo:hi], out=scratch[:, : hi - lo])
+        part = scratch[:, : hi - lo]
+        if shift is None:
+            torch.mul(probs[:, lo:hi], b[:, lo:hi], out=part)
+        else:
+            torch.sub(b[:, lo:hi], shift[:, None], out=part).mul_(probs[:, lo:hi])
         out += part.masked_fill_(probs[:, lo:hi] == 0, 0.0).sum(1)
     return out
 

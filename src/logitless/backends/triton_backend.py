@@ -55,7 +55,8 @@ def stats(
         )  # fmt: skip
     found = lse_forward(
         e, c, bias, targets.contiguous(), softcap=logits.softcap, with_sum="sum" in names,
-        scale=logits.scale, weight=logits.column_weight, with_mean="mean" in names, top_k=top_k,
+        scale=logits.scale, weight=logits.column_weight,
+        with_mean="mean" in names or "entropy" in names, top_k=top_k,
         teacher=teacher, lse=lse,
     )  # fmt: skip
     out = torch.stack([found[name] for name in names])

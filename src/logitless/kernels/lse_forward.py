@@ -292,7 +292,7 @@ def _fold_tile(z, vocab, col_mask, targets, weight_ptr, running_max, running_sum
                WITH_MEAN: tl.constexpr):  # fmt: skip
     """A logit tile folded into its rows' statistics. Returns the tile with its padding columns
     at -inf, its exponentials, the rescale of the earlier sums, and the new max, sum of
-    exponentials, target logit, logit sum and sum of exp(z - max) z."""
+    exponentials, target logit, logit sum and sum of exp(z - max) (z - max)."""
     target_logit += tl.sum(tl.where(vocab[None, :] == targets[:, None], z, 0.0), axis=1)
     if WITH_SUM:
         summand = tl.where(col_mask[None, :], z, 0.0)
@@ -306,9 +306,12 @@ def _fold_tile(z, vocab, col_mask, targets, weight_ptr, running_max, running_sum
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
     rescale = tl.exp(running_max - shift)
     exps = tl.exp(z - shift[:, None])
+    if WITH_MEAN:  # relative to the shift, moved with it; 0 at a masked (-inf) logit, not NaN
+        moved = tl.where(running_max == float("-inf"), 0.0, running_max) - shift
+        weighted_sum = (weighted_sum + moved * running_sum) * rescale + tl.sum(
+            exps * tl.where(exps > 0, z - shift[:, None], 0.0), axis=1
+        )
     running_sum = running_sum * rescale + tl.sum(exps, axis=1)
-    if WITH_MEAN:  # exp(z) z is 0 at a masked (-inf) logit, not NaN
-        weighted_sum = weighted_sum * rescale + tl.sum(exps * tl.where(exps > 0, z, 0.0), axis=1)
     return z, exps, rescale, new_max, running_sum, target_logit, logit_sum, weighted_sum
 
 
@@ -355,8 +358,8 @@ def lse_forward(
     teacher: Teacher | None = None,
     lse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """fp32 per-row `lse`, `target` and, if asked, `sum` (weighted by `weight`) and `mean`
-    (the softmax-weighted mean logit) of e; see `logitless.backends`. With `top_k` (at most
+    """fp32 per-row `lse`, `target` and, if asked, `sum` (weighted by `weight`), `mean` (the
+    softmax-weighted mean logit) and `entropy` of e; see `logitless.backends`. With `top_k` (at most
     MAX_TOP_K), also `top`: the (N, top_k) int64 classes of each row's largest logits, in
     descending order, and `top_log_probs`: their log-probabilities, from the kernel's logits.
 
@@ -411,8 +414,11 @@ def lse_forward(
     found = {"lse": peak + log_total, "target": partials[2].sum(0)}
     if with_sum:
         found["sum"] = partials[3].sum(0)
-    if with_mean:
-        found["mean"] = (partials[3 + with_sum] * rescale).sum(0) / total
+    if with_mean:  # each split's sum exp(z - its max) (z - its max), moved to the row's max
+        shifted = torch.where(rescale > 0, (split_max - peak) * split_sum, 0.0)
+        relative_mean = ((partials[3 + with_sum] + shifted) * rescale).sum(0) / total
+        found["mean"] = peak + relative_mean
+        found["entropy"] = log_total - relative_mean
     if teacher is not None:
         found.update(_teacher_statistics(partials[3 + with_sum + with_mean :], rescale, total,
                                          teacher.beta, mixture))  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 from helpers import device_for, make_inputs, outputs_and_grads
 from logitless import (
@@ -43,7 +44,7 @@ def test_compiled_target_check_still_fails_loudly():
     e, c, targets, bias = make_inputs((2, 9), 8, 50, bias=True, seed=42)
     targets[0, 3] = 50
     compiled = torch.compile(_step, fullgraph=True)
-    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 50\)"):
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, V\) \(the rows of c\)"):
         compiled(e, c, targets, bias)
 
 
@@ -113,3 +114,15 @@ def test_compiled_steps_take_any_sequence_length():
         compiled = torch.compile(step, fullgraph=True, dynamic=True)
         e = torch.randn(9, 8)
         torch.testing.assert_close(compiled(e, c), step(e, c))
+
+
+def test_dynamic_shapes_compile_once_for_every_vocabulary_size():
+    """With dynamic=True a new V reuses the graph: the target check's message does not format
+    the symbolic V (which specialized the graph to each V, up to the recompile limit)."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(linear_cross_entropy, backend=counter, fullgraph=True, dynamic=True)
+    for vocab in range(50, 60):
+        e, c, targets, _ = make_inputs((7,), 8, vocab, seed=vocab)
+        torch.testing.assert_close(compiled(e, c, targets), linear_cross_entropy(e, c, targets))
+    assert counter.frame_count == 1

@@ -326,7 +326,10 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
     """
     targets = targets.long()  # compared in a narrower dtype, -100 or V would wrap around
     outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
+    if torch.compiler.is_compiling():  # formatting a symbolic V would specialize the graph to it
+        message = "targets must lie in [0, V) (the rows of c) or equal ignore_index"
+    else:
+        message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
     if _first_refused((outside, message)):
         raise ValueError(f"{message}, found {targets[outside][0].item()}")
 

@@ -39,6 +39,7 @@ from logitless import (
 )
 from logitless._validation import LossOptions
 from logitless.backends.torch_backend import BLOCK_MB_ENV
+from logitless.distributed import _checksum, _row_checksum
 from logitless.rl import verl_linear_cross_entropy
 from test_functional import OPTION_SETS
 
@@ -63,13 +64,20 @@ class Case:
     module: bool = False
     from_vocab: bool = False
     function: Callable = linear_cross_entropy
+    masked_from: int | None = None
+    """Classes from this one on are masked by a -inf bias (whole shards of some ranks), and
+    no target is among them."""
 
     def inputs(self):
         ignore_index = self.options.get("ignore_index", -100)
-        return make_inputs(
+        e, c, targets, bias = make_inputs(
             self.lead, DIM, VOCAB, self.dtype, bias=self.bias,
             ignore_fraction=self.ignore_fraction, ignore_index=ignore_index, seed=3,
         )  # fmt: skip
+        if self.masked_from is not None:
+            bias[self.masked_from :] = -torch.inf
+            targets = torch.where(targets >= self.masked_from, targets % self.masked_from, targets)
+        return e, c, targets, bias
 
 
 CASES = {
@@ -103,6 +111,12 @@ CASES = {
     ),
     "log-probs-entropy": Case(
         {"temperature": 0.7, "return_entropy": True}, bias=True, function=linear_log_probs
+    ),
+    "masked-shards-zloss-lse": Case(
+        {"z_loss": 1e-3, "return_lse": True}, bias=True, masked_from=SHARDS[2][1][0]
+    ),
+    "masked-shards-log-probs-entropy": Case(
+        {"return_entropy": True}, bias=True, masked_from=SHARDS[2][1][0], function=linear_log_probs
     ),
     "log-probs-entropy-softcap-shift-bf16": Case(
         {"temperature": 1.3, "return_entropy": True, "softcap": 3.0, "shift": 1},
@@ -385,3 +399,14 @@ def test_each_shard_gets_its_share_of_the_filtering_budget():
     share = functional._filter_eps(options, VOCAB - 300)
     assert share == 2.0**-10 * (VOCAB - 300) / VOCAB
     assert functional._filter_eps(LossOptions(filter_eps=2.0**-10), 300) == 2.0**-10
+
+
+def test_token_checksums_tell_apart_changes_that_cancel():
+    """Identical hidden states with different targets on two ranks must not pass as the same
+    tokens: a position-weighted sum of the targets took +2 at one position and -1 at the next
+    for no change (the ranks then summed each other's target logits)."""
+    targets = torch.tensor([10, 20, 30, 40, 50, 5])
+    assert _checksum(targets) == _checksum(targets.clone())
+    assert _checksum(targets) != _checksum(torch.tensor([12, 19, 30, 40, 50, 5]))
+    e = torch.randn(6, 4)
+    assert _row_checksum(e) == _row_checksum(e.clone()) != _row_checksum(e.flip(0))

@@ -23,6 +23,7 @@ from logitless import (
     linear_top_k,
 )
 from logitless._validation import triton_interpreter_on
+from logitless.backends import Logits, get_backend
 from logitless.reference import reference_linear_top_k
 
 IMPLS = [
@@ -174,6 +175,19 @@ def test_entropy_of_confident_rows_keeps_relative_precision(impl):
         return ((values.double() - exact).abs() / exact)[confident].max()
 
     assert (ours >= 0).all() and relative(ours) <= 3 * relative(eager)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_statistics_of_an_all_masked_shard_are_not_nan(impl):
+    """A vocabulary shard whose every class a -inf bias masks (padding rows on one rank) has
+    lse -inf and no NaN among its statistics: the other ranks' weight it by exp(-inf) = 0."""
+    e, c, _, bias = make_inputs((9,), 8, 40, bias=True, seed=3, device=DEVICE)
+    no_targets = torch.full((9,), -1, device=DEVICE)
+    names = ("lse", "mean", "entropy", "target")
+    found = get_backend(impl).stats(
+        e, c, torch.full_like(bias, -torch.inf), no_targets, logits=Logits(), names=names
+    )
+    assert (found[0] == -torch.inf).all() and not found.isnan().any()
 
 
 def test_argmax_gives_accuracy_without_logits():

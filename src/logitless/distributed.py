@@ -169,9 +169,9 @@ class VocabParallel:
                 partials.append(weight[name])
             elif name == "entropy":  # sum_r w_r (entropy_r - (lse_r - peak)), then + log sum w
                 lse = stats[names.index("lse")]
-                partials.append(weight["lse"] * (row - (lse - peak["lse"])))
+                partials.append(_weighted(weight["lse"], row - (lse - peak["lse"])))
             elif name in _NORMALIZER_OF:
-                partials.append(weight[_NORMALIZER_OF[name]] * row)
+                partials.append(_weighted(weight[_NORMALIZER_OF[name]], row))
             else:
                 partials.append(row)
         sums = torch.stack(partials)
@@ -317,6 +317,12 @@ def local_inputs(
     return e, c, targets, bias, options
 
 
+def _weighted(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """weight * row, 0 where the weight is: a rank whose shard of a row is all masked (-inf
+    logits) has no mass there, and its statistics of that row may be infinite."""
+    return torch.where(weight > 0, weight * row, 0.0)
+
+
 def _require_initialized() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -339,17 +345,29 @@ def _tiled_vocab_size(shards: list[tuple[int, int]]) -> int:
 
 
 def _row_checksum(e: torch.Tensor) -> int:
-    """A checksum of e (its rows projected on a fixed vector, position-weighted), as the bits of
-    a float64: equal for equal tensors on equal devices, different for different batches."""
+    """A checksum of e: its rows projected on a fixed vector, whose float64 bits are mixed
+    (`_mixed_sum`): equal for equal tensors on equal devices, different for different batches."""
     rows = e.reshape(-1, e.shape[-1]).float()
     probe = torch.linspace(1.0, 2.0, rows.shape[1], device=rows.device)
-    weights = torch.arange(1, rows.shape[0] + 1, device=rows.device, dtype=torch.float64)
-    total = (rows @ probe).double().dot(weights)
-    return int(total.view(torch.int64))
+    return _mixed_sum((rows @ probe).double().view(torch.int64))
 
 
 def _checksum(targets: torch.Tensor) -> int:
-    """An order-sensitive checksum of the targets (a position-weighted sum, wrapping in int64)."""
-    flat = targets.reshape(-1).long()
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device)
-    return int((flat * weights).sum())
+    """An order-sensitive checksum of the targets (`_mixed_sum`)."""
+    return _mixed_sum(targets.reshape(-1).long())
+
+
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+"""SplitMix64's constants."""
+
+
+def _mixed_sum(values: torch.Tensor) -> int:
+    """The wrapping int64 sum of each (position, value) pair mixed by SplitMix64's finalizer: a
+    sum of linear terms, such as a position-weighted sum, is equal for batches whose
+    differences cancel (targets +2 at one position and -1 at the next)."""
+    signed = [m - 2**64 for m in _MIX]  # as int64
+    positions = torch.arange(values.numel(), device=values.device)
+    x = values * signed[0] + positions
+    x = (x ^ (x >> 30)) * signed[1]
+    x = (x ^ (x >> 27)) * signed[2]
+    return int((x ^ (x >> 31)).sum())

@@ -616,12 +616,14 @@ def _gather_targets(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def _exp_in_place(z: torch.Tensor, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn z into exp(z - max) (the softmax if `normalize`) and return the row maximum and
-    the log of the row sum of exp(z - max): their sum is the log-sum-exp."""
-    peak = z.amax(1, keepdim=True)
+    the log of the row sum of exp(z - max): their sum is the log-sum-exp. A row of -inf logits
+    (a vocabulary shard all masked) keeps a finite max: its exponentials, softmax and sum are
+    0 and its log-sum-exp -inf, not NaN."""
+    peak = z.amax(1, keepdim=True).clamp_(min=torch.finfo(z.dtype).min)
     z.sub_(peak).exp_()
     total = z.sum(1, keepdim=True)
-    if normalize:
-        z.div_(total)
+    if normalize:  # the max's own term makes the sum at least 1 wherever a logit is finite
+        z.div_(total.clamp(min=1.0))
     return peak.squeeze(1), total.log_().squeeze(1)
 
 

@@ -407,16 +407,14 @@ def lse_forward(
             **dot_options(e.dtype), **tensor_descriptors(e, c), **teacher_args,
         )  # fmt: skip
     split_max, split_sum = partials[0], partials[1]
-    peak = split_max.amax(0)
-    rescale = torch.exp(split_max - peak)
-    total = (split_sum * rescale).sum(0)
+    peak, rescale, total = _merged_sums(split_max, split_sum)
     log_total = total.log()
     found = {"lse": peak + log_total, "target": partials[2].sum(0)}
     if with_sum:
         found["sum"] = partials[3].sum(0)
     if with_mean:  # each split's sum exp(z - its max) (z - its max), moved to the row's max
         shifted = torch.where(rescale > 0, (split_max - peak) * split_sum, 0.0)
-        relative_mean = ((partials[3 + with_sum] + shifted) * rescale).sum(0) / total
+        relative_mean = ((partials[3 + with_sum] + shifted) * rescale).sum(0) / _divisor(total)
         found["mean"] = peak + relative_mean
         found["entropy"] = log_total - relative_mean
     if teacher is not None:
@@ -441,16 +439,30 @@ def _teacher_statistics(
     if mixture:
         jsd_p, to_teacher = partials[0].sum(0), partials[1].sum(0)
         return {"jsd_p": jsd_p, "jsd": -(beta * to_teacher + (1.0 - beta) * jsd_p)}
-    teacher_max, teacher_sum = partials[2], partials[3]
-    peak = teacher_max.amax(0)
-    teacher_rescale = torch.exp(teacher_max - peak)
-    teacher_total = (teacher_sum * teacher_rescale).sum(0)
+    peak, teacher_rescale, teacher_total = _merged_sums(partials[2], partials[3])
     return {
         "teacher_lse": peak + teacher_total.log(),
-        "teacher_mean": (partials[0] * teacher_rescale).sum(0) / teacher_total,
-        "cross_mean": (partials[1] * teacher_rescale).sum(0) / teacher_total,
-        "teacher_under_student": (partials[4] * rescale).sum(0) / total,
+        "teacher_mean": (partials[0] * teacher_rescale).sum(0) / _divisor(teacher_total),
+        "cross_mean": (partials[1] * teacher_rescale).sum(0) / _divisor(teacher_total),
+        "teacher_under_student": (partials[4] * rescale).sum(0) / _divisor(total),
     }
+
+
+def _merged_sums(
+    split_max: torch.Tensor, split_sum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each row's max over the splits, each split's factor to it, the row's sum of
+    exponentials) from the splits' (max, sum of exp(z - max)). A row whose logits are all
+    -inf (a vocabulary shard all masked) gets factors and a sum of 0, whose log is its lse."""
+    peak = split_max.amax(0)
+    rescale = torch.exp(split_max - peak.clamp(min=torch.finfo(torch.float32).min))
+    return peak, rescale, (split_sum * rescale).sum(0)
+
+
+def _divisor(total: torch.Tensor) -> torch.Tensor:
+    """A sum of exponentials as the divisor of a softmax-weighted mean: at least 1 wherever a
+    logit is finite (the max's own term), 1 where none is, whose mean is then 0 and not NaN."""
+    return total.clamp(min=1.0)
 
 
 def vocabulary_splits(n: int, vocab: int, device: torch.device) -> int:

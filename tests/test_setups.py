@@ -122,6 +122,19 @@ def test_nested_func_grad_raises():
         torch.func.grad(lambda e: inner(e).sum())(e)
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+def test_vjp_and_jacrev_raise_clearly(path):
+    """torch.func.vjp differentiates with create_graph=True (refused as a double backward, not
+    mistaken for torch.func.grad's level); jacrev's backward runs under vmap (its refusal, not
+    an in-place error inside the backward)."""
+    e, c, targets, _ = make_inputs(LEAD, DIM, VOCAB, seed=11)
+    _, vjp = torch.func.vjp(lambda e: _loss(e, c, targets, **PATHS[path]).sum(), e)
+    with pytest.raises(RuntimeError, match=r"double backward.*vjp"):
+        vjp(torch.ones(()))
+    with pytest.raises(RuntimeError, match=r"vmap.*leading"):
+        torch.func.jacrev(lambda e: _loss(e, c, targets, **PATHS[path]).sum())(e)
+
+
 def test_vmap_raises_and_says_what_to_do():
     e, c, targets, _ = make_inputs((2, 5), DIM, VOCAB, seed=10)
     with pytest.raises(RuntimeError, match=r"vmap.*leading"):

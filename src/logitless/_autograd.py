@@ -20,6 +20,7 @@ import torch
 
 from logitless import _ops as ops
 from logitless._loss import TokenLoss, divergence_from_statistics, statistic_coefficients
+from logitless._validation import check_no_vmap
 
 if TYPE_CHECKING:
     from logitless.distributed import TokenGather, VocabParallel
@@ -276,18 +277,22 @@ def check_not_double_backward() -> None:
     """Refuse to be differentiated twice: logitless's gradients are not themselves
     differentiable, and autograd would otherwise return them without a graph.
 
-    Backward runs with grad mode on under `create_graph=True`, and also under one
-    `torch.func.grad` (functorch level 1), which is allowed: its result is not differentiated.
+    Backward runs with grad mode on under `create_graph=True` (which torch.func.vjp, jacrev
+    and hessian use), and also under one `torch.func.grad` (the only transform on the stack),
+    which is allowed: its result is not differentiated. Under vmap (jacrev's), the vmap
+    refusal.
     """
     if not torch.is_grad_enabled():
         return
-    if torch._C._functorch.maybe_current_level() == 1:
+    check_no_vmap()
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if [level.key() for level in stack] == [torch._C._functorch.TransformType.Grad]:
         return
     raise RuntimeError(
-        "logitless: double backward (create_graph=True, or torch.func.grad nested in another "
-        "transform) is not supported: its gradients are not differentiable. Take the gradient "
-        "penalty through eager PyTorch (logitless.reference.reference_linear_cross_entropy) or "
-        "leave create_graph off."
+        "logitless: double backward (create_graph=True, as torch.func.vjp, jacrev and hessian "
+        "take, or torch.func.grad nested in another transform) is not supported: its gradients "
+        "are not differentiable. Take the gradient with torch.func.grad or .backward(), the "
+        "gradient penalty through eager PyTorch (logitless.reference), or leave create_graph off."
     )
 
 

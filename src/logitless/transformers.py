@@ -127,7 +127,12 @@ def unpatch(model: Patchable) -> Patchable:
                 unpatch(wrapped)
         if _SMOOTHER in vars(model):
             model.label_smoother = vars(model).pop(_SMOOTHER)
-            vars(model).pop("compute_loss", None)
+            own = vars(model).get("compute_loss")
+            if isinstance(own, functools.partial) and own.func is _compute_loss:
+                del vars(model)["compute_loss"]
+                wrapped = own.args[1]
+                if getattr(wrapped, "__func__", None) is not type(model).compute_loss:
+                    model.compute_loss = wrapped  # the Trainer's own, set before the patch
     elif isinstance(model, type):
         model.forward = getattr(model.forward, "__logitless_unpatched__", model.forward)
     else:

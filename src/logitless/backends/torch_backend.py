@@ -291,8 +291,8 @@ def _sweep(
         if need_q:
             q = q_buffer[:size].copy_(y) if need_y else y
             if teacher.lse is None:
-                peak, log_total = _exp_in_place(q, normalize=True)
-                found["teacher_lse"] = teacher_lse_rows = peak + log_total
+                teacher_peak, teacher_log_total = _exp_in_place(q, normalize=True)
+                found["teacher_lse"] = teacher_lse_rows = teacher_peak + teacher_log_total
             else:
                 teacher_lse_rows = teacher.lse[rows]
                 q.sub_(teacher_lse_rows[:, None]).exp_()

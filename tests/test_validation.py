@@ -147,3 +147,12 @@ def test_huge_logits_stay_finite_and_correct(options):
     assert torch.isfinite(loss) and torch.isfinite(e.grad).all()
     assert rel_error(loss, ref) < 1e-5
     assert rel_error(e.grad, e64.grad) < 1e-4
+
+
+def test_meta_tensors_are_refused_naming_e():
+    """A model built on the meta device and not yet materialized: a ValueError naming e, not
+    autocast's "unknown device type" or a failed copy deep inside."""
+    e, c = torch.randn(4, 8, device="meta"), torch.randn(10, 8, device="meta")
+    targets = torch.zeros(4, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match=r"e must hold values.*meta"):
+        linear_cross_entropy(e, c, targets)

@@ -272,6 +272,11 @@ def _check_local_inputs(
     for name, tensor in (("c", c), ("targets", targets), ("bias", bias)):
         if tensor is not None and tensor.device != e.device:
             raise ValueError(f"{name} must be on the device of e ({e.device}), got {tensor.device}")
+    if e.device.type == "meta":
+        raise ValueError(
+            "e must hold values, got a tensor on the meta device: the checks and the backends "
+            "read them (materialize the model first, e.g. to_empty() and its initialization)"
+        )
 
     if e.dim() < 1:
         raise ValueError("e must have shape (..., D), got a 0-d tensor")

@@ -163,7 +163,7 @@ def _under_autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     """Under `torch.autocast` on their device, `tensors` in the autocast dtype (as `F.linear`
     gets them); else as they are."""
     device = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else "cpu"
-    if not torch.is_autocast_enabled(device):
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return tensors
     return tuple(_autocast(x, torch.get_autocast_dtype(device)) for x in tensors)
 

@@ -391,16 +391,18 @@ def test_trainer_label_smoothing_runs_through_logitless(family, tmp_path, logitl
 def test_trainer_label_smoothing_in_evaluation_and_unpatch(tmp_path, eval_logits):
     """Trainer.evaluate of a patched Trainer with label_smoothing_factor reports the unpatched
     Trainer's smoothed eval_loss (with eval_logits the Trainer smooths the model's logits as it
-    would unpatched); unpatch gives the Trainer its label smoother back."""
+    would unpatched), also patched again with the other eval_logits; unpatch gives the Trainer
+    its label smoother back."""
     reference = make_model("llama")
     args = {"label_smoothing_factor": 0.1, "max_steps": 1}
     theirs = make_trainer(reference, tmp_path, **args)
-    ours = patch(make_trainer(copy.deepcopy(reference), tmp_path, **args), eval_logits=eval_logits)
-    assert ours.label_smoother is None
-    evaluated = [
-        trainer.evaluate(theirs.train_dataset[:6])["eval_loss"] for trainer in (theirs, ours)
-    ]
-    assert abs(evaluated[1] - evaluated[0]) <= LOSS_TOLERANCE * evaluated[0]
+    expected = theirs.evaluate(theirs.train_dataset[:6])["eval_loss"]
+    ours = make_trainer(copy.deepcopy(reference), tmp_path, **args)
+    for again in (eval_logits, not eval_logits):
+        patch(ours, eval_logits=again)
+        assert ours.label_smoother is None and ("compute_loss" in vars(ours)) == again
+        evaluated = ours.evaluate(theirs.train_dataset[:6])["eval_loss"]
+        assert abs(evaluated - expected) <= LOSS_TOLERANCE * expected
     assert unpatch(ours).label_smoother is not None and "compute_loss" not in vars(ours)
     assert our_loss_is_the_models_own(ours.model)
 

@@ -366,8 +366,11 @@ def _mixed_sum(values: torch.Tensor) -> int:
     sum of linear terms, such as a position-weighted sum, is equal for batches whose
     differences cancel (targets +2 at one position and -1 at the next)."""
     signed = [m - 2**64 for m in _MIX]  # as int64
+
+    def xor_shift(x: torch.Tensor, bits: int) -> torch.Tensor:  # a logical shift of the bits
+        return x ^ ((x >> bits) & ((1 << (64 - bits)) - 1))
+
     positions = torch.arange(values.numel(), device=values.device)
-    x = values * signed[0] + positions
-    x = (x ^ (x >> 30)) * signed[1]
-    x = (x ^ (x >> 27)) * signed[2]
-    return int((x ^ (x >> 31)).sum())
+    x = xor_shift(values * signed[0] + positions, 30) * signed[1]
+    x = xor_shift(x, 27) * signed[2]
+    return int(xor_shift(x, 31).sum())

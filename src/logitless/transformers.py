@@ -127,12 +127,7 @@ def unpatch(model: Patchable) -> Patchable:
                 unpatch(wrapped)
         if _SMOOTHER in vars(model):
             model.label_smoother = vars(model).pop(_SMOOTHER)
-            own = vars(model).get("compute_loss")
-            if isinstance(own, functools.partial) and own.func is _compute_loss:
-                del vars(model)["compute_loss"]
-                wrapped = own.args[1]
-                if getattr(wrapped, "__func__", None) is not type(model).compute_loss:
-                    model.compute_loss = wrapped  # the Trainer's own, set before the patch
+            _unwrap_compute_loss(model)
     elif isinstance(model, type):
         model.forward = getattr(model.forward, "__logitless_unpatched__", model.forward)
     else:
@@ -229,12 +224,23 @@ def _take_label_smoother(trainer: transformers.Trainer, eval_logits: bool) -> No
     out of the model's inputs and smooths the loss from the logits. With `eval_logits`,
     evaluation runs the model unpatched, so the smoother is given back there, and the Trainer
     evaluates the loss it would unpatched."""
-    if _SMOOTHER in vars(trainer):
-        return  # patched before
-    vars(trainer)[_SMOOTHER] = trainer.label_smoother
-    trainer.label_smoother = None
+    if _SMOOTHER not in vars(trainer):  # else patched before, with this eval_logits or not
+        vars(trainer)[_SMOOTHER] = trainer.label_smoother
+        trainer.label_smoother = None
+    _unwrap_compute_loss(trainer)
     if eval_logits:
         trainer.compute_loss = functools.partial(_compute_loss, trainer, trainer.compute_loss)
+
+
+def _unwrap_compute_loss(trainer: transformers.Trainer) -> None:
+    """Take `_compute_loss`'s wrapper off the Trainer, if it has one: its class's compute_loss
+    again, or the one of its own it had before."""
+    own = vars(trainer).get("compute_loss")
+    if isinstance(own, functools.partial) and own.func is _compute_loss:
+        del vars(trainer)["compute_loss"]
+        wrapped = own.args[1]
+        if getattr(wrapped, "__func__", None) is not type(trainer).compute_loss:
+            trainer.compute_loss = wrapped
 
 
 def _compute_loss(trainer: transformers.Trainer, compute_loss: Callable, *args, **kwargs):

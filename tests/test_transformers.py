@@ -10,6 +10,7 @@ and label smoothing behave as unpatched.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -522,13 +523,19 @@ def test_instance_patch_over_a_class_patch_takes_its_own_options(monkeypatch):
 
 
 def test_unpatch_of_a_class(monkeypatch):
+    """unpatch(cls) restores its forward, and turns the patch off also where a wrapper (as
+    accelerate's for mixed precision) holds an instance's bound patched forward."""
     cls = transformers.Qwen2ForCausalLM
     monkeypatch.setattr(cls, "forward", cls.forward)  # restored after the test
     original = cls.forward
     patch(cls)
-    assert make_model("qwen2")(**make_batch()).logits is None
+    model = make_model("qwen2")
+    assert model(**make_batch()).logits is None
+    bound = model.forward
+    model.forward = functools.wraps(bound)(lambda *args, **kwargs: bound(*args, **kwargs))
     unpatch(cls)
     assert cls.forward is original
+    assert our_loss_is_the_models_own(model)
 
 
 def compiled_loss_and_grads(model, batch):

@@ -99,7 +99,7 @@ def patch(
     if isinstance(model, type):
         if not issubclass(model, transformers.PreTrainedModel):
             raise TypeError(f"model must be a transformers model class, got {model.__name__}")
-        model.forward = _patched_method(model.forward, options, eval_logits)
+        model.forward = _patched_method(model, options, eval_logits)
         return model
     causal_lm = _causal_lm(model)
     _head_layers(causal_lm)
@@ -252,12 +252,16 @@ def _compute_loss(trainer: transformers.Trainer, compute_loss: Callable, *args, 
         trainer.label_smoother = None
 
 
-def _patched_method(method: Callable, options: LossOptions, eval_logits: bool) -> Callable:
-    """A class's `forward` method that routes calls with labels through `_forward`."""
-    method = getattr(method, "__logitless_unpatched__", method)
+def _patched_method(model_class: type, options: LossOptions, eval_logits: bool) -> Callable:
+    """A class's `forward` method that routes calls with labels through `_forward` while it is
+    the class's (a wrapper of an instance's bound forward, such as accelerate's, may outlive
+    `unpatch`)."""
+    method = getattr(model_class.forward, "__logitless_unpatched__", model_class.forward)
 
     @functools.wraps(method)
     def forward(self, *args, **kwargs):
+        if model_class.forward is not forward:  # unpatched, or patched again: what it is now
+            return model_class.forward(self, *args, **kwargs)
         bound = functools.partial(method, self)
         return _forward(self, bound, options, eval_logits, *args, **kwargs)
 

@@ -85,9 +85,11 @@ def check_inputs(
     bias: torch.Tensor | None,
     options: LossOptions,
     more: Callable[[], None] | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> TokenGather | None:
     """Raise TypeError/ValueError naming the first bad argument of a call (`more`: the call's
-    further checks, such as its class weights or its teacher).
+    further checks, such as its class weights or its teacher; a `num_items_in_batch` tensor's
+    value is read with the targets', see `check_num_items_in_batch`).
 
     Under vocabulary parallelism every rank raises when any rank does, instead of leaving the
     others waiting in a collective; the `TokenGather` there if the ranks' tokens differ (only
@@ -95,7 +97,7 @@ def check_inputs(
     """
     error = None
     try:
-        _check_local_inputs(e, c, targets, bias, options)
+        _check_local_inputs(e, c, targets, bias, options, num_items_in_batch)
         if more is not None:
             more()
     except (TypeError, ValueError) as exc:
@@ -211,9 +213,9 @@ def check_no_vmap() -> None:
 
 
 def check_num_items_in_batch(num_items: object, options: LossOptions) -> None:
-    """num_items_in_batch: None, a positive int, or a positive one-element real tensor; for
-    "mean" only. A tensor on an accelerator is checked by a device-side assertion (transformers
-    passes one every step: no host synchronization), which fails the next synchronizing call."""
+    """num_items_in_batch: None, a positive int, or a one-element real tensor; for "mean"
+    only. A tensor's value is checked with the targets' (`check_inputs`): transformers passes
+    one every step, and it costs no synchronization of its own."""
     if num_items is None:
         return
     if options.reduction != "mean":
@@ -227,11 +229,6 @@ def check_num_items_in_batch(num_items: object, options: LossOptions) -> None:
                 "num_items_in_batch must be a one-element real tensor, got "
                 f"{tuple(num_items.shape)} {num_items.dtype}"
             )
-        message = "num_items_in_batch must be > 0"
-        if num_items.device.type != "cpu" or torch.compiler.is_compiling():
-            torch._assert_async((num_items > 0).reshape(()), message)
-        elif not num_items > 0:
-            raise ValueError(f"{message}, got {num_items.item()}")
         return
     _check_int("num_items_in_batch", num_items)
     if num_items <= 0:
@@ -251,6 +248,7 @@ def _check_local_inputs(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     options: LossOptions,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> None:
     """The checks of this process's arguments."""
     check_tensors(e=e, c=c, targets=targets)
@@ -319,11 +317,14 @@ def _check_local_inputs(
                 f"{targets.shape[-1]}"
             )
 
-    _check_target_range(targets, vocab, options.ignore_index)
+    _check_target_range(targets, vocab, options.ignore_index, num_items_in_batch)
 
 
-def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """A ValueError for a target outside [0, vocab) that is not ignore_index.
+def _check_target_range(
+    targets: torch.Tensor, vocab: int, ignore_index: int, num_items: int | torch.Tensor | None
+) -> None:
+    """A ValueError for a target outside [0, vocab) that is not ignore_index, or a
+    `num_items` tensor that is not positive.
 
     That needs the values on the host: one synchronization on an accelerator. Under
     torch.compile, or with LOGITLESS_ASYNC_CHECKS=1 off the CPU, a device-side assertion runs
@@ -335,8 +336,15 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
         message = "targets must lie in [0, V) (the rows of c) or equal ignore_index"
     else:
         message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
-    if _first_refused((outside, message)):
+    checks = [(outside, message)]
+    if isinstance(num_items, torch.Tensor):
+        positive = "num_items_in_batch must be > 0"
+        checks.append(((num_items.to(targets.device) <= 0).reshape(()), positive))
+    refused = _first_refused(*checks)
+    if refused == message:
         raise ValueError(f"{message}, found {targets[outside][0].item()}")
+    if refused:
+        raise ValueError(refused)
 
 
 def _first_refused(*checks: tuple[torch.Tensor, str]) -> str | None:

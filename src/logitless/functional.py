@@ -6,7 +6,6 @@ Backends only compute (see `logitless.backends`); everything a call means is dec
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -171,8 +170,9 @@ def _under_autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
 def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight):
     """The loss of checked local tensors."""
     gather = check_inputs(
-        e, c, targets, bias, options, more=lambda: check_weight(weight, e, c, options)
-    )
+        e, c, targets, bias, options, more=lambda: check_weight(weight, e, c, options),
+        num_items_in_batch=num_items_in_batch,
+    )  # fmt: skip
     impl = check_impl(options.impl, e.device, e.dtype)
     rows, row_targets, kept = _backend_rows(e, targets, options, gather)
     shard = options.vocab_parallel
@@ -541,7 +541,7 @@ def linear_top_k_distillation_loss(
     k = teacher_indices.shape[-1]
     indices = teacher_indices.reshape(-1, k).long()
     teacher_log_q = teacher_log_probs.detach().reshape(-1, k).to(accumulation_dtype(e.dtype))
-    indices = indices.masked_fill(teacher_log_q == -math.inf, 0)  # padding weighs nothing
+    indices = indices.masked_fill(teacher_log_q.isneginf(), 0)  # padding weighs nothing
     if kept is not None:
         indices, teacher_log_q = indices[kept], teacher_log_q[kept]
     valid = row_targets != NO_TARGET

@@ -382,3 +382,12 @@ def test_module_equals_the_function():
         LinearDistillationLoss(reduction="avg")
     with pytest.raises(ValueError, match="temperature"):
         LinearDistillationLoss(temperature=-2.0)
+    module.temperature, module.divergence = 2.0, "reverse_kl"
+    loss = module(*inputs[:2], teacher_e, teacher_c, inputs[2], inputs[3], teacher_bias)
+    expected = linear_distillation_loss(
+        *inputs[:2], teacher_e, teacher_c, *inputs[2:], teacher_bias,
+        **{**options, "temperature": 2.0, "divergence": "reverse_kl"},
+    )  # fmt: skip
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="beta"):
+        module.beta = 1.0

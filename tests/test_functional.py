@@ -119,6 +119,22 @@ def test_module_matches_function():
     torch.testing.assert_close(module(*inputs), linear_cross_entropy(*inputs, **options))
 
 
+def test_module_options_are_attributes_as_in_torch():
+    """As torch.nn.CrossEntropyLoss's: the options read as attributes, and one set is checked
+    and used from the next call (an attribute set before was silently ignored)."""
+    inputs = make_inputs((2, 9), 16, 211, bias=True, seed=6)
+    module, torch_module = LinearCrossEntropyLoss(), torch.nn.CrossEntropyLoss()
+    for name in ("ignore_index", "reduction", "label_smoothing"):
+        assert getattr(module, name) == getattr(torch_module, name)
+    module.reduction, module.label_smoothing = "none", 0.1
+    expected = linear_cross_entropy(*inputs, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(module(*inputs), expected)
+    assert "reduction='none'" in repr(module)
+    with pytest.raises(ValueError, match="reduction"):
+        module.reduction = "avg"
+    assert module.reduction == "none"
+
+
 def test_frozen_classifier_and_int32_targets():
     e, c, targets, _ = make_inputs((31,), 20, 257, seed=8)
     e.requires_grad_()

@@ -50,6 +50,8 @@ def test_bad_option_names_the_argument(inputs, name, value, error):
         linear_cross_entropy(*inputs, **{name: value})
     with pytest.raises(error, match=name):
         LinearCrossEntropyLoss(**{name: value})
+    with pytest.raises(error, match=name):
+        setattr(LinearCrossEntropyLoss(), name, value)
 
 
 def _bad_tensor_cases():

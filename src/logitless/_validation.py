@@ -521,6 +521,33 @@ def check_teacher_top_k(
         raise ValueError(message)
 
 
+@dataclass(frozen=True)
+class DistillationOptions:
+    """The options of `linear_distillation_loss`, checked once at construction (its module's)."""
+
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    hard_weight: float = 0.0
+    teacher_softcap: float | None = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+    shift: int = 0
+    softcap: float | None = None
+    filter_eps: float | str | None = None
+    impl: str = "auto"
+    vocab_parallel: VocabParallel | None = None
+
+    def __post_init__(self) -> None:
+        LossOptions(
+            ignore_index=self.ignore_index, reduction=self.reduction, shift=self.shift,
+            softcap=self.softcap, filter_eps=self.filter_eps, impl=self.impl,
+            vocab_parallel=self.vocab_parallel,
+        )  # fmt: skip
+        temperature_scale(self.temperature)
+        check_distillation(self.divergence, self.beta, self.hard_weight, self.teacher_softcap)
+
+
 def check_distillation(
     divergence: str, beta: float, hard_weight: float, teacher_softcap: float | None
 ) -> None:

@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 
-from logitless._validation import LossOptions, check_distillation, temperature_scale
+from logitless._validation import DistillationOptions, LossOptions
 from logitless.distributed import VocabParallel
 from logitless.functional import linear_cross_entropy_with_options, linear_distillation_loss
 
 
+def _option_attributes(options_class: type):
+    """A class decorator: each field of `options_class` an attribute of the module, read from
+    and written to its `options`, as `torch.nn.CrossEntropyLoss` keeps `ignore_index` or
+    `reduction`: a value set is checked then and used from the next call (never ignored)."""
+
+    def attribute(name: str) -> property:
+        def get(self):
+            return getattr(self.options, name)
+
+        def set_(self, value) -> None:
+            self.options = dataclasses.replace(self.options, **{name: value})
+
+        return property(get, set_, doc=f"The `{name}` option (see `{options_class.__name__}`).")
+
+    def decorate(module_class: type) -> type:
+        for field in dataclasses.fields(options_class):
+            setattr(module_class, field.name, attribute(field.name))
+        return module_class
+
+    return decorate
+
+
+def _changed_options(options) -> str:
+    """`extra_repr` of a module: its options that differ from their defaults."""
+    defaults = type(options)()
+    return ", ".join(
+        f"{field.name}={getattr(options, field.name)!r}"
+        for field in dataclasses.fields(options)
+        if getattr(options, field.name) != getattr(defaults, field.name)
+    )
+
+
+@_option_attributes(LossOptions)
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Module form of `logitless.linear_cross_entropy`; takes the same keyword options, the
     class weights `weight` as a buffer (as `torch.nn.CrossEntropyLoss`)."""
@@ -60,15 +92,10 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        defaults = LossOptions()
-        changed = [
-            f"{field.name}={getattr(self.options, field.name)!r}"
-            for field in dataclasses.fields(LossOptions)
-            if getattr(self.options, field.name) != getattr(defaults, field.name)
-        ]
-        return ", ".join(changed)
+        return _changed_options(self.options)
 
 
+@_option_attributes(DistillationOptions)
 class LinearDistillationLoss(torch.nn.Module):
     """Module form of `logitless.linear_distillation_loss`: its keyword options, checked at
     construction, and a forward that takes both heads (the teacher gets no gradient)."""
@@ -90,26 +117,12 @@ class LinearDistillationLoss(torch.nn.Module):
         vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
-        check_distillation(divergence, beta, hard_weight, teacher_softcap)
-        temperature_scale(temperature)
-        LossOptions(
-            ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
-            filter_eps=filter_eps, impl=impl, vocab_parallel=vocab_parallel,
+        self.options = DistillationOptions(
+            divergence=divergence, beta=beta, temperature=temperature, hard_weight=hard_weight,
+            teacher_softcap=teacher_softcap, ignore_index=ignore_index, reduction=reduction,
+            shift=shift, softcap=softcap, filter_eps=filter_eps, impl=impl,
+            vocab_parallel=vocab_parallel,
         )  # fmt: skip
-        self.options = {
-            "divergence": divergence,
-            "beta": beta,
-            "temperature": temperature,
-            "hard_weight": hard_weight,
-            "teacher_softcap": teacher_softcap,
-            "ignore_index": ignore_index,
-            "reduction": reduction,
-            "shift": shift,
-            "softcap": softcap,
-            "filter_eps": filter_eps,
-            "impl": impl,
-            "vocab_parallel": vocab_parallel,
-        }
 
     def forward(
         self,
@@ -122,14 +135,8 @@ class LinearDistillationLoss(torch.nn.Module):
         teacher_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return linear_distillation_loss(
-            e, c, teacher_e, teacher_c, targets, bias, teacher_bias, **self.options
+            e, c, teacher_e, teacher_c, targets, bias, teacher_bias, **vars(self.options)
         )
 
     def extra_repr(self) -> str:
-        defaults = inspect.signature(type(self).__init__).parameters
-        changed = [
-            f"{name}={value!r}"
-            for name, value in self.options.items()
-            if value != defaults[name].default
-        ]
-        return ", ".join(changed)
+        return _changed_options(self.options)

@@ -237,15 +237,27 @@ def test_small_ratios_keep_their_digits():
     assert ratios == ["-", "1.00x", "0.59x", "0.004x"]
 
 
-def test_cli_rejects_bad_options(capsys):
+def test_cli_rejects_bad_options(capsys, tmp_path):
     for argv in (["bench", "--n", "0"], ["bench", "--methods", "nope"], ["bench", "--op", "x"]):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         assert exit_info.value.code == 2
     assert "invalid" in capsys.readouterr().err
+    a_file = tmp_path / "table.txt"
+    a_file.write_text("")
+    for argv, expected in (  # each named before any method runs (tracebacks or waste before)
+        (["--device", "banana"], "argument --device: not a torch device: 'banana'"),
+        (["--device", "meta"], "argument --device: meta tensors hold no data"),
+        (["--n", "abc"], "argument --n: must be an integer >= 1, got 'abc'"),
+        (["--methods", "eager", "trl"], "--methods trl: not a method of --op loss+backward"),
+        (["--out", str(a_file)], f"--out {a_file}: a file, not a folder"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["bench", *argv])
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--op", "distill", "--methods", "torch-lce"])
-    assert "none of --methods is one of its methods" in capsys.readouterr().err
+        cli.main(["bench", "--op", "logprobs", "distill", "--methods", "trl"])
+    assert "--op distill: none of --methods is one of its methods" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "--op", "distill", "--data", "trained"])
     assert "random data regime only" in capsys.readouterr().err

@@ -40,7 +40,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         description="Time, memory and accuracy of logitless and its peers on identical inputs, "
         "each method in a fresh process; a table, results.csv/json and sweep plots under --out.",
     )
-    bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    bench.add_argument(
+        "--device", type=_device, help="torch device (default: cuda if available, else cpu)"
+    )
     bench.add_argument(
         "--dtype", choices=DTYPES, help="input dtype (default: bfloat16 on CUDA, float32 on CPU)"
     )
@@ -58,8 +60,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="data regime (default: random)",
     )  # fmt: skip
     bench.add_argument(
-        "--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES),
-        metavar="METHOD",
+        "--methods", nargs="+", choices=METHOD_NAMES, metavar="METHOD",
         help="methods to measure (default: all of each op's): "
         + "; ".join(f"{task}: {', '.join(methods)}" for task, methods in METHODS.items()),
     )  # fmt: skip
@@ -96,10 +97,14 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[BenchConfig]:
     """One config per (preset, data regime, op) asked for: the tables of one run."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here")
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: a file, not a folder")
+    ops = list(dict.fromkeys(args.op))
+    for method in dict.fromkeys(args.methods or ()):
+        if not any(method in METHODS[OPS[op].task] for op in ops):
+            parser.error(f"--methods {method}: not a method of --op {' '.join(ops)}")
     presets = list(dict.fromkeys(args.preset or ["gemma2-2b" if cuda else "cpu-default"]))
     if len(presets) > 1 and (args.n or args.d or args.v):
         parser.error("--n, --d and --v override one preset, not several")
@@ -107,7 +112,7 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
         (preset, regime, op)
         for preset in presets
         for regime in dict.fromkeys(args.data)
-        for op in dict.fromkeys(args.op)
+        for op in ops
     ]
     configs = []
     for preset, regime, op in tables:
@@ -118,7 +123,9 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
             dtype=DTYPES[args.dtype or ("bfloat16" if cuda else "float32")],
             shape=shape,
             regime=regime,
-            methods=tuple(m for m in dict.fromkeys(args.methods) if m in METHODS[OPS[op].task]),
+            methods=tuple(
+                m for m in dict.fromkeys(args.methods or METHOD_NAMES) if m in METHODS[OPS[op].task]
+            ),
             op=op,
             repeats=args.repeats or (20 if cuda else 3),
             warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
@@ -147,15 +154,34 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
     return configs
 
 
+def _device(text: str) -> torch.device:
+    """A device this machine has (argparse names --device in the error)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("meta tensors hold no data to measure")
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise argparse.ArgumentTypeError(f"{device.type} is not available here")
+    return device
+
+
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return _at_least(1, text)
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return _at_least(0, text)
+
+
+def _at_least(low: int, text: str) -> int:
+    """An integer >= low (argparse names the option in the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
     return value

@@ -105,8 +105,8 @@ def table(results: list[MethodResult], header: list[str]) -> str:
         q = rel[r.method]
         rows.append([
             r.method, _num(r.time_s and r.time_s * 1e3), _x(q["time_vs_eager"]),
-            _x(q["time_vs_best_peer"]), _mb(r.peak_bytes), _mb(r.working_bytes),
-            _x(q["memory_vs_eager"]), _x(q["memory_vs_best_peer"]), _mb(r.first_working_bytes),
+            _x(q["time_vs_best_peer"]), mb_text(r.peak_bytes), mb_text(r.working_bytes),
+            _x(q["memory_vs_eager"]), _x(q["memory_vs_best_peer"]), mb_text(r.first_working_bytes),
             _err(r.errors.get("loss")), _err(r.errors.get("grad_e")), _err(r.errors.get("grad_c")),
         ])  # fmt: skip
     full = [row for row in rows if len(row) == len(columns)]
@@ -247,7 +247,8 @@ def _num(x: float | None) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
-def _mb(nbytes: int | None) -> str:
+def mb_text(nbytes: int | None) -> str:
+    """Bytes as the tables print them: MB to 3 significant digits ("-" for none)."""
     return _num(_in_mb(nbytes))
 
 

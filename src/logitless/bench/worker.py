@@ -25,6 +25,7 @@ import torch
 from logitless.bench.measure import measure
 from logitless.bench.methods import METHODS, LossFn
 from logitless.bench.ops import OPS
+from logitless.bench.report import mb_text
 
 PROGRESS = "progress: "
 
@@ -76,7 +77,7 @@ def _report(label: str, result: dict) -> None:
     else:
         summary = f"{statistics.median(result['times_s']) * 1e3:.1f} ms"
         if result["peak_bytes"] is not None:
-            summary += f", peak {result['peak_bytes'] / 2**20:.0f} MB"
+            summary += f", peak {mb_text(result['peak_bytes'])} MB"
     _progress(f"{label}: {summary}")
 
 

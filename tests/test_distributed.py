@@ -7,9 +7,11 @@ with the single-process computation and, by the project's criterion, with float6
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -399,6 +401,16 @@ def test_each_shard_gets_its_share_of_the_filtering_budget():
     share = functional._filter_eps(options, VOCAB - 300)
     assert share == 2.0**-10 * (VOCAB - 300) / VOCAB
     assert functional._filter_eps(LossOptions(filter_eps=2.0**-10), 300) == 2.0**-10
+
+
+def test_a_deep_copy_of_a_module_shares_its_shard():
+    """copy.deepcopy(model) (a reference or EMA model) of a model whose loss module holds a
+    shard: its process group can be neither copied nor pickled (TypeError before)."""
+    shard = object.__new__(VocabParallel)
+    shard.start, shard.stop, shard.vocab_size = 0, VOCAB, VOCAB
+    shard.group = threading.Lock()  # as uncopyable as a ProcessGroup
+    module = LinearCrossEntropyLoss(vocab_parallel=shard)
+    assert copy.deepcopy(module).vocab_parallel is shard
 
 
 def test_token_checksums_tell_apart_changes_that_cancel():

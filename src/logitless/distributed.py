@@ -91,6 +91,11 @@ class VocabParallel:
     def __repr__(self) -> str:
         return f"VocabParallel(start={self.start}, stop={self.stop}, vocab_size={self.vocab_size})"
 
+    def __deepcopy__(self, memo: dict) -> VocabParallel:
+        """Itself: a shard does not change, and its process group cannot be copied, so a deep
+        copy of a model holding one (a reference or EMA model) shares it."""
+        return self
+
     def check_ranks_agree(
         self, e: torch.Tensor, targets: torch.Tensor, local_error: Exception | None
     ) -> TokenGather | None:

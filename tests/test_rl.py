@@ -1,5 +1,5 @@
 """The RL entry points: verl's fused-kernel call shape, and TRL's per-token completion log-probs
-from a patched-free model's hidden states, against the full logits."""
+from a model's hidden states, against the full logits."""
 
 from __future__ import annotations
 
@@ -47,14 +47,31 @@ def _trl_per_token_logps(model, input_ids, attention_mask, logits_to_keep, tempe
     return picked, -(log_p.exp() * log_p).sum(-1)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
-def test_trl_completion_log_probs_recipe(model_type):
+@pytest.mark.parametrize(
+    ("model_type", "head"),
+    [
+        ("llama", None),
+        ("gemma2", None),  # softcap
+        ("cohere", None),  # logits * logit_scale (0.0625)
+        ("granite", None),  # logits / logits_scaling
+        ("llama", "lora"),  # LoRA on the lm_head
+    ],
+)
+def test_trl_completion_log_probs_recipe(model_type, head):
+    """Against TRL's recipe from the model's own logits, whatever the model does to them or
+    its head adds (a scale, a LoRA: off by 0.24 and 3.8 before), and the model left as it was."""
     config = transformers.AutoConfig.for_model(
         model_type, vocab_size=101, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.2,
+        **({"logits_scaling": 4.0} if model_type == "granite" else {}),
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if head == "lora":
+        peft = pytest.importorskip("peft")
+        lora = peft.LoraConfig(r=3, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(model, lora)
+    attributes = {name: set(vars(module)) for name, module in model.named_modules()}
     input_ids = torch.randint(3, 101, (2, 15))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :3] = 0  # left padding of the prompt
@@ -78,15 +95,31 @@ def test_trl_completion_log_probs_recipe(model_type):
     assert ours[2].keys() == theirs[2].keys()
     for name, grad in ours[2].items():
         assert rel_error(grad, theirs[2][name]) < 1e-4, name
+    assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes
 
 
-@pytest.mark.parametrize(("keep", "error"), [(0, ValueError), (15, ValueError), (2.0, TypeError)])
-def test_bad_logits_to_keep_names_it(keep, error):
+@pytest.mark.parametrize(
+    ("arguments", "error", "named"),
+    [
+        ({"logits_to_keep": 0}, ValueError, "logits_to_keep"),
+        ({"logits_to_keep": 15}, ValueError, "logits_to_keep"),
+        ({"logits_to_keep": 2.0}, TypeError, "logits_to_keep"),
+        ({"input_ids": torch.randint(3, 101, (15,))}, ValueError, "input_ids"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"return_entropy": "yes"}, TypeError, "return_entropy"),
+    ],
+    ids=["keep-0", "keep-all", "keep-float", "ids-1d", "temperature-0", "entropy-str"],
+)
+def test_bad_arguments_are_named_before_the_model_runs(arguments, error, named):
     config = transformers.AutoConfig.for_model(
         "llama", vocab_size=101, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1,
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(config)
-    input_ids = torch.randint(3, 101, (2, 15))
-    with pytest.raises(error, match="logits_to_keep"):
-        completion_log_probs(model, input_ids, torch.ones_like(input_ids), keep)
+    model.forward = model.get_decoder().forward = None  # a forward would raise a TypeError
+    call = {"input_ids": torch.randint(3, 101, (2, 15)), "logits_to_keep": 4, **arguments}
+    with pytest.raises(error, match=named):
+        completion_log_probs(
+            model, call.pop("input_ids"), torch.ones(2, 15, dtype=torch.long),
+            call.pop("logits_to_keep"), **call,
+        )  # fmt: skip

@@ -48,8 +48,7 @@ class LossOptions:
         _check_real("z_loss", self.z_loss)
         if not 0 <= self.z_loss < math.inf:
             raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
-        if not isinstance(self.return_lse, bool):
-            raise TypeError(f"return_lse must be a bool, got {type(self.return_lse).__name__}")
+        check_bool("return_lse", self.return_lse)
         if isinstance(self.filter_eps, str):
             _check_choice("filter_eps", self.filter_eps, ("auto",))
         elif self.filter_eps is not None:
@@ -597,17 +596,32 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_logits_to_keep(logits_to_keep: object, input_ids: object) -> None:
-    """The completion's length: an int in [1, T - 1] for T tokens of `input_ids` (each token
-    is predicted from the one before it, so the first predicts nothing)."""
+def check_completion(
+    input_ids: object, logits_to_keep: object, temperature: object, return_entropy: object
+) -> None:
+    """`completion_log_probs`'s arguments, before its model runs: (B, T) integer `input_ids`,
+    a completion length `logits_to_keep` in [1, T - 1] (each token is predicted from the one
+    before it, so the first predicts nothing), a temperature and a bool."""
     check_tensors(input_ids=input_ids)
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(
+            f"input_ids must be a (B, T) tensor of token ids, got {input_ids.dtype} of shape "
+            f"{tuple(input_ids.shape)}"
+        )
     _check_int("logits_to_keep", logits_to_keep)
-    length = input_ids.shape[-1] if input_ids.dim() else 0
+    length = input_ids.shape[-1]
     if not 1 <= logits_to_keep < length:
         raise ValueError(
             f"logits_to_keep must be in [1, {length - 1}] for input_ids of {length} tokens, got "
             f"{logits_to_keep}"
         )
+    temperature_scale(temperature)
+    check_bool("return_entropy", return_entropy)
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _check_int(name: str, value: object) -> None:

@@ -26,6 +26,7 @@ from logitless._loss import (
 )
 from logitless._validation import (
     LossOptions,
+    check_bool,
     check_distillation,
     check_dtensors,
     check_hard_targets,
@@ -266,8 +267,7 @@ def linear_log_probs(
         impl=impl, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     scale = temperature_scale(temperature)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    check_bool("return_entropy", return_entropy)
     e, c, targets, bias, options = _local_inputs(e, c, targets, bias, options)
     gather = check_inputs(e, c, targets, bias, options)
     rows, row_targets, kept = _backend_rows(e, targets, options, gather)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from logitless._validation import REDUCTIONS, check_logits_to_keep
+from logitless._validation import REDUCTIONS, check_completion
 from logitless.distributed import VocabParallel
 from logitless.functional import linear_log_probs
 
@@ -60,24 +60,27 @@ def completion_log_probs(
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TRL-style per-token log-probs (and entropies) of the last `logits_to_keep` tokens of
-    `input_ids` (the completions) under a transformers causal LM, without its logits.
+    `input_ids` (B, T) (the completions) under a transformers causal LM, without its logits.
 
     The same as `selective_log_softmax(model(...).logits[:, :-1][:, -logits_to_keep:] / T,
-    input_ids[:, -logits_to_keep:])`: the decoder's final hidden states at the positions that
-    predict the completion tokens go through `linear_log_probs` with the head's weight and bias
-    and the config's `final_logit_softcapping`. Models whose forward scales the logits by a
-    constant (Cohere's `logit_scale`, Granite's `logits_scaling`) are not covered.
+    input_ids[:, -logits_to_keep:])`, computed as a `logitless.transformers.patch`ed call
+    computes its loss (`logitless.transformers.labelled_log_probs`): from the head's input and
+    weight, with whatever the model's forward does to its logits (Gemma 2's softcap, Cohere's
+    and Granite's scale; any other transform is refused). The prompt's positions cost nothing.
     """
-    check_logits_to_keep(logits_to_keep, input_ids)
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    head = model.get_output_embeddings()
-    predicting = hidden[:, -logits_to_keep - 1 : -1]
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return linear_log_probs(
-        predicting, head.weight, input_ids[:, -logits_to_keep:], head.bias,
-        temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+    check_completion(input_ids, logits_to_keep, temperature, return_entropy)
+    from logitless.transformers import labelled_log_probs  # imports transformers
+
+    prompt = torch.arange(input_ids.shape[1], device=input_ids.device) < (
+        input_ids.shape[1] - logits_to_keep
+    )
+    outputs = labelled_log_probs(
+        model, input_ids.masked_fill(prompt, -100), temperature=temperature,
+        return_entropy=return_entropy, input_ids=input_ids, attention_mask=attention_mask,
     )  # fmt: skip
+    if return_entropy:
+        return tuple(x[:, -logits_to_keep:] for x in outputs)
+    return outputs[:, -logits_to_keep:]
 
 
 def _rank_order_shard(rows: int, group: dist.ProcessGroup) -> VocabParallel:

@@ -143,11 +143,57 @@ def unpatch(model: Patchable) -> Patchable:
                 causal_lm.forward = original  # an instance's own, such as accelerate's hook
         causal_lm.__dict__.pop(_ACTIVE, None)
         causal_lm.__dict__.pop(_SCALE, None)
-        for module in causal_lm.modules():
-            for hook in list(vars(module).values()):
-                if isinstance(hook, _Hook):
-                    hook.uninstall()
+        for hook in _installed_hooks(causal_lm):
+            hook.uninstall()
     return model
+
+
+def labelled_log_probs(
+    model: Any,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    **inputs: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (and entropies) of `labels`, shifted by one as the model's loss
+    shifts them, under `softmax(logits / temperature)` of a transformers causal LM called with
+    `inputs`, without its logits: as a patched call computes its loss, from the head's input
+    and weight (LoRA and modules_to_save heads included) with the model's own logit transforms
+    (a constant scale, the config's softcap) read from the probe. Shaped like `labels[:, 1:]`,
+    0 where a label is -100 (those rows cost nothing). Patched or not, the model is left as it
+    was.
+    """
+    causal_lm = _causal_lm(model)
+    layers = _head_layers(causal_lm)
+    _check_causal_lm_loss(causal_lm)
+    hooks_before = set(_installed_hooks(causal_lm))
+    scale_before = causal_lm.__dict__.get(_SCALE)
+    options = LossOptions(filter_eps=None)
+    outputs = ("log_probs", "entropy") if return_entropy else ("log_probs",)
+    interception = _FusedHeadInterception(causal_lm, layers, options, temperature, outputs)
+    try:
+        _intercepted(
+            interception, _unpatched_forward(causal_lm), (),
+            {**inputs, "labels": labels, "use_cache": False},
+        )  # fmt: skip
+    finally:
+        for hook in set(_installed_hooks(causal_lm)) - hooks_before:
+            hook.uninstall()
+        if scale_before is None:  # measured for this call only: an unpatched model keeps nothing
+            causal_lm.__dict__.pop(_SCALE, None)
+    fields = interception.fields
+    return (fields["log_probs"], fields["entropy"]) if return_entropy else fields["log_probs"]
+
+
+def _installed_hooks(model: transformers.PreTrainedModel) -> list[_Hook]:
+    """The hooks a patched call installed in `model`'s modules (forward, _loss_function)."""
+    return [
+        hook
+        for module in model.modules()
+        for hook in vars(module).values()
+        if isinstance(hook, _Hook)
+    ]
 
 
 def _causal_lm(model: Any) -> transformers.PreTrainedModel:
@@ -716,7 +762,10 @@ def _fused_forward(
     if not getattr(model, _ACTIVE, False):  # unpatched under a wrapper that kept this forward
         return head.trl_forward(*args, fused_lm_head=True, **kwargs)
     kwargs["use_cache"] = False
-    interception = _FusedHeadInterception(model, _head_layers(model), options, head)
+    interception = _FusedHeadInterception(
+        model, _head_layers(model), options, head.temperature, head.outputs,
+        cast_to_fp32=head.cast_lm_head_to_fp32,
+    )  # fmt: skip
     outputs = _intercepted(interception, _unpatched_forward(model), args, kwargs)
     trl_utils = sys.modules["trl.trainer.utils"]
     return trl_utils.FusedCausalLMOutput(
@@ -725,21 +774,21 @@ def _fused_forward(
 
 
 class _FusedHeadInterception(_HeadInterception):
-    """An intercepted call for TRL's fused head: per-token fields at TRL's temperature in place
-    of the loss, which becomes TRL's: minus the log-probs' sum over the labelled tokens (or
-    num_items_in_batch)."""
+    """An intercepted call for per-token fields at a temperature (TRL's fused head's, or
+    `labelled_log_probs`'s) in place of the loss, which becomes TRL's: minus the log-probs' sum
+    over the labelled tokens (or num_items_in_batch)."""
 
-    def __init__(self, model, layers, options, head: _FusedHead):
+    def __init__(self, model, layers, options, temperature, outputs, *, cast_to_fp32=False):
         super().__init__(model, layers, options)
-        self.head = head
+        self.temperature, self.outputs, self.cast_to_fp32 = temperature, outputs, cast_to_fp32
         self.fields: dict[str, torch.Tensor | None] = {}
 
     def dtype(self, device: str) -> torch.dtype | None:
-        return torch.float32 if self.head.cast_lm_head_to_fp32 else super().dtype(device)
+        return torch.float32 if self.cast_to_fp32 else super().dtype(device)
 
     def compute(self, hidden, weight, bias, targets, options, num_items_in_batch):
         self.fields = _fused_fields(
-            hidden, weight, bias, targets, options, self.head.temperature, self.head.outputs
+            hidden, weight, bias, targets, options, self.temperature, self.outputs
         )
         mask = self.fields["label_mask"]
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

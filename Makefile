@@ -17,7 +17,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# torch is pinned to the CPU build for development here; the package itself needs only torch>=2.4.
+# torch is pinned to 2.13.0 for development (the build is the configured index's: the CPU one on
+# this project's machines); the package itself needs only torch>=2.4.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0

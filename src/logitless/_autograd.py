@@ -5,10 +5,10 @@ logits z = scale * softcap(e @ c.T + bias) (and of a teacher's, for distillation
 docs/statistics.md. So one differentiable op computes the statistics a call asks for
 (`LinearLogitStats`), and plain PyTorch combines them into losses, log-probs, entropies and
 divergences. Its backward turns the upstream gradient of each statistic into the coefficients
-of the backend's one gradient formula (`COEFFICIENT_RULES`). When a cross-entropy is reduced
-and nothing else is asked for, the coefficients are known during the forward pass and the
-backend can produce the gradients in the same sweep (`FusedLinearCrossEntropy`), saving one
-matmul.
+of the backend's one gradient formula (`logitless._loss.statistic_coefficients`). When a
+cross-entropy is reduced and nothing else is asked for, the coefficients are known during the
+forward pass and the backend can produce the gradients in the same sweep
+(`FusedLinearCrossEntropy`), saving one matmul.
 """
 
 from __future__ import annotations

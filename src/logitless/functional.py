@@ -247,7 +247,7 @@ def linear_log_probs(
     each token differently). The values are never filtered: `filter_eps` only lets the backward
     skip negligible tiles, and its default here is None (exact gradients), because RL compares
     these log-probs and their gradients with an inference engine's and the entropy's gradient
-    p (z - mean) is not bounded by a skipped mass; with `return_entropy` filtering is off anyway.
+    p (mean - z) is not bounded by a skipped mass; with `return_entropy` filtering is off anyway.
 
     Args:
         e, c, targets, bias, ignore_index, shift, softcap, impl, vocab_parallel: as in

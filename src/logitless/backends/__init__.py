@@ -10,11 +10,12 @@ shard). It checks nothing: `logitless.functional` has done that. With
 
 and `w` the optional (V,) column weight (1 without), it provides
 
-    stats(e, c, bias, targets, *, logits, names, teacher=None, top_k=0)
-        -> (len(names), N) float32
+    stats(e, c, bias, targets, *, logits, names, teacher=None, lse=None, top_k=0)
+        -> (len(names), N) float32 (float64 for float64 inputs)
            [, (N, top_k) int64 indices of the largest z, (N, top_k) float32 their log p]
 
-        the per-row statistics in `names` (see `STATISTICS`); with `top_k`, each row's largest
+        the per-row statistics in `names` (see `STATISTICS`; `lse`, the student's, given for
+        the second sweep of `jsd` and `jsd_p`); with `top_k`, each row's largest
         logits, in descending order, and their log-probabilities taken from the sweep's own
         logits as (z - max z) - log sum exp(z - max z), as log_softmax does: a confident row's
         largest log p (near 0) keeps its relative precision, which z minus a rounded log-sum-exp

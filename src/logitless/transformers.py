@@ -17,7 +17,8 @@ softcap is checked; any other transform is refused rather than silently dropped.
 logits) limits the loss to the rows before it. Models whose `loss_function` is not transformers'
 causal-LM loss (masked LMs, T5Gemma) are refused. The probe is
 checked on a model's first call with labels and its scale kept, so that later calls (and
-compiled graphs) read it without a host synchronization.
+compiled graphs) read it without a host synchronization. `labelled_log_probs` runs the same
+interception for per-token log-probs (and entropies) instead of a loss, on any model.
 """
 
 from __future__ import annotations

@@ -218,8 +218,10 @@ WEIGHT_OPTIONS = [
 
 
 def class_weights(vocab: int, dtype=torch.float32, device=DEVICE) -> torch.Tensor:
+    """Random weights in [0, 2), strided (every other entry of a table): a kernel that read
+    them as contiguous gave float32 gradients 2e-3 off with smoothing and softcap."""
     gen = torch.Generator().manual_seed(17)
-    return (torch.rand(vocab, generator=gen) * 2).to(device=device, dtype=dtype)
+    return (torch.rand(2 * vocab, generator=gen) * 2).to(device=device, dtype=dtype)[::2]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -56,7 +56,7 @@ def teacher_signature(dtype: str, fp32_pointers: tuple[str, ...]) -> dict[str, s
 def backward_signature(dtype: str) -> dict[str, str]:
     pointers = {"e_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "order_ptr": "i64"}
     pointers["target_positions_ptr"] = "i64"
-    for name in ("lse", "grad_lse", "grad_pz", "grad_target", "grad_sum", "weight"):
+    for name in ("lse", "grad_lse", "grad_plogp", "grad_target", "grad_sum", "weight"):
         pointers[f"{name}_ptr"] = "fp32"
     pointers["d_ptr"] = dtype
     pointers["counts_ptr"] = "i32"
@@ -75,8 +75,8 @@ TEACHER_FLAGS = ("TEACHER", "TEACHER_BIAS", "TEACHER_SOFTCAP")
 FLAGS = {
     "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_MEAN", "TOP_K",
                 *TEACHER_FLAGS, "MIXTURE"),
-    "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PZ", "HAS_WEIGHT", "SORTED", "FILTER",
-                 *TEACHER_FLAGS, "HAS_Q", "HAS_PY", "HAS_PLOGR"),
+    "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PLOGP", "HAS_WEIGHT", "SORTED",
+                 "FILTER", *TEACHER_FLAGS, "HAS_Q", "HAS_PY", "HAS_PLOGR"),
 }  # fmt: skip
 VARIANTS = {
     "forward": {
@@ -89,8 +89,8 @@ VARIANTS = {
     "backward": {
         "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_WEIGHT"),
         "filtered": ("HAS_BIAS", "HAS_SOFTCAP", "SORTED", "FILTER"),
-        "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PZ"),
-        "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PZ", *TEACHER_FLAGS, "HAS_Q", "HAS_PY",
+        "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP"),
+        "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP", *TEACHER_FLAGS, "HAS_Q", "HAS_PY",
                          "HAS_PLOGR"),
     },
 }  # fmt: skip

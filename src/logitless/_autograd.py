@@ -125,9 +125,9 @@ class LinearLogitStats(torch.autograd.Function):
 
 def _first_sweep(names: tuple[str, ...], with_teacher: bool) -> tuple[str, ...]:
     """The statistics of the first sweep for `names`: every one but the JSD's, and always the
-    log-sum-exps the backward (and the JSD's sweep) need, and the mean the entropy's needs."""
+    log-sum-exps the backward (and the JSD's sweep) need, and the entropy the mean's needs."""
     first = ["lse", *(["teacher_lse"] if with_teacher else [])]
-    first += ["mean"] if "entropy" in names and "mean" not in names else []
+    first += ["entropy"] if "mean" in names and "entropy" not in names else []
     return tuple(first + [name for name in names if name not in first and name not in MIXTURE])
 
 

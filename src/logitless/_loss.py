@@ -66,12 +66,13 @@ class TokenLoss:
 
 DIVERGENCES = {
     "forward_kl": {"teacher_mean": 1.0, "teacher_lse": -1.0, "cross_mean": -1.0, "lse": 1.0},
-    "reverse_kl": {"mean": 1.0, "lse": -1.0, "teacher_under_student": -1.0, "teacher_lse": 1.0},
+    "reverse_kl": {"entropy": -1.0, "teacher_under_student": -1.0, "teacher_lse": 1.0},
     "jsd": {"jsd": 1.0},
 }
 """Each divergence of one token as a linear combination of its statistics: KL(q || p) =
 sum q log q - sum q log p = (teacher_mean - teacher_lse) - (cross_mean - lse), KL(p || q) =
-(mean - lse) - (teacher_under_student - teacher_lse); the JSD is a statistic of its own."""
+sum p log p - sum p log q = -entropy - (teacher_under_student - teacher_lse); the JSD is a
+statistic of its own."""
 
 
 def with_hard_loss(weights: dict[str, float], hard_weight: float) -> dict[str, float]:
@@ -94,8 +95,8 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
     """The coefficient rows of the backend's gradient formula from the upstream gradient G of
     each statistic (docs/statistics.md):
 
-        lse: a += G; target: t += G; sum: s += G; mean: a += G (1 - mean), b += G;
-        entropy (lse - mean): a += G mean, b -= G;
+        lse: a += G; target: t += G; sum: s += G;
+        mean: a += G (1 + entropy), b += G; entropy: a -= G entropy, b -= G;
         cross_mean: g += G; teacher_under_student: a -= G tus, b_y += G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
         teacher_lse, teacher_mean: nothing (the teacher gets no gradient).
@@ -110,12 +111,12 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
             add("p", g)
         elif name in ("target", "sum"):
             add(name, g)
-        elif name == "mean":
-            add("p", g * (1.0 - values["mean"]))
-            add("pz", g)
-        elif name == "entropy":
-            add("p", g * values["mean"])
-            add("pz", -g)
+        elif name == "mean":  # p (1 + z - mean) = p (1 + log p + entropy)
+            add("p", g * (1.0 + values["entropy"]))
+            add("plogp", g)
+        elif name == "entropy":  # p (mean - z) = -p (log p + entropy)
+            add("p", -g * values["entropy"])
+            add("plogp", -g)
         elif name == "cross_mean":
             add("q", g)
         elif name == "teacher_under_student":
@@ -130,7 +131,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
 def coefficient_terms(names: tuple[str, ...], beta: float) -> tuple[str, ...]:
     """The coefficient rows that the upstream gradients of the statistics `names` give."""
     one = torch.ones(())
-    values = dict.fromkeys((*names, "mean", "jsd_p"), one)
+    values = dict.fromkeys((*names, "entropy", "jsd_p"), one)
     return tuple(statistic_coefficients(dict.fromkeys(names, one), values, beta))
 
 

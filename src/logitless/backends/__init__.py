@@ -27,7 +27,8 @@ and `w` the optional (V,) column weight (1 without), it provides
         the gradients, for the inputs flagged in `needs` (None for the others), of the function
         whose derivative with respect to the logits is, per entry,
 
-            dL/dz = p * (a + b * z + b_y * y + b_r * log(m / p)) + g * q + t * [v = target] + s * w
+            dL/dz = p * (a + b * log p + b_y * y + b_r * log(m / p)) + g * q + t * [v = target]
+                    + s * w
 
         `coefficients` is (len(terms), N): the rows of the coefficients named in `terms`
         (from `TERMS`; absent ones are 0). The caller adds the `sum` term itself when there is
@@ -67,7 +68,7 @@ STATISTICS = (
     "jsd",  # beta KL(q || m) + (1 - beta) KL(p || m) (needs both lse: a second sweep)
     "jsd_p",  # sum_v p log(m / p) (idem; the jsd's gradient needs it)
 )
-TERMS = ("p", "pz", "target", "sum", "q", "py", "plogr")
+TERMS = ("p", "plogp", "target", "sum", "q", "py", "plogr")
 """The coefficient rows of the gradient formula: a, b, t, s, g, b_y, b_r."""
 
 

@@ -228,7 +228,7 @@ def _sweep(
     # Block-sized buffers besides the logits, which become the softmax in place:
     need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
     with_mean = "mean" in names or "entropy" in names
-    need_z = with_mean or "cross_mean" in names or "pz" in terms or need_ratio
+    need_z = with_mean or "cross_mean" in names or "plogp" in terms or need_ratio
     need_y = (
         "teacher_mean" in names or "teacher_under_student" in names or "py" in terms or need_ratio
     )
@@ -318,7 +318,13 @@ def _sweep(
 
         ranges = _kept_ranges(p, t, filter_eps) if filter_eps else [(0, vocab)]
         coefs = dict(zip(terms, coefficients(rows, out[:, rows]), strict=True))
-        d = _softmax_to_grad(p, t, coefs, z_kept, y, q, ratio, weight32, deriv, scale)
+        log_p = None
+        if "plogp" in coefs:  # log p = (z - max) - log sum exp(z - max): precise near p = 1
+            shift = (peak, log_total) if forward else (lse_rows,)
+            log_p = z_kept
+            for row_shift in shift:
+                log_p.sub_(row_shift[:, None])
+        d = _softmax_to_grad(p, t, coefs, log_p, y, q, ratio, weight32, deriv, scale)
         e_rows32 = e_rows.to(acc) if half and needs[1] else e_rows
         for lo, hi in ranges:
             d_part = d[:, lo:hi]
@@ -631,7 +637,7 @@ def _softmax_to_grad(
     p: torch.Tensor,
     t: torch.Tensor,
     coefs: dict[str, torch.Tensor],
-    z: torch.Tensor | None,
+    log_p: torch.Tensor | None,
     y: torch.Tensor | None,
     q: torch.Tensor | None,
     ratio: torch.Tensor | None,
@@ -641,13 +647,13 @@ def _softmax_to_grad(
 ) -> torch.Tensor:
     """In place: softmax p -> the gradient of the pre-softcap logits,
 
-        (p (a + b z + b_y y + b_r log(m / p)) + g q + t onehot + s w) * scale * softcap'
+        (p (a + b log p + b_y y + b_r log(m / p)) + g q + t onehot + s w) * scale * softcap'
 
     with the coefficient rows present in `coefs` (the other buffers are overwritten)."""
     column = lambda name: coefs[name].unsqueeze(1)  # noqa: E731
     inner = None
-    impossible = p == 0 if {"pz", "py", "plogr"} & coefs.keys() else None
-    for name, values in (("pz", z), ("py", y), ("plogr", ratio)):
+    impossible = p == 0 if {"plogp", "py", "plogr"} & coefs.keys() else None
+    for name, values in (("plogp", log_p), ("py", y), ("plogr", ratio)):
         if name in coefs:
             values.masked_fill_(impossible, 0.0)  # a masked class's -inf would make p * z NaN
             if inner is None:

@@ -82,13 +82,13 @@ def grads(
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse)
     teacher_terms = {term: rows[term] for term in ("q", "py", "plogr") if term in rows}
-    if "sum" in rows or "pz" in rows or teacher_terms:
+    if "sum" in rows or "plogp" in rows or teacher_terms:
         filter_eps = None  # these gradients reach every logit: no tile is negligible
     order = vocabulary_order(e, c, bias) if filter_eps else None
     return _sweep(
         e, c, bias, targets, lse, rows.get("p", zeros), rows.get("target", zeros),
         rows.get("sum"), softcap=logits.softcap, filter_eps=filter_eps, needs=needs, order=order,
-        scale=logits.scale, grad_pz=rows.get("pz"), weight=logits.column_weight,
+        scale=logits.scale, grad_plogp=rows.get("plogp"), weight=logits.column_weight,
         teacher=teacher, teacher_terms=teacher_terms,
     )  # fmt: skip
 
@@ -145,7 +145,7 @@ def _sweep(
     order: torch.Tensor | None,
     census: list[int] | None = None,
     scale: float = 1.0,
-    grad_pz: torch.Tensor | None = None,
+    grad_plogp: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     teacher: Teacher | None = None,
     teacher_terms: dict[str, torch.Tensor] | None = None,
@@ -175,13 +175,13 @@ def _sweep(
     target_positions = targets.contiguous() if order is None else _positions(order, targets)
     teacher_terms = teacher_terms or {}
     gain = (
-        _float16_gain(grad_lse, grad_target, grad_sum, grad_pz, *teacher_terms.values())
+        _float16_gain(grad_lse, grad_target, grad_sum, grad_plogp, *teacher_terms.values())
         if e.dtype == torch.float16
         else 1
     )
-    grad_lse, grad_target, grad_sum, grad_pz = (
+    grad_lse, grad_target, grad_sum, grad_plogp = (
         None if x is None else (x * gain if gain != 1 else x).contiguous()
-        for x in (grad_lse, grad_target, grad_sum, grad_pz)
+        for x in (grad_lse, grad_target, grad_sum, grad_plogp)
     )
     teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
     row_vectors = [lse.contiguous(), grad_lse, grad_target]
@@ -214,7 +214,7 @@ def _sweep(
         lse_backward(
             e, c, bias, target_positions, *row_vectors, grad_sum, d=d, counts=counts,
             order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
-            scale=scale, grad_pz=grad_pz, weight=weight, teacher=teacher,
+            scale=scale, grad_plogp=grad_plogp, weight=weight, teacher=teacher,
             teacher_terms=teacher_terms, descriptors=descriptors,
         )  # fmt: skip
         if counts is None:

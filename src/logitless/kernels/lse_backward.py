@@ -4,7 +4,8 @@ Grid: one program per (row block, vocabulary block) tile of one chunk of positio
 grid or, for a grouped config, a 1-D grid ordered in groups of row blocks (`_tile_coordinates`).
 A program recomputes its logit tile on chip and forms the fp32 gradient of the logits
 
-    d = (softmax * (grad_lse + grad_pz * z) + grad_target * onehot(target) + grad_sum * w)
+    d = (softmax * (grad_lse + grad_plogp * log(softmax)) + grad_target * onehot(target)
+         + grad_sum * w)
         * scale * softcap'(x)
 
 (the backend contract's gradient formula with the student's terms; z is the scaled logit, x the
@@ -84,11 +85,11 @@ def vocabulary_alignment() -> int:
 @triton.jit
 def lse_backward_kernel(
     e_ptr, c_ptr, bias_ptr, order_ptr, target_positions_ptr, lse_ptr,
-    grad_lse_ptr, grad_pz_ptr, grad_target_ptr, grad_sum_ptr, weight_ptr, d_ptr, counts_ptr,
+    grad_lse_ptr, grad_plogp_ptr, grad_target_ptr, grad_sum_ptr, weight_ptr, d_ptr, counts_ptr,
     N, D, position_begin, position_end, stride_en, stride_ed, stride_cv, stride_cd, stride_dn,
     softcap, scale, filter_mass_per_entry, row_bucket, vocab_bucket,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SUM: tl.constexpr,
-    HAS_PZ: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_PLOGP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     SORTED: tl.constexpr, FILTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -172,9 +173,10 @@ def lse_backward_kernel(
     grad_lse = tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0)
     grad_target = tl.load(grad_target_ptr + rows, mask=row_mask, other=0.0)
     is_target = positions[None, :] == target_positions[:, None]
-    if HAS_PZ:
-        grad_pz = tl.load(grad_pz_ptr + rows, mask=row_mask, other=0.0)
-        probs *= grad_lse[:, None] + grad_pz[:, None] * tl.where(probs > 0, z, 0.0)
+    if HAS_PLOGP:
+        grad_plogp = tl.load(grad_plogp_ptr + rows, mask=row_mask, other=0.0)
+        log_p = tl.where(probs > 0, z - lse[:, None], 0.0)
+        probs *= grad_lse[:, None] + grad_plogp[:, None] * log_p
     else:
         probs *= grad_lse[:, None]
     if HAS_SUM:
@@ -249,7 +251,7 @@ def lse_backward(
     softcap: float | None,
     filter_eps: float | None,
     scale: float = 1.0,
-    grad_pz: torch.Tensor | None = None,
+    grad_plogp: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     teacher: Teacher | None = None,
     teacher_terms: dict[str, torch.Tensor] | None = None,
@@ -257,7 +259,7 @@ def lse_backward(
 ) -> None:
     """Write the logits' gradient at vocabulary positions [begin, end) into `d` (N, end - begin).
 
-    `grad_lse`, `grad_pz`, `grad_target` and `grad_sum` are the coefficients a, b, t and s of
+    `grad_lse`, `grad_plogp`, `grad_target` and `grad_sum` are the coefficients a, b, t and s of
     the gradient formula, `weight` the column weight of the s term (by vocabulary row).
     `teacher_terms` holds the teacher's coefficient rows present (`q`, `py`, `plogr`: g, b_y
     and b_r), with `teacher` (whose `lse` the `q` and `plogr` terms need).
@@ -279,14 +281,14 @@ def lse_backward(
         lambda meta: _grid(meta, n, end - begin),
         e, c, placeholder if bias is None else bias.contiguous(),
         placeholder if order is None else order, target_positions, lse,
-        grad_lse, optional(grad_pz), grad_target, optional(grad_sum),
+        grad_lse, optional(grad_plogp), grad_target, optional(grad_sum),
         placeholder if weight is None else weight.contiguous(),
         d, optional(counts),
         n, dim, begin, end, *e.stride(), *c.stride(), d.stride(0),
         float(softcap or 1.0), float(scale), (filter_eps or 0.0) / c.shape[0],
         triton.next_power_of_2(n), triton.next_power_of_2(c.shape[0]),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SUM=grad_sum is not None,
-        HAS_PZ=grad_pz is not None, HAS_WEIGHT=weight is not None,
+        HAS_PLOGP=grad_plogp is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
         **(descriptors if descriptors and order is None else {"HAS_DESCRIPTORS": False}),

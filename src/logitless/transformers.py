@@ -38,7 +38,7 @@ from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import logitless
-from logitless._validation import LossOptions
+from logitless._validation import LossOptions, check_bool, temperature_scale
 from logitless.functional import linear_cross_entropy_with_options
 
 _PROBE = (-1.0, -0.5, 0.25, 0.75)
@@ -165,6 +165,8 @@ def labelled_log_probs(
     0 where a label is -100 (those rows cost nothing). Patched or not, the model is left as it
     was.
     """
+    temperature_scale(temperature)  # before the model runs
+    check_bool("return_entropy", return_entropy)
     causal_lm = _causal_lm(model)
     layers = _head_layers(causal_lm)
     _check_causal_lm_loss(causal_lm)

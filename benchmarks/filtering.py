@@ -246,8 +246,9 @@ def census(preset: str, shape: data.Shape, device: torch.device, eps: float) -> 
     e, c, targets = inputs.e, inputs.c, inputs.targets
     _, lse = linear_cross_entropy(e, c, targets, reduction="none", return_lse=True, impl="triton")
     tiles, kept, chunks, chunks_kept = triton_backend.tile_census(
-        e, c, None, targets, lse, softcap=None, filter_eps=eps
-    )
+        e, c, None, targets, torch.stack([lse, torch.zeros_like(lse)]), softcap=None,
+        filter_eps=eps,
+    )  # fmt: skip
     print(
         f"  Triton backward, tile share rule: {kept / tiles:6.1%} of {tiles} tiles kept, "
         f"{chunks_kept} of {chunks} chunks"

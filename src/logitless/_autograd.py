@@ -78,7 +78,8 @@ class LinearLogitStats(torch.autograd.Function):
         if "jsd" in names:
             second, *_ = ops.stats(
                 e, c, bias, targets, plan.impl, plan.softcap, plan.scale, plan.column_weight,
-                ",".join(MIXTURE), *teacher, values["teacher_lse"], values["lse"], 0,
+                ",".join(MIXTURE), *teacher, _lse_pair(values, "teacher_lse"),
+                _lse_pair(values, "lse"), 0,
             )  # fmt: skip
             if shard is not None:
                 second = shard.sum_stats(second)
@@ -100,20 +101,25 @@ class LinearLogitStats(torch.autograd.Function):
         e, c, bias, targets, teacher_e, teacher_c, teacher_bias, kept = ctx.saved_tensors
         plan: Plan = ctx.plan
         values = dict(zip(ctx.kept, kept, strict=True))
+        grads = {  # a rounding's residual has no gradient
+            name: g
+            for name, g in zip(ctx.names, grad_stats, strict=True)
+            if not name.endswith("_residual")
+        }
         if plan.token_gather is not None:  # every rank's tokens get every rank's coefficients
-            grad_stats = torch.stack(plan.token_gather.sum_coefficients(*grad_stats))
-        coefficients = statistic_coefficients(
-            dict(zip(ctx.names, grad_stats, strict=True)), values, plan.beta
-        )
+            summed = plan.token_gather.sum_coefficients(*grads.values())
+            grads = dict(zip(grads, summed, strict=True))
+        coefficients = statistic_coefficients(grads, values, plan.beta)
         terms = tuple(coefficients)
         needs = ctx.needs_input_grad[:3]
         filter_eps = plan.filter_eps if filters(terms, plan.softcap) else None
         teacher = (teacher_e, teacher_c, teacher_bias, plan.teacher_softcap, plan.beta)
         with torch.no_grad():  # under torch.func.grad too: the result is not differentiated
             grad_e, grad_c, grad_bias = ops.grads(
-                e, c, bias, targets, values["lse"], torch.stack(list(coefficients.values())),
-                ",".join(terms), plan.impl, plan.softcap, plan.scale, plan.column_weight,
-                *teacher, values.get("teacher_lse"), filter_eps, list(needs),
+                e, c, bias, targets, _lse_pair(values, "lse"),
+                torch.stack(list(coefficients.values())), ",".join(terms), plan.impl,
+                plan.softcap, plan.scale, plan.column_weight, *teacher,
+                _lse_pair(values, "teacher_lse"), filter_eps, list(needs),
             )  # fmt: skip
         if plan.vocab_parallel is not None and needs[0]:
             grad_e = plan.vocab_parallel.reduce_grad_e(grad_e)
@@ -123,10 +129,19 @@ class LinearLogitStats(torch.autograd.Function):
         return *_present(grads, needs), None, None, None, None, None, None, None
 
 
+def _lse_pair(values: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The log-sum-exp `name` as the backends take it: (2, N), with its residual."""
+    if name not in values:
+        return None
+    return torch.stack([values[name], values[f"{name}_residual"]])
+
+
 def _first_sweep(names: tuple[str, ...], with_teacher: bool) -> tuple[str, ...]:
     """The statistics of the first sweep for `names`: every one but the JSD's, and always the
-    log-sum-exps the backward (and the JSD's sweep) need, and the entropy the mean's needs."""
-    first = ["lse", *(["teacher_lse"] if with_teacher else [])]
+    log-sum-exps (with their residuals) the backward (and the JSD's sweep) need, and the entropy
+    the mean's needs."""
+    normalizers = ["lse", *(["teacher_lse"] if with_teacher else [])]
+    first = [*normalizers, *(f"{name}_residual" for name in normalizers)]
     first += ["entropy"] if "mean" in names and "entropy" not in names else []
     return tuple(first + [name for name in names if name not in first and name not in MIXTURE])
 
@@ -188,7 +203,8 @@ class FusedLinearCrossEntropy(_FusedLoss):
             plan.column_weight, token_loss.label_smoothing > 0, plan.filter_eps,
             token_loss.label_smoothing, token_loss.z_loss, token_loss.vocab, list(needs),
         )  # fmt: skip
-        losses = token_loss(*found, target_weights)
+        lse, target_logit, logit_sum, lse_residual = found
+        losses = token_loss(lse, target_logit, logit_sum, target_weights, lse_residual)
         loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
         return loss, *grads
 

@@ -32,12 +32,14 @@ class TokenLoss:
     weight_total: float = 0.0
     """sum_v w[v] of the class weights; only read with a `target_weight`."""
 
-    def __call__(self, lse, target_logit, logit_sum, target_weight=None):
+    def __call__(self, lse, target_logit, logit_sum, target_weight=None, lse_residual=0.0):
+        """`lse_residual` (what rounding lse lost) keeps a confident token's loss lse - target,
+        near 0, as precise as log_softmax's."""
         smoothing = self.label_smoothing
         if target_weight is None:
-            loss = lse - (1.0 - smoothing) * target_logit
+            loss = (lse - (1.0 - smoothing) * target_logit) + lse_residual
         else:
-            loss = target_weight * (1.0 - smoothing) * (lse - target_logit)
+            loss = target_weight * (1.0 - smoothing) * ((lse - target_logit) + lse_residual)
             if smoothing:
                 loss = loss + (smoothing * self.weight_total / self.vocab) * lse
         if smoothing:
@@ -99,7 +101,8 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         mean: a += G (1 + entropy), b += G; entropy: a -= G entropy, b -= G;
         cross_mean: g += G; teacher_under_student: a -= G tus, b_y += G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
-        teacher_lse, teacher_mean: nothing (the teacher gets no gradient).
+        teacher_lse, teacher_mean: nothing (the teacher gets no gradient); the log-sum-exps'
+        residuals are not given (a rounding has no gradient).
     """
     out: dict[str, torch.Tensor] = {}
 

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from logitless.backends import lse_residual
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch without distributed support, or before DTensor was public (2.5)
@@ -160,16 +162,22 @@ class VocabParallel:
         the sum; softmax-weighted means (`mean`, `teacher_under_student` under p, and
         `teacher_mean`, `cross_mean` under q) by the sum of exp(lse_r - max) * mean_r, divided by
         the global sum of exponentials; the entropy, with pi_r = exp(lse_r - lse) each rank's
-        share of the mass, as sum_r pi_r (entropy_r - log pi_r). All sums go in the one
-        all-reduce.
+        share of the mass, as sum_r pi_r (entropy_r - log pi_r); a log-sum-exp's residual (what
+        its rounding lost) joins its exponent, and the global one is formed anew. All sums go in
+        the one all-reduce.
         """
         normalizers = [name for name in names if name in _NORMALIZER_OF.values()]
         peaks = torch.stack([stats[names.index(name)] for name in normalizers])
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=self.group)
         peak = dict(zip(normalizers, peaks, strict=True))
-        weight = {name: torch.exp(stats[names.index(name)] - peak[name]) for name in normalizers}
+        weight = {
+            name: torch.exp((stats[names.index(name)] - peak[name]) + _residual(stats, names, name))
+            for name in normalizers
+        }
+        summed = [name for name in names if not name.endswith("_residual")]
         partials = []
-        for name, row in zip(names, stats, strict=True):
+        for name in summed:
+            row = stats[names.index(name)]
             if name in peak:
                 partials.append(weight[name])
             elif name == "entropy":  # sum_r w_r (entropy_r - (lse_r - peak)), then + log sum w
@@ -181,18 +189,22 @@ class VocabParallel:
                 partials.append(row)
         sums = torch.stack(partials)
         dist.all_reduce(sums, group=self.group)
-        total = {name: sums[names.index(name)] for name in normalizers}
-        combined = []
-        for name, row in zip(names, sums, strict=True):
+        total = {name: sums[summed.index(name)] for name in normalizers}
+        combined = {}
+        for name, row in zip(summed, sums, strict=True):
             if name in peak:
-                combined.append(peak[name] + row.log())
+                combined[name] = peak[name] + row.log()
             elif name == "entropy":
-                combined.append(row / total["lse"] + total["lse"].log())
+                combined[name] = row / total["lse"] + total["lse"].log()
             elif name in _NORMALIZER_OF:
-                combined.append(row / total[_NORMALIZER_OF[name]])
+                combined[name] = row / total[_NORMALIZER_OF[name]]
             else:
-                combined.append(row)
-        return torch.stack(combined)
+                combined[name] = row
+        for name in normalizers:  # a residual is formed anew from the combined log-sum-exp
+            if f"{name}_residual" in names:
+                log_total = total[name].log()
+                combined[f"{name}_residual"] = lse_residual(peak[name], log_total, combined[name])
+        return torch.stack([combined[name] for name in names])
 
     def sum_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Statistics that are plain sums over the vocabulary, summed over the ranks."""
@@ -213,6 +225,12 @@ class VocabParallel:
         if "gloo" in backend or backend == "mpi":
             return torch.device("cpu")
         return torch.device("cuda", torch.cuda.current_device())
+
+
+def _residual(stats: torch.Tensor, names: list[str], name: str) -> torch.Tensor | float:
+    """The residual of the log-sum-exp `name` among `stats`, 0 where not computed."""
+    residual = f"{name}_residual"
+    return stats[names.index(residual)] if residual in names else 0.0
 
 
 _NORMALIZER_OF = {

@@ -205,14 +205,14 @@ def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weig
         )[0]
 
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
-    names = ("lse", "target", "sum") if options.label_smoothing > 0 else ("lse", "target")
+    names = ("lse", "target", "lse_residual", *(("sum",) if options.label_smoothing > 0 else ()))
     stats = _stats(rows, c, bias, backend_targets, plan, names)
     if gather is not None:  # this rank's loss is that of its own tokens
         stats, valid = gather.own(stats.T).T, gather.own(valid)
         target_weights = None if target_weights is None else gather.own(target_weights)
-    lse, target_logit = stats[0], stats[1]
-    logit_sum = stats[2] if options.label_smoothing > 0 else None
-    losses = token_loss(lse, target_logit, logit_sum, target_weights)
+    lse, target_logit, lse_residual = stats[0], stats[1], stats[2]
+    logit_sum = stats[3] if options.label_smoothing > 0 else None
+    losses = token_loss(lse, target_logit, logit_sum, target_weights, lse_residual)
     losses = torch.where(valid, losses, 0.0)
     if options.reduction == "mean":
         loss = losses.sum() / _divisor(valid, num_items_in_batch, target_weights)
@@ -282,14 +282,15 @@ def linear_log_probs(
         token_gather=gather,
         scale=scale,
     )
-    names = ("lse", "target", "entropy") if return_entropy else ("lse", "target")
+    names = ("lse", "lse_residual", "target", *(("entropy",) if return_entropy else ()))
     found = _stats(rows, c, bias, backend_targets, plan, names)
     if gather is not None:  # this rank's values are those of its own tokens
         found, valid = gather.own(found.T).T, gather.own(valid)
-    log_probs = _per_token(torch.where(valid, found[1] - found[0], 0.0), targets, shift, kept)
+    log_prob = (found[2] - found[0]) - found[1]  # near 0 on a confident token, and precise there
+    log_probs = _per_token(torch.where(valid, log_prob, 0.0), targets, shift, kept)
     if not return_entropy:
         return log_probs
-    entropy = torch.where(valid, found[2], 0.0)
+    entropy = torch.where(valid, found[3], 0.0)
     return log_probs, _per_token(entropy, targets, shift, kept)
 
 

@@ -15,7 +15,8 @@ and `w` the optional (V,) column weight (1 without), it provides
            [, (N, top_k) int64 indices of the largest z, (N, top_k) float32 their log p]
 
         the per-row statistics in `names` (see `STATISTICS`; `lse`, the student's, given for
-        the second sweep of `jsd` and `jsd_p`); with `top_k`, each row's largest
+        the second sweep of `jsd` and `jsd_p`, as `grads` takes it); with `top_k`, each row's
+        largest
         logits, in descending order, and their log-probabilities taken from the sweep's own
         logits as (z - max z) - log sum exp(z - max z), as log_softmax does: a confident row's
         largest log p (near 0) keeps its relative precision, which z minus a rounded log-sum-exp
@@ -30,6 +31,11 @@ and `w` the optional (V,) column weight (1 without), it provides
             dL/dz = p * (a + b * log p + b_y * y + b_r * log(m / p)) + g * q + t * [v = target]
                     + s * w
 
+        `lse` (2, N) is each row's log-sum-exp as the pair (`lse`, `lse_residual`) of
+        statistics, whose sum it is to twice the accumulation dtype's precision (as is a
+        teacher's `lse`): p = exp((z - lse[0]) - lse[1]) then sums to 1 to that dtype's
+        precision whatever the logits' size, where exp(z - lse[0]) is off by an ulp of lse
+        (4e-6 at lse 50: confident tokens', the entropy's and the JSD's gradients amplify it).
         `coefficients` is (len(terms), N): the rows of the coefficients named in `terms`
         (from `TERMS`; absent ones are 0). The caller adds the `sum` term itself when there is
         no softcap (it is rank one, see `logitless._ops.add_uniform_gradient`). With
@@ -57,11 +63,13 @@ import torch
 
 STATISTICS = (
     "lse",  # log sum_v exp z
+    "lse_residual",  # what lse lost to rounding: the pair (lse, residual) given back as "lse"
     "target",  # z[target], 0 without target
     "sum",  # sum_v w[v] z[v]
     "mean",  # sum_v p z
     "entropy",  # lse - mean, from sum_v p (z - max z): without the cancellation of that difference
     "teacher_lse",  # log sum_v exp y
+    "teacher_lse_residual",  # idem, of the teacher's
     "teacher_mean",  # sum_v q y
     "cross_mean",  # sum_v q z
     "teacher_under_student",  # sum_v p y
@@ -86,8 +94,9 @@ class Logits:
 class Teacher:
     """A second head over the same vocabulary, whose statistics come with the student's.
 
-    Its logits y use the student's `scale`; `lse` (N,) is its log-sum-exp once known (the
-    JSD statistics and the `q` terms need it), `beta` weighs the JSD mixture.
+    Its logits y use the student's `scale`; `lse` (2, N) is its log-sum-exp once known, as the
+    student's is given to `grads` (the JSD statistics and the `q` terms need it), `beta` weighs
+    the JSD mixture.
     """
 
     e: torch.Tensor
@@ -96,6 +105,15 @@ class Teacher:
     softcap: float | None = None
     beta: float = 0.5
     lse: torch.Tensor | None = None
+
+
+def lse_residual(peak: torch.Tensor, log_total: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """What `lse` = peak + log_total (max, log sum exp(z - max)) lost when it was rounded,
+    exactly (Knuth's TwoSum): the `*_residual` statistics; 0 where lse is not finite."""
+    peak_part = lse - log_total
+    total_part = lse - peak_part
+    lost = (peak - peak_part) + (log_total - total_part)
+    return torch.where(lse.isfinite(), lost, 0.0)
 
 
 def get_backend(impl: str) -> ModuleType:

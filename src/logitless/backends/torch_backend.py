@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from logitless.backends import Logits, Teacher
+from logitless.backends import Logits, Teacher, lse_residual
 
 BLOCK_MB_ENV = "LOGITLESS_BLOCK_MB"
 CPU_BLOCK_MB = (4.0, 64.0)
@@ -113,11 +113,12 @@ def stats_and_grads(
     """`stats` and `grads` in one pass, the coefficients given per block from its statistics
     (a teacher's and the JSD's included: a block holds whole rows)."""
     if _in_tiles(e, names, terms, teacher, 0):
-        out = _tiled_stats(e, c, bias, targets, logits, names)
+        out = _tiled_stats(e, c, bias, targets, logits, (*names, "lse", "lse_residual"))
+        out, lse = out[: len(names)], out[len(names) :]
         everyone = slice(0, e.shape[0])
         rows = dict(zip(terms, coefficients_of(everyone, out), strict=True))
         grad_e, grad_c, grad_bias = _tiled_grads(
-            e, c, bias, targets, out[names.index("lse")], rows, logits, filter_eps, needs
+            e, c, bias, targets, lse, rows, logits, filter_eps, needs
         )
         return out, grad_e, grad_c, grad_bias
     out, grad_e, grad_c, grad_bias, *_ = _sweep(
@@ -268,12 +269,14 @@ def _sweep(
             if "sum" in names:
                 found["sum"] = z.sum(1) if weight32 is None else z @ weight32
             peak, log_total = _exp_in_place(z, normalize=backward or need_p)
-            found["lse"] = lse_rows = peak + log_total
+            found["lse"] = peak + log_total
+            found["lse_residual"] = lse_residual(peak, log_total, found["lse"])
+            log_normalizer = (peak, log_total)
             if top is not None:
                 top_log_probs[rows] = top_logits.sub_(peak[:, None]).sub_(log_total[:, None])
         else:
-            lse_rows = lse[rows]
-            z.sub_(lse_rows[:, None]).exp_()
+            log_normalizer = (lse[0, rows], lse[1, rows])
+            _log_probs(z, log_normalizer).exp_()
         p = z  # the softmax from here on (unnormalized when nothing needs it)
         if with_mean:  # the entropy without the rounding of lse and mean: from sum p (z - max)
             relative_mean = _row_dot(p, z_kept, shift=peak)
@@ -291,11 +294,14 @@ def _sweep(
         if need_q:
             q = q_buffer[:size].copy_(y) if need_y else y
             if teacher.lse is None:
-                teacher_peak, teacher_log_total = _exp_in_place(q, normalize=True)
-                found["teacher_lse"] = teacher_lse_rows = teacher_peak + teacher_log_total
+                teacher_normalizer = _exp_in_place(q, normalize=True)
+                found["teacher_lse"] = teacher_normalizer[0] + teacher_normalizer[1]
+                found["teacher_lse_residual"] = lse_residual(
+                    *teacher_normalizer, found["teacher_lse"]
+                )
             else:
-                teacher_lse_rows = teacher.lse[rows]
-                q.sub_(teacher_lse_rows[:, None]).exp_()
+                teacher_normalizer = (teacher.lse[0, rows], teacher.lse[1, rows])
+                _log_probs(q, teacher_normalizer).exp_()
         if "teacher_mean" in names:
             found["teacher_mean"] = _row_dot(q, y)
         if "cross_mean" in names:
@@ -304,7 +310,7 @@ def _sweep(
             found["teacher_under_student"] = _row_dot(p, y)
         if need_ratio:
             ratio, gap = _mixture_ratios(
-                z_kept, y, lse_rows, teacher_lse_rows, teacher.beta,
+                z_kept, y, log_normalizer, teacher_normalizer, teacher.beta,
                 ratio_buffer[:size], gap_buffer[:size],
             )  # fmt: skip
             if names:
@@ -320,10 +326,7 @@ def _sweep(
         coefs = dict(zip(terms, coefficients(rows, out[:, rows]), strict=True))
         log_p = None
         if "plogp" in coefs:  # log p = (z - max) - log sum exp(z - max): precise near p = 1
-            shift = (peak, log_total) if forward else (lse_rows,)
-            log_p = z_kept
-            for row_shift in shift:
-                log_p.sub_(row_shift[:, None])
+            log_p = _log_probs(z_kept, log_normalizer)
         d = _softmax_to_grad(p, t, coefs, log_p, y, q, ratio, weight32, deriv, scale)
         e_rows32 = e_rows.to(acc) if half and needs[1] else e_rows
         for lo, hi in ranges:
@@ -358,7 +361,7 @@ def _column_weight(logits: Logits, dtype: torch.dtype) -> torch.Tensor | None:
     return None if logits.column_weight is None else logits.column_weight.to(dtype)
 
 
-TILED_STATISTICS = frozenset(("lse", "target", "sum"))
+TILED_STATISTICS = frozenset(("lse", "lse_residual", "target", "sum"))
 TILED_TERMS = frozenset(("p", "target", "sum"))
 TILE_ROWS = {"cpu": 256}
 """Rows of a tile of the 16-bit schedule (CPU: where BLAS runs near its peak for a tile of a
@@ -471,6 +474,7 @@ def _tiled_stats(
             total[rows] += z.sub_(new_peak.unsqueeze(1)).exp_().sum(1)
             peak[rows] = new_peak
     found["lse"] = peak + total.log()
+    found["lse_residual"] = lse_residual(peak, total.log(), found["lse"])
     return torch.stack([found[name] for name in names])
 
 
@@ -503,7 +507,7 @@ def _tiled_grads(
         weight = None if weight32 is None else weight32[lo:hi]
         for rows in tiles.row_tiles():
             e32, z, deriv = tiles.logits_of(rows, lo, c32)
-            p = z.sub_(lse[rows].unsqueeze(1)).exp_()
+            p = _log_probs(z, (lse[0, rows], lse[1, rows])).exp_()
             local = _local_targets(targets[rows], lo, hi)
             if filter_eps and _negligible(p, local, filter_eps, vocab):
                 continue
@@ -537,22 +541,31 @@ def _negligible(p: torch.Tensor, local_targets: torch.Tensor, eps: float, vocab:
 def _mixture_ratios(
     z: torch.Tensor,
     y: torch.Tensor,
-    lse: torch.Tensor,
-    teacher_lse: torch.Tensor,
+    normalizer: tuple[torch.Tensor, torch.Tensor],
+    teacher_normalizer: tuple[torch.Tensor, torch.Tensor],
     beta: float,
     ratio_out: torch.Tensor,
     gap_out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log(m / p), log(m / q)) per entry for m = beta q + (1 - beta) p, from the log-ratio
-    log p - log q (small where the heads agree), never from log m itself: the divergence and its
-    gradient are then differences of small numbers, not of two log-probabilities."""
-    gap = torch.sub(z, y, out=gap_out).sub_((lse - teacher_lse).unsqueeze(1))  # log p - log q
-    ratio = torch.logaddexp(
-        math.log(beta) - gap, torch.tensor(math.log1p(-beta), device=z.device), out=ratio_out
-    )
-    log_beta = torch.tensor(math.log(beta), device=z.device)
-    gap = torch.logaddexp(gap.add_(math.log1p(-beta)), log_beta, out=gap)
+    log p - log q (small where the heads agree), each log-probability formed first (never z - y,
+    of the size of the logits), and never from log m itself: the divergence and its gradient
+    are then differences of small numbers, not of two log-probabilities."""
+    log_q = _log_probs(y, teacher_normalizer, out=ratio_out)
+    gap = _log_probs(z, normalizer, out=gap_out).sub_(log_q)  # log p - log q
+    constant = lambda x: torch.tensor(x, device=z.device, dtype=z.dtype)  # noqa: E731
+    ratio = torch.logaddexp(math.log(beta) - gap, constant(math.log1p(-beta)), out=ratio_out)
+    gap = torch.logaddexp(gap.add_(math.log1p(-beta)), constant(math.log(beta)), out=gap)
     return ratio, gap
+
+
+def _log_probs(
+    x: torch.Tensor, normalizer: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(x - normalizer[0]) - normalizer[1] per row, into `out` (in place without): log p from
+    a log-sum-exp as two parts, (max, log sum exp(x - max)) or (lse, its residual)."""
+    out = x if out is None else out.copy_(x)
+    return out.sub_(normalizer[0].unsqueeze(1)).sub_(normalizer[1].unsqueeze(1))
 
 
 ROW_DOT_COLUMNS = 2048

@@ -80,7 +80,7 @@ def grads(
     """The gradients from the backward kernel, the teacher's terms (`q`, `py`, `plogr`)
     included."""
     rows = dict(zip(terms, coefficients, strict=True))
-    zeros = torch.zeros_like(lse)
+    zeros = torch.zeros_like(lse[0])
     teacher_terms = {term: rows[term] for term in ("q", "py", "plogr") if term in rows}
     if "sum" in rows or "plogp" in rows or teacher_terms:
         filter_eps = None  # these gradients reach every logit: no tile is negligible
@@ -106,11 +106,12 @@ def tile_census(
 ) -> tuple[int, int, int, int]:
     """(tiles, tiles kept, chunks, chunks kept) of the backward's gradient filtering.
 
-    `lse` is the forward's per-row log-sum-exp (from `stats`); for diagnostics and tests.
+    `lse` is the forward's per-row log-sum-exp pair (`lse`, `lse_residual` from `stats`); for
+    diagnostics and tests.
     """
     order = vocabulary_order(e, c, bias) if sort_vocabulary else None
     census = [0, 0, 0, 0]
-    unused = torch.zeros_like(lse)
+    unused = torch.zeros_like(lse[0])
     _sweep(
         e, c, bias, targets, lse, unused, unused, None, softcap=softcap, filter_eps=filter_eps,
         needs=(False, False, False), order=order, census=census,
@@ -174,6 +175,13 @@ def _sweep(
     counts = torch.zeros(2, device=e.device, dtype=torch.int32) if filtering else None
     target_positions = targets.contiguous() if order is None else _positions(order, targets)
     teacher_terms = teacher_terms or {}
+    # the kernel's softmax exp(z - lse[0]) times exp(-lse[1]), its rounding's correction: in the
+    # coefficients of the terms that multiply p (`lse_backward`)
+    correction = torch.exp(-lse[1])
+    grad_lse, grad_plogp = (None if x is None else x * correction for x in (grad_lse, grad_plogp))
+    teacher_terms = {
+        term: x * correction if term in ("py", "plogr") else x for term, x in teacher_terms.items()
+    }
     gain = (
         _float16_gain(grad_lse, grad_target, grad_sum, grad_plogp, *teacher_terms.values())
         if e.dtype == torch.float16

@@ -132,7 +132,12 @@ def lse_backward_kernel(
             row_mask, col_mask, D, stride_ed, stride_cd, softcap, scale,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
+    # lse_ptr: a (2, N) pair, the log-sum-exp and what its rounding lost (`logitless.backends`);
+    # the p terms' coefficients carry the softmax's factor exp(-lost) (`lse_backward`), so the
+    # second part is read only where log p is formed
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_PLOGP or HAS_PLOGR:
+        lse_lo = tl.load(lse_ptr + N + rows, mask=row_mask, other=0.0)
     target_positions = tl.load(target_positions_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
     probs = tl.exp(z - lse[:, None])
     if FILTER:
@@ -158,13 +163,14 @@ def lse_backward_kernel(
             teacher_terms += probs * grad_py[:, None] * tl.where(probs > 0, y, 0.0)
         if HAS_Q or HAS_PLOGR:
             teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)
-            log_q = y - teacher_lse[:, None]
+            teacher_lse_lo = tl.load(teacher_lse_ptr + N + rows, mask=row_mask, other=0.0)
+            log_q = (y - teacher_lse[:, None]) - teacher_lse_lo[:, None]
         if HAS_Q:
             grad_q = tl.load(grad_q_ptr + rows, mask=row_mask, other=0.0)
             teacher_terms += tl.exp(log_q) * grad_q[:, None]
         if HAS_PLOGR:
             grad_plogr = tl.load(grad_plogr_ptr + rows, mask=row_mask, other=0.0)
-            gap = (z - lse[:, None]) - log_q  # log p - log q
+            gap = ((z - lse[:, None]) - lse_lo[:, None]) - log_q  # log p - log q
             to_student = log_add_exp(log_beta - gap, log_one_minus_beta)  # log(m / p)
             teacher_terms += probs * grad_plogr[:, None] * tl.where(probs > 0, to_student, 0.0)
     if HAS_SOFTCAP:
@@ -175,7 +181,7 @@ def lse_backward_kernel(
     is_target = positions[None, :] == target_positions[:, None]
     if HAS_PLOGP:
         grad_plogp = tl.load(grad_plogp_ptr + rows, mask=row_mask, other=0.0)
-        log_p = tl.where(probs > 0, z - lse[:, None], 0.0)
+        log_p = tl.where(probs > 0, (z - lse[:, None]) - lse_lo[:, None], 0.0)
         probs *= grad_lse[:, None] + grad_plogp[:, None] * log_p
     else:
         probs *= grad_lse[:, None]
@@ -259,6 +265,9 @@ def lse_backward(
 ) -> None:
     """Write the logits' gradient at vocabulary positions [begin, end) into `d` (N, end - begin).
 
+    `lse` is the (2, N) log-sum-exp pair of `logitless.backends.grads` (a teacher's too); the
+    kernel's softmax is exp(z - lse[0]), so the coefficients of the p terms (`grad_lse`,
+    `grad_plogp`, and the teacher's `py` and `plogr`) come multiplied by exp(-lse[1]).
     `grad_lse`, `grad_plogp`, `grad_target` and `grad_sum` are the coefficients a, b, t and s of
     the gradient formula, `weight` the column weight of the s term (by vocabulary row).
     `teacher_terms` holds the teacher's coefficient rows present (`q`, `py`, `plogr`: g, b_y

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from logitless._validation import triton_interpreter_on
-from logitless.backends import Teacher
+from logitless.backends import Teacher, lse_residual
 from logitless.kernels._tiles import (
     INTERPRETER_BLOCKS,
     TensorDescriptor,
@@ -159,9 +159,11 @@ def lse_forward_kernel(
         teacher_mean_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
         cross_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
         under_student_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if MIXTURE:
+        if MIXTURE:  # each a (2, N) pair: the log-sum-exp and what its rounding lost
             lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+            lse_lo = tl.load(lse_ptr + N + rows, mask=row_mask, other=0.0)
             teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)
+            teacher_lse_lo = tl.load(teacher_lse_ptr + N + rows, mask=row_mask, other=0.0)
     if TOP_K:
         slots = tl.arange(0, TOP_K_SLOTS)
         # empty slots hold -inf, padding slots +inf (never the minimum, never stored)
@@ -206,8 +208,8 @@ def lse_forward_kernel(
                     BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
                 )  # fmt: skip
                 if MIXTURE:  # teacher_mean_sum: sum p log(m / p); cross_sum: sum q log(m / q)
-                    log_p = z - lse[:, None]
-                    log_q = y - teacher_lse[:, None]
+                    log_p = (z - lse[:, None]) - lse_lo[:, None]
+                    log_q = (y - teacher_lse[:, None]) - teacher_lse_lo[:, None]
                     gap = tl.where(col_mask[None, :], log_p - log_q, 0.0)
                     to_student = log_add_exp(log_beta - gap, log_one_minus_beta)
                     to_teacher = log_add_exp(gap + log_one_minus_beta, log_beta)
@@ -410,6 +412,7 @@ def lse_forward(
     peak, rescale, total = _merged_sums(split_max, split_sum)
     log_total = total.log()
     found = {"lse": peak + log_total, "target": partials[2].sum(0)}
+    found["lse_residual"] = lse_residual(peak, log_total, found["lse"])
     if with_sum:
         found["sum"] = partials[3].sum(0)
     if with_mean:  # each split's sum exp(z - its max) (z - its max), moved to the row's max
@@ -440,8 +443,10 @@ def _teacher_statistics(
         jsd_p, to_teacher = partials[0].sum(0), partials[1].sum(0)
         return {"jsd_p": jsd_p, "jsd": -(beta * to_teacher + (1.0 - beta) * jsd_p)}
     peak, teacher_rescale, teacher_total = _merged_sums(partials[2], partials[3])
+    teacher_lse = peak + teacher_total.log()
     return {
-        "teacher_lse": peak + teacher_total.log(),
+        "teacher_lse": teacher_lse,
+        "teacher_lse_residual": lse_residual(peak, teacher_total.log(), teacher_lse),
         "teacher_mean": (partials[0] * teacher_rescale).sum(0) / _divisor(teacher_total),
         "cross_mean": (partials[1] * teacher_rescale).sum(0) / _divisor(teacher_total),
         "teacher_under_student": (partials[4] * rescale).sum(0) / _divisor(total),

@@ -35,9 +35,10 @@ OUT=${1:-${OUT:-bench-gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
 PRESETS=${PRESETS:-gemma2-2b llama3-8b}
 REGIMES=${REGIMES:-trained}
 OPS=${OPS:-loss loss+backward}
-# every peer, torch.compile last: its compilation is the slowest part, and a run cut off at the
-# limit then loses only its last tables
-METHODS=${METHODS:-logitless-triton logitless-triton-filtered cce cce-exact liger eager matmul torch-compile}
+# every CUDA peer (PyTorch's F.linear_cross_entropy, torch-lce, included; cut-cross-entropy's
+# torch_compile path is its CPU fallback), torch.compile last: its compilation is the slowest
+# part, and a run cut off at the limit then loses only its last tables
+METHODS=${METHODS:-logitless-triton logitless-triton-filtered cce cce-exact liger torch-lce eager matmul torch-compile}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -116,7 +116,10 @@ def test_float64_probe_is_the_reference_gradient(task, monkeypatch):
     torch.testing.assert_close(ref.grad_e, grad_e[probe.tokens], rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(ref.grad_c, grad_c[probe.vocab], rtol=1e-10, atol=1e-14)
     errors = ref.errors(loss.item() * 1.01, grad_e[probe.tokens], None)
-    assert errors["loss"] == pytest.approx(0.01) and errors["grad_e"] < 1e-12
+    if task != "logprobs":  # terms >= 0: the loss's error is its relative error
+        assert ref.term_size == pytest.approx(loss.item(), rel=1e-12)
+    assert errors["loss"] == pytest.approx(0.01 * abs(loss.item()) / ref.term_size)
+    assert errors["grad_e"] < 1e-12
     assert errors["grad_c"] is None
 
 

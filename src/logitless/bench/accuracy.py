@@ -51,16 +51,21 @@ class SoftmaxStatistics:
 
 @dataclass
 class Reference:
-    """The float64 loss (mean over tokens), and dE and dC on the probe."""
+    """The float64 loss (mean over tokens), the mean size of its per-token terms, and dE and dC
+    on the probe."""
 
     loss: float
+    term_size: float
     grad_e: torch.Tensor
     grad_c: torch.Tensor
 
     def errors(self, loss: float, grad_e: torch.Tensor | None, grad_c: torch.Tensor | None):
-        """Relative errors of a method's results (None where it gave no gradient)."""
+        """Relative errors of a method's results (None where it gave no gradient). The loss's is
+        relative to the mean |per-token term|: the relative error of a mean of positive terms,
+        and for the logprobs op's terms of either sign one that their cancellation (a mean
+        near 0) does not inflate."""
         return {
-            "loss": relative_error(_float64(loss), _float64(self.loss)),
+            "loss": abs(loss - self.loss) / (self.term_size or 1.0),
             "grad_e": None if grad_e is None else relative_error(grad_e, self.grad_e),
             "grad_c": None if grad_c is None else relative_error(grad_c, self.grad_c),
         }
@@ -73,16 +78,16 @@ def float64_reference(task: str, tensors: dict[str, torch.Tensor], probe: Probe)
     n, v = len(x["targets"]), len(x["c"])
     c = x["c"].requires_grad_()
     rows = max(1, BLOCK_BYTES // (8 * v))
-    total, grad_c = 0.0, 0.0
+    total, size, grad_c = 0.0, 0.0, 0.0
     for start in range(0, n, rows):
         block = {**x, **{k: x[k][start : start + rows] for k in tokens}}
-        terms = ops.per_token(task, block, torch.float64).sum()
-        total += terms.item()
-        grad_c = grad_c + torch.autograd.grad(terms, c)[0][probe.vocab]
+        terms = ops.per_token(task, block, torch.float64)
+        total, size = total + terms.sum().item(), size + terms.abs().sum().item()
+        grad_c = grad_c + torch.autograd.grad(terms.sum(), c)[0][probe.vocab]
     probed = {**x, **{k: x[k][probe.tokens] for k in tokens}}
     e = probed["e"].requires_grad_()
     (grad_e,) = torch.autograd.grad(ops.per_token(task, probed, torch.float64).sum(), e)
-    return Reference(total / n, (grad_e / n).cpu(), (grad_c / n).cpu())
+    return Reference(total / n, size / n, (grad_e / n).cpu(), (grad_c / n).cpu())
 
 
 @torch.no_grad()
@@ -95,10 +100,6 @@ def softmax_statistics(inputs: Inputs, tokens: torch.Tensor) -> SoftmaxStatistic
         mean_entropy=-(probs * log_probs).sum(-1).mean().item(),
         max_entropy=math.log(inputs.c.shape[0]),
     )
-
-
-def _float64(x: float) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float64)
 
 
 def _spread(size: int, count: int, device: torch.device) -> torch.Tensor:

@@ -6,10 +6,14 @@ process's peak resident memory (VmHWM, reset before each call through /proc/self
 its resident memory just before the call. For that rise to be every byte the call held, freed
 memory must leave the process: the benchmark starts its CPU workers with glibc's mmap threshold
 fixed (`CPU_WORKER_ENV`), so every large buffer is mapped on allocation and unmapped on free.
+That slows a method that allocates many mid-size buffers (TRL's log-probs took 1.6x its time),
+so on the CPU the warm-up and one more call are metered, and the timed calls after them run
+with glibc's reuse of freed memory back (`CpuMeter.time_only`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -18,8 +22,16 @@ from pathlib import Path
 
 import torch
 
-CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+_METERED_MMAP_THRESHOLD = 64 * 1024
+CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_METERED_MMAP_THRESHOLD)}
 """Environment of CPU workers: buffers of 64 KiB and more are mmap'ed and returned on free."""
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+"""glibc's mallopt parameters (malloc.h)."""
+_DYNAMIC_MMAP_THRESHOLD_MAX = 32 * 2**20
+"""The highest mmap threshold glibc's dynamic scheme reaches on 64-bit (its trim threshold
+follows at twice it)."""
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -29,7 +41,8 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 class Measurement:
     times_s: list[float]
     peak_bytes: int | None
-    """The largest rise of memory over one timed call; None where it cannot be measured."""
+    """The largest rise of memory over one call after the warm-up (CUDA: each timed call; CPU:
+    the call before them); None where it cannot be measured."""
     first_peak_bytes: int | None
     """The rise of memory over the first call (a warm-up call when there is one): in a process
     that has called nothing else, what a user meets once, lazily allocated library buffers
@@ -44,7 +57,8 @@ class Measurement:
 def measure(
     call: Callable[[], object], device: torch.device, *, warmup: int, repeats: int
 ) -> tuple[Measurement, object]:
-    """Run `call` `warmup` times, then `repeats` measured times; return the last output too.
+    """Run `call` `warmup` times, then (on the CPU) once more for its memory, then `repeats`
+    timed times; return the last output too.
 
     The first call's memory is measured whether or not it is a warm-up call."""
     meter = CudaMeter(device) if device.type == "cuda" else CpuMeter()
@@ -56,14 +70,19 @@ def measure(
         if i == 0:
             first_peak = meter.stop()[1]
     times, peaks, output = [], [], None
-    for _ in range(repeats):
+    separate = meter.separates_memory()  # CPU: one more call, metered and not timed
+    for i in range(repeats + separate):
         output = None  # what the previous call returned is consumed, as in a training loop
         meter.start()
         output = call()
         elapsed, peak = meter.stop()
-        times.append(elapsed)
         peaks.append(peak)
-    peak_bytes = None if None in peaks else max(peaks)
+        if separate and i == 0:
+            meter.time_only()
+        else:
+            times.append(elapsed)
+    metered = [peak for peak in peaks if peak is not None]
+    peak_bytes = max(metered) if metered else None
     if not warmup:
         first_peak = peaks[0] if peaks else None
     return Measurement(times, peak_bytes, first_peak, meter.method), output
@@ -89,11 +108,20 @@ class CudaMeter:
         peak = torch.cuda.max_memory_allocated(self.device) - self.before
         return self.begin.elapsed_time(self.end) / 1e3, peak
 
+    def separates_memory(self) -> bool:
+        """Every call is metered on CUDA (its caching allocator does not slow it)."""
+        return False
+
 
 class CpuMeter:
     """Wall time and the rise of peak resident memory over a call (needs Linux /proc)."""
 
     def __init__(self) -> None:
+        mallopt = _mallopt()
+        if mallopt is not None:  # `CPU_WORKER_ENV`'s setting again, after an earlier time_only
+            mallopt(_M_MMAP_THRESHOLD, _METERED_MMAP_THRESHOLD)
+            mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # and what it kept for reuse returned
         self.resettable = _reset_peak_rss()
         self.baseline = _status_bytes("VmRSS")
         if self.baseline is None:
@@ -111,8 +139,31 @@ class CpuMeter:
 
     def stop(self) -> tuple[float, int | None]:
         elapsed = time.perf_counter() - self.began
+        if self.baseline is None:  # time only
+            return elapsed, None
         peak = _status_bytes("VmHWM")
-        return elapsed, None if peak is None or self.baseline is None else peak - self.baseline
+        return elapsed, None if peak is None else peak - self.baseline
+
+    def separates_memory(self) -> bool:
+        """Whether a call metered before the timed ones can be followed by `time_only` (glibc)."""
+        return self.baseline is not None and _mallopt() is not None
+
+    def time_only(self) -> None:
+        """From now on time calls only, with glibc keeping freed memory for reuse (mmap and trim
+        thresholds at its dynamic scheme's 64-bit ceiling), as in a process without
+        `CPU_WORKER_ENV`."""
+        mallopt = _mallopt()
+        mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_THRESHOLD_MAX)
+        mallopt(_M_TRIM_THRESHOLD, 2 * _DYNAMIC_MMAP_THRESHOLD_MAX)
+        self.resettable, self.baseline = False, None
+
+
+def _mallopt():
+    """glibc's mallopt, None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
 
 
 def _reset_peak_rss() -> bool:

@@ -2,7 +2,7 @@
 
 Every method of an op computes one scalar from the same inputs (and, with a backward, its
 gradients with respect to the student's e and c). The scalar is a mean over tokens of per-token
-terms, written once here on the full logits through `logitless.reference`: at the input dtype
+terms, written once here on the full logits as eager PyTorch computes them: at the input dtype
 it is the eager peer, in float64 (block by block) the reference every error is measured against.
 """
 
@@ -11,12 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from logitless.reference import (
-    reference_linear_cross_entropy,
-    reference_linear_distillation_loss,
-    reference_linear_log_probs,
-)
+import torch.nn.functional as F
 
 TEMPERATURE = 1.0
 """The temperature of the logprobs and distill ops (both distributions at T for distill)."""
@@ -83,20 +78,26 @@ def policy_terms(
 
 
 def per_token(task: str, x: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The per-token terms of `task` on the full logits formed in `dtype` (float32 or better
-    after), whose mean over tokens is the op's scalar."""
-    e, c, targets = x["e"], x["c"], x["targets"]
+    """The per-token terms of `task` as plain eager PyTorch computes them from the full logits
+    formed in `dtype` (float32 or better after), whose mean over tokens is the op's scalar: TRL's
+    entropy and `F.kl_div`, without the guards `logitless.reference` keeps for -inf logits
+    (N x V masks that would slow the eager peer down; the benchmark's logits are finite)."""
+    logits = _logits(x["e"], x["c"], dtype)
     if task == "cross-entropy":
-        return reference_linear_cross_entropy(e, c, targets, reduction="none", dtype=dtype)
+        return F.cross_entropy(logits, x["targets"], reduction="none")
+    log_p = torch.log_softmax(logits if TEMPERATURE == 1 else logits / TEMPERATURE, dim=-1)
     if task == "logprobs":
-        log_probs, entropy = reference_linear_log_probs(
-            e, c, targets, temperature=TEMPERATURE, return_entropy=True, dtype=dtype
-        )
-        return policy_terms(x, log_probs, entropy)
-    return reference_linear_distillation_loss(
-        e, c, x["teacher_e"], x["teacher_c"], targets,
-        temperature=TEMPERATURE, reduction="none", dtype=dtype,
-    )  # fmt: skip
+        picked = log_p.gather(1, x["targets"].unsqueeze(1)).squeeze(1)
+        return policy_terms(x, picked, -(log_p.exp() * log_p).sum(-1))
+    teacher = _logits(x["teacher_e"], x["teacher_c"], dtype)
+    log_q = torch.log_softmax(teacher if TEMPERATURE == 1 else teacher / TEMPERATURE, dim=-1)
+    return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+
+
+def _logits(e: torch.Tensor, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """e @ c.T in `dtype`, then in float32 if narrower (as transformers' losses upcast them)."""
+    logits = e.to(dtype) @ c.to(dtype).T
+    return logits.float() if dtype.itemsize < 4 else logits
 
 
 def objective(task: str, x: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -382,7 +382,7 @@ def _header(config: BenchConfig, environment: dict, data: dict) -> list[str]:
         f"{config.repeats} after {config.warmup} warm-up; memory: {_memory_method(config)}; "
         "work = peak - gradients (1st: the process's first call, - where its worker ran an "
         "earlier table first; - where below the meter's reach); err = relative error vs float64 "
-        "(dE, dC on a probe)"
+        "(dE, dC on a probe; the loss's relative to its mean |per-token term|)"
     )
     return [*lines, ""]
 
@@ -397,7 +397,11 @@ def _softmax_line(stats: dict) -> str:
 def _memory_method(config: BenchConfig) -> str:
     if config.device.type == "cuda":
         return "rise of torch.cuda.max_memory_allocated over the call"
-    return "rise of peak resident memory over the call, each method in a fresh process"
+    return (
+        "rise of peak resident memory over a call after the warm-up, each method in a fresh "
+        "process whose freed buffers leave it (the timed calls after it reuse them, as glibc "
+        "does by default)"
+    )
 
 
 def _environment(config: BenchConfig) -> dict:

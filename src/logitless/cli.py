@@ -73,7 +73,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--teacher-d", type=_positive, help="the distill op's teacher hidden size (default: 2 D)"
     )
     bench.add_argument(
-        "--repeats", type=_positive, help="measured calls per method (default: 3 CPU, 20 CUDA)"
+        "--repeats",
+        type=_positive,
+        help="timed calls per method (default: 2 CPU, after one call metered for memory; 20 "
+        "CUDA, each metered)",
     )
     bench.add_argument(
         "--warmup", type=_non_negative, help="unmeasured calls first (default: 1 CPU, 3 CUDA)"
@@ -127,7 +130,7 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
                 m for m in dict.fromkeys(args.methods or METHOD_NAMES) if m in METHODS[OPS[op].task]
             ),
             op=op,
-            repeats=args.repeats or (20 if cuda else 3),
+            repeats=args.repeats or (20 if cuda else 2),
             warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
             out=args.out
             if len(tables) == 1

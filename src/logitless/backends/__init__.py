@@ -16,9 +16,8 @@ and `w` the optional (V,) column weight (1 without), it provides
 
         the per-row statistics in `names` (see `STATISTICS`; `lse`, the student's, given for
         the second sweep of `jsd` and `jsd_p`, as `grads` takes it); with `top_k`, each row's
-        largest
-        logits, in descending order, and their log-probabilities taken from the sweep's own
-        logits as (z - max z) - log sum exp(z - max z), as log_softmax does: a confident row's
+        largest logits, in descending order, and their log-probabilities taken from the sweep's
+        own logits as (z - max z) - log sum exp(z - max z), as log_softmax does: a confident row's
         largest log p (near 0) keeps its relative precision, which z minus a rounded log-sum-exp
         (or a logit recomputed another way) loses;
 

@@ -117,11 +117,11 @@ class CpuMeter:
     """Wall time and the rise of peak resident memory over a call (needs Linux /proc)."""
 
     def __init__(self) -> None:
-        mallopt = _mallopt()
-        if mallopt is not None:  # `CPU_WORKER_ENV`'s setting again, after an earlier time_only
-            mallopt(_M_MMAP_THRESHOLD, _METERED_MMAP_THRESHOLD)
-            mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # and what it kept for reuse returned
+        self.glibc = _glibc()
+        if self.glibc is not None:  # `CPU_WORKER_ENV`'s setting again, after an earlier time_only
+            self.glibc.mallopt(_M_MMAP_THRESHOLD, _METERED_MMAP_THRESHOLD)
+            self.glibc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            self.glibc.malloc_trim(0)  # and what it kept for reuse returned
         self.resettable = _reset_peak_rss()
         self.baseline = _status_bytes("VmRSS")
         if self.baseline is None:
@@ -146,24 +146,24 @@ class CpuMeter:
 
     def separates_memory(self) -> bool:
         """Whether a call metered before the timed ones can be followed by `time_only` (glibc)."""
-        return self.baseline is not None and _mallopt() is not None
+        return self.baseline is not None and self.glibc is not None
 
     def time_only(self) -> None:
         """From now on time calls only, with glibc keeping freed memory for reuse (mmap and trim
         thresholds at its dynamic scheme's 64-bit ceiling), as in a process without
         `CPU_WORKER_ENV`."""
-        mallopt = _mallopt()
-        mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_THRESHOLD_MAX)
-        mallopt(_M_TRIM_THRESHOLD, 2 * _DYNAMIC_MMAP_THRESHOLD_MAX)
+        self.glibc.mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_THRESHOLD_MAX)
+        self.glibc.mallopt(_M_TRIM_THRESHOLD, 2 * _DYNAMIC_MMAP_THRESHOLD_MAX)
         self.resettable, self.baseline = False, None
 
 
-def _mallopt():
-    """glibc's mallopt, None elsewhere."""
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, for its mallopt and malloc_trim; None elsewhere."""
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+        glibc = ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
+    return glibc if hasattr(glibc, "mallopt") and hasattr(glibc, "malloc_trim") else None
 
 
 def _reset_peak_rss() -> bool:

@@ -139,6 +139,28 @@ def test_jsd_gradients_of_large_logits_are_as_precise_as_eager(request, impl, re
         assert rel_error(x, truth) <= 2 * rel_error(base, truth)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_kl_of_nearly_equal_heads_is_as_precise_as_eager(request, impl, divergence, reduction):
+    """A teacher whose logits differ from the student's by about 1e-2 (a KL near 2e-5): the KL
+    is formed from per-entry log-ratios and the log-sum-exps' difference, not as a difference
+    of softmax-weighted means of the logits, which was 6-8x eager float32's error."""
+    backend_fixture(request, impl)
+    device = device_for(impl)
+    e, c, targets, bias = make_inputs((57,), 24, 601, bias=True, scale=3.0, seed=3, device=device)
+    _, nudge, _, bias_nudge = make_inputs((57,), 24, 601, bias=True, seed=5, device=device)
+    teacher = (e.clone(), c + 3e-3 * nudge, bias + 3e-3 * bias_nudge)
+    options = {"divergence": divergence, "reduction": reduction}
+    reference = adapter(reference_linear_distillation_loss, teacher, (57,))
+    ours = linear_distillation_loss(e, c, *teacher[:2], targets, bias, teacher[2], impl=impl,
+                                    **options)  # fmt: skip
+    exact = reference(e, c, targets, bias, **options)
+    eager = reference(e, c, targets, bias, dtype=torch.float32, **options)
+    assert exact.abs().max() < 1e-4
+    assert rel_error(ours, exact) <= 1.5 * rel_error(eager, exact)
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_float64_divergences_keep_float64_precision(divergence):
     """float64 inputs compute in float64 throughout (the JSD's log(beta) constants were float32:

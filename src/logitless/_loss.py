@@ -67,14 +67,21 @@ class TokenLoss:
 
 
 DIVERGENCES = {
-    "forward_kl": {"teacher_mean": 1.0, "teacher_lse": -1.0, "cross_mean": -1.0, "lse": 1.0},
-    "reverse_kl": {"entropy": -1.0, "teacher_under_student": -1.0, "teacher_lse": 1.0},
+    "forward_kl": {
+        "lse": 1.0, "teacher_lse": -1.0, "lse_residual": 1.0, "teacher_lse_residual": -1.0,
+        "teacher_log_ratio": 1.0,
+    },
+    "reverse_kl": {
+        "teacher_lse": 1.0, "lse": -1.0, "teacher_lse_residual": 1.0, "lse_residual": -1.0,
+        "student_log_ratio": 1.0,
+    },
     "jsd": {"jsd": 1.0},
-}
-"""Each divergence of one token as a linear combination of its statistics: KL(q || p) =
-sum q log q - sum q log p = (teacher_mean - teacher_lse) - (cross_mean - lse), KL(p || q) =
-sum p log p - sum p log q = -entropy - (teacher_under_student - teacher_lse); the JSD is a
-statistic of its own."""
+}  # fmt: skip
+"""Each divergence of one token as a linear combination of its statistics, summed in this
+order: KL(q || p) = sum q (log q - log p) = sum q (y - z) - (teacher_lse - lse), KL(p || q) =
+sum p (z - y) - (lse - teacher_lse), the log-sum-exps' difference taken first (exact for
+nearly equal heads) with their residuals', so that a small KL is not the difference of numbers
+of the size of the logits; the JSD is a statistic of its own."""
 
 
 def with_hard_loss(weights: dict[str, float], hard_weight: float) -> dict[str, float]:
@@ -99,10 +106,11 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
 
         lse: a += G; target: t += G; sum: s += G;
         mean: a += G (1 + entropy), b += G; entropy: a -= G entropy, b -= G;
-        cross_mean: g += G; teacher_under_student: a -= G tus, b_y += G;
+        teacher_log_ratio: g -= G;
+        student_log_ratio: a += G (1 + lse - student_log_ratio), b += G, b_y -= G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
-        teacher_lse, teacher_mean: nothing (the teacher gets no gradient); the log-sum-exps'
-        residuals are not given (a rounding has no gradient).
+        teacher_lse: nothing (the teacher gets no gradient); the log-sum-exps' residuals are
+        not given (a rounding has no gradient).
     """
     out: dict[str, torch.Tensor] = {}
 
@@ -120,11 +128,12 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         elif name == "entropy":  # p (mean - z) = -p (log p + entropy)
             add("p", -g * values["entropy"])
             add("plogp", -g)
-        elif name == "cross_mean":
-            add("q", g)
-        elif name == "teacher_under_student":
-            add("p", -g * values["teacher_under_student"])
-            add("py", g)
+        elif name == "teacher_log_ratio":
+            add("q", -g)
+        elif name == "student_log_ratio":  # p (1 + z - y - ratio), z = log p + lse
+            add("p", g * (1.0 + values["lse"] - values["student_log_ratio"]))
+            add("plogp", g)
+            add("py", -g)
         elif name == "jsd":
             add("p", (1.0 - beta) * g * values["jsd_p"])
             add("plogr", -(1.0 - beta) * g)
@@ -134,7 +143,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
 def coefficient_terms(names: tuple[str, ...], beta: float) -> tuple[str, ...]:
     """The coefficient rows that the upstream gradients of the statistics `names` give."""
     one = torch.ones(())
-    values = dict.fromkeys((*names, "entropy", "jsd_p"), one)
+    values = dict.fromkeys((*names, "lse", "entropy", "jsd_p"), one)
     return tuple(statistic_coefficients(dict.fromkeys(names, one), values, beta))
 
 

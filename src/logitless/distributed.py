@@ -159,8 +159,8 @@ class VocabParallel:
         """The global statistics `names` (rows of `stats`) from every rank's partial ones.
 
         Log-sum-exps combine by one all-reduce (max) and one (sum) of exp(lse_r - max); sums by
-        the sum; softmax-weighted means (`mean`, `teacher_under_student` under p, and
-        `teacher_mean`, `cross_mean` under q) by the sum of exp(lse_r - max) * mean_r, divided by
+        the sum; softmax-weighted means (`mean`, `student_log_ratio` under p,
+        `teacher_log_ratio` under q) by the sum of exp(lse_r - max) * mean_r, divided by
         the global sum of exponentials; the entropy, with pi_r = exp(lse_r - lse) each rank's
         share of the mass, as sum_r pi_r (entropy_r - log pi_r); a log-sum-exp's residual (what
         its rounding lost) joins its exponent, and the global one is formed anew. All sums go in
@@ -237,9 +237,8 @@ _NORMALIZER_OF = {
     "lse": "lse",
     "teacher_lse": "teacher_lse",
     "mean": "lse",
-    "teacher_under_student": "lse",
-    "teacher_mean": "teacher_lse",
-    "cross_mean": "teacher_lse",
+    "student_log_ratio": "lse",
+    "teacher_log_ratio": "teacher_lse",
 }
 """Each softmax-weighted statistic's log-sum-exp (a log-sum-exp is its own)."""
 

@@ -69,9 +69,8 @@ STATISTICS = (
     "entropy",  # lse - mean, from sum_v p (z - max z): without the cancellation of that difference
     "teacher_lse",  # log sum_v exp y
     "teacher_lse_residual",  # idem, of the teacher's
-    "teacher_mean",  # sum_v q y
-    "cross_mean",  # sum_v q z
-    "teacher_under_student",  # sum_v p y
+    "teacher_log_ratio",  # sum_v q (y - z): with the log-sum-exps, the forward KL
+    "student_log_ratio",  # sum_v p (z - y): idem, the reverse KL
     "jsd",  # beta KL(q || m) + (1 - beta) KL(p || m) (needs both lse: a second sweep)
     "jsd_p",  # sum_v p log(m / p) (idem; the jsd's gradient needs it)
 )

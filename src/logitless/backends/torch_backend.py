@@ -40,7 +40,8 @@ FILTER_CHUNK = 512
 Coefficients = Callable[[slice, torch.Tensor], torch.Tensor]
 """(rows, their statistics (len(names), rows)) -> their coefficients (len(terms), rows)."""
 
-TEACHER_STATISTICS = ("teacher_lse", "teacher_mean", "cross_mean", "teacher_under_student")
+TEACHER_STATISTICS = ("teacher_lse", "teacher_log_ratio")
+"""First-sweep statistics that need the teacher's softmax q."""
 MIXTURE_STATISTICS = ("jsd", "jsd_p")
 """Second-sweep statistics: they need both log-sum-exps (`lse` and `teacher.lse`) given."""
 
@@ -229,12 +230,11 @@ def _sweep(
     # Block-sized buffers besides the logits, which become the softmax in place:
     need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
     with_mean = "mean" in names or "entropy" in names
-    need_z = with_mean or "cross_mean" in names or "plogp" in terms or need_ratio
-    need_y = (
-        "teacher_mean" in names or "teacher_under_student" in names or "py" in terms or need_ratio
-    )
+    log_ratios = [x for x in ("teacher_log_ratio", "student_log_ratio") if x in names]
+    need_z = with_mean or "plogp" in terms or need_ratio or bool(log_ratios)
+    need_y = "py" in terms or need_ratio or bool(log_ratios)
     need_q = need_ratio or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
-    need_p = with_mean or "teacher_under_student" in names or need_ratio
+    need_p = with_mean or "student_log_ratio" in names or need_ratio
     sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
     bytes_per_logit = acc.itemsize * (1 + sum(sizes))
     block = rows_per_block(n, vocab, bytes_per_logit, e.device)
@@ -302,12 +302,10 @@ def _sweep(
             else:
                 teacher_normalizer = (teacher.lse[0, rows], teacher.lse[1, rows])
                 _log_probs(q, teacher_normalizer).exp_()
-        if "teacher_mean" in names:
-            found["teacher_mean"] = _row_dot(q, y)
-        if "cross_mean" in names:
-            found["cross_mean"] = _row_dot(q, z_kept)
-        if "teacher_under_student" in names:
-            found["teacher_under_student"] = _row_dot(p, y)
+        if "teacher_log_ratio" in names:
+            found["teacher_log_ratio"] = _row_dot(q, y, shift=z_kept)
+        if "student_log_ratio" in names:
+            found["student_log_ratio"] = _row_dot(p, z_kept, shift=y)
         if need_ratio:
             ratio, gap = _mixture_ratios(
                 z_kept, y, log_normalizer, teacher_normalizer, teacher.beta,
@@ -575,10 +573,10 @@ ROW_DOT_COLUMNS = 2048
 def _row_dot(
     probs: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """sum_v probs[n, v] * (b[n, v] - shift[n]) per row of two vocabulary-major blocks (no
-    shift if None), a class of probability 0 adding 0 (b may be infinite there: a class masked
-    by a -inf logit), with a scratch of ROW_DOT_COLUMNS columns rather than a block-sized
-    temporary."""
+    """sum_v probs[n, v] * (b[n, v] - shift) per row of vocabulary-major blocks, `shift` a
+    value per row (N,) or per entry (a block like b), none if None; a class of probability 0
+    adds 0 (b may be infinite there: a class masked by a -inf logit), with a scratch of
+    ROW_DOT_COLUMNS columns rather than a block-sized temporary."""
     out = torch.zeros(probs.shape[0], device=probs.device, dtype=probs.dtype)
     columns = min(probs.shape[1], ROW_DOT_COLUMNS)
     scratch = torch.empty(columns, probs.shape[0], device=probs.device, dtype=probs.dtype).T
@@ -588,7 +586,8 @@ def _row_dot(
         if shift is None:
             torch.mul(probs[:, lo:hi], b[:, lo:hi], out=part)
         else:
-            torch.sub(b[:, lo:hi], shift[:, None], out=part).mul_(probs[:, lo:hi])
+            subtrahend = shift[:, None] if shift.dim() == 1 else shift[:, lo:hi]
+            torch.sub(b[:, lo:hi], subtrahend, out=part).mul_(probs[:, lo:hi])
         out += part.masked_fill_(probs[:, lo:hi] == 0, 0.0).sum(1)
     return out
 

@@ -118,15 +118,16 @@ def lse_forward_kernel(
     """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max) z])
     of a row block on a split; the logit sum weighs column v by weight[v] when HAS_WEIGHT.
 
-    `partials_ptr` is (3 + WITH_SUM + WITH_MEAN [+ 5 | + 2], splits, N) fp32; `vocab_bucket`
+    `partials_ptr` is (3 + WITH_SUM + WITH_MEAN [+ 4 | + 2], splits, N) fp32; `vocab_bucket`
     only keys the autotuner. With TOP_K > 0, `top_values_ptr` (fp32) and `top_indices_ptr`
     (int32), both (splits, N, TOP_K), receive the split's TOP_K largest logits of each row and
     their classes (TOP_K_SLOTS: TOP_K rounded up to a power of two).
 
     With TEACHER, the teacher's logit tile y (its own D_t, bias and softcap, the same scale)
-    adds the partials (teacher max, sum of exp(y - max), sum of exp(y - max) y, sum of
-    exp(y - max) z, sum of exp(z - max) y); with MIXTURE instead, given both log-sum-exps, the
-    JSD's sums (sum p log(m / p), sum q log(m / q)) for m = beta q + (1 - beta) p.
+    adds the partials (sum of exp(z - max) (z - y), sum of exp(y - max) (y - z), teacher max,
+    sum of exp(y - max)): each head's weighted log-ratio, formed per entry; with MIXTURE
+    instead, given both log-sum-exps, the JSD's sums (sum p log(m / p), sum q log(m / q)) for
+    m = beta q + (1 - beta) p.
 
     FLATTEN (neither TEACHER nor TOP_K) sweeps the split as one software-pipelined loop over
     (tile, D step), so that the next tile's loads overlap the current tile's softmax update.
@@ -156,9 +157,8 @@ def lse_forward_kernel(
         teacher_rows = offsets(rows, stride_ten)
         teacher_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         teacher_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        teacher_mean_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        cross_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        under_student_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        student_weighted = tl.zeros((BLOCK_N,), dtype=tl.float32)  # weighted by p
+        teacher_weighted = tl.zeros((BLOCK_N,), dtype=tl.float32)  # weighted by q
         if MIXTURE:  # each a (2, N) pair: the log-sum-exp and what its rounding lost
             lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
             lse_lo = tl.load(lse_ptr + N + rows, mask=row_mask, other=0.0)
@@ -207,7 +207,7 @@ def lse_forward_kernel(
                     teacher_softcap, scale, TEACHER_BIAS, TEACHER_SOFTCAP,
                     BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
                 )  # fmt: skip
-                if MIXTURE:  # teacher_mean_sum: sum p log(m / p); cross_sum: sum q log(m / q)
+                if MIXTURE:  # sum p log(m / p) and sum q log(m / q)
                     log_p = (z - lse[:, None]) - lse_lo[:, None]
                     log_q = (y - teacher_lse[:, None]) - teacher_lse_lo[:, None]
                     gap = tl.where(col_mask[None, :], log_p - log_q, 0.0)
@@ -216,24 +216,21 @@ def lse_forward_kernel(
                     p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
                     q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
                     # a class both heads mask (p = q = 0) has a NaN gap: it adds 0
-                    teacher_mean_sum += tl.sum(p * tl.where(p > 0, to_student, 0.0), axis=1)
-                    cross_sum += tl.sum(q * tl.where(q > 0, to_teacher, 0.0), axis=1)
+                    student_weighted += tl.sum(p * tl.where(p > 0, to_student, 0.0), axis=1)
+                    teacher_weighted += tl.sum(q * tl.where(q > 0, to_teacher, 0.0), axis=1)
                 else:
                     y = tl.where(col_mask[None, :], y, float("-inf"))
                     new_teacher_max = tl.maximum(teacher_max, tl.max(y, axis=1))
                     teacher_shift = tl.where(new_teacher_max == float("-inf"), 0.0, new_teacher_max)
                     teacher_rescale = tl.exp(teacher_max - teacher_shift)
                     teacher_exps = tl.exp(y - teacher_shift[:, None])
-                    kept = teacher_exps > 0
                     teacher_sum = teacher_sum * teacher_rescale + tl.sum(teacher_exps, axis=1)
-                    teacher_mean_sum = teacher_mean_sum * teacher_rescale + tl.sum(
-                        teacher_exps * tl.where(kept, y, 0.0), axis=1
+                    # y - z per entry: a small KL is not a difference of two means of logits
+                    teacher_weighted = teacher_weighted * teacher_rescale + tl.sum(
+                        teacher_exps * tl.where(teacher_exps > 0, y - z, 0.0), axis=1
                     )
-                    cross_sum = cross_sum * teacher_rescale + tl.sum(
-                        teacher_exps * tl.where(kept, z, 0.0), axis=1
-                    )
-                    under_student_sum = under_student_sum * rescale + tl.sum(
-                        exps * tl.where(exps > 0, y, 0.0), axis=1
+                    student_weighted = student_weighted * rescale + tl.sum(
+                        exps * tl.where(exps > 0, z - y, 0.0), axis=1
                     )
                     teacher_max = new_teacher_max
 
@@ -248,12 +245,11 @@ def lse_forward_kernel(
         tl.store(out + (3 + WITH_SUM) * plane, weighted_sum, mask=row_mask)
     if TEACHER:
         out += (3 + WITH_SUM + WITH_MEAN) * plane
-        tl.store(out, teacher_mean_sum, mask=row_mask)
-        tl.store(out + plane, cross_sum, mask=row_mask)
+        tl.store(out, student_weighted, mask=row_mask)
+        tl.store(out + plane, teacher_weighted, mask=row_mask)
         if not MIXTURE:
             tl.store(out + 2 * plane, teacher_max, mask=row_mask)
             tl.store(out + 3 * plane, teacher_sum, mask=row_mask)
-            tl.store(out + 4 * plane, under_student_sum, mask=row_mask)
     if TOP_K:
         top = (split.to(tl.int64) * N + rows)[:, None] * TOP_K + slots[None, :]
         top_mask = row_mask[:, None] & (slots < TOP_K)[None, :]
@@ -365,15 +361,15 @@ def lse_forward(
     MAX_TOP_K), also `top`: the (N, top_k) int64 classes of each row's largest logits, in
     descending order, and `top_log_probs`: their log-probabilities, from the kernel's logits.
 
-    With a `teacher`, also `teacher_lse`, `teacher_mean`, `cross_mean` and
-    `teacher_under_student`; with the student's `lse` given (and the teacher's in
-    `teacher.lse`), the second sweep's `jsd` and `jsd_p` instead.
+    With a `teacher`, also `teacher_lse` (and its residual), `teacher_log_ratio` and
+    `student_log_ratio`; with the student's `lse` given (and the teacher's in `teacher.lse`),
+    the second sweep's `jsd` and `jsd_p` instead.
     """
     n, dim = e.shape
     vocab = c.shape[0]
     splits = vocabulary_splits(n, vocab, e.device)
     mixture = lse is not None
-    teacher_planes = 0 if teacher is None else 2 if mixture else 5
+    teacher_planes = 0 if teacher is None else 2 if mixture else 4
     partials = torch.empty(
         3 + with_sum + with_mean + teacher_planes, splits, n, device=e.device, dtype=torch.float32
     )
@@ -447,9 +443,8 @@ def _teacher_statistics(
     return {
         "teacher_lse": teacher_lse,
         "teacher_lse_residual": lse_residual(peak, teacher_total.log(), teacher_lse),
-        "teacher_mean": (partials[0] * teacher_rescale).sum(0) / _divisor(teacher_total),
-        "cross_mean": (partials[1] * teacher_rescale).sum(0) / _divisor(teacher_total),
-        "teacher_under_student": (partials[4] * rescale).sum(0) / _divisor(total),
+        "student_log_ratio": (partials[0] * rescale).sum(0) / _divisor(total),
+        "teacher_log_ratio": (partials[1] * teacher_rescale).sum(0) / _divisor(teacher_total),
     }
 
 

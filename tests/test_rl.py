@@ -55,11 +55,13 @@ def _trl_per_token_logps(model, input_ids, attention_mask, logits_to_keep, tempe
         ("cohere", None),  # logits * logit_scale (0.0625)
         ("granite", None),  # logits / logits_scaling
         ("llama", "lora"),  # LoRA on the lm_head
+        ("cohere", "lora-bias"),  # a scale, and a LoRA with a bias on the lm_head
     ],
 )
 def test_trl_completion_log_probs_recipe(model_type, head):
     """Against TRL's recipe from the model's own logits, whatever the model does to them or
-    its head adds (a scale, a LoRA: off by 0.24 and 3.8 before), and the model left as it was."""
+    its head adds (a scale, a LoRA, a scaled LoRA bias: off by 0.24, 3.8 and 28 before), and
+    the model left as it was."""
     config = transformers.AutoConfig.for_model(
         model_type, vocab_size=101, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.2,
@@ -67,10 +69,17 @@ def test_trl_completion_log_probs_recipe(model_type, head):
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    if head == "lora":
+    if head is not None:
         peft = pytest.importorskip("peft")
-        lora = peft.LoraConfig(r=3, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
+        lora = peft.LoraConfig(
+            r=3, target_modules=["lm_head", "q_proj"], init_lora_weights=False,
+            lora_bias=head == "lora-bias",
+        )  # fmt: skip
         model = peft.get_peft_model(model, lora)
+        with torch.no_grad():  # a LoRA bias starts at 0
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name and name.endswith("bias"):
+                    parameter.normal_(0.0, 2.0)
     attributes = {name: set(vars(module)) for name, module in model.named_modules()}
     input_ids = torch.randint(3, 101, (2, 15))
     attention_mask = torch.ones_like(input_ids)

@@ -128,6 +128,19 @@ def test_loss_and_gradients_match_unpatched(family, num_items_in_batch):
     assert_same_loss_and_grads(patched, reference, make_batch(), names, **extra)
 
 
+def test_logit_scale_scales_the_head_bias():
+    """Cohere's logits are logit_scale * (hidden @ W.T + b): with a biased head, the patched
+    loss scaled the hidden states only (10 nats off)."""
+    reference = make_model("cohere-logit-scale")
+    head = reference.lm_head
+    reference.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        reference.lm_head.weight.copy_(head.weight)
+        reference.lm_head.bias.normal_(0.0, 2.0)
+    patched = patch(copy.deepcopy(reference))
+    assert_same_loss_and_grads(patched, reference, make_batch(), ["lm_head.weight", "lm_head.bias"])
+
+
 def test_padded_vocabulary_the_model_slices_off():
     """Inkling's head has rows past `unpadded_vocab_size`, which its forward slices off the
     logits: the loss runs over the classes before them (the 4-wide probe cannot see a slice)."""

@@ -551,8 +551,8 @@ class _HeadInterception:
         classes = getattr(self.model.config.get_text_config(), "unpadded_vocab_size", None)
         if classes is not None and classes < weight.shape[0]:  # padding rows the model slices off
             weight, bias = weight[:classes], None if bias is None else bias[:classes]
-        if not (isinstance(scale, float) and scale == 1.0):
-            hidden = hidden * scale
+        if not (isinstance(scale, float) and scale == 1.0):  # a (hidden @ W.T + b)
+            hidden, bias = hidden * scale, None if bias is None else bias * scale
         targets, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
         if targets.shape[-1] <= shift:  # one-token sequences predict nothing, as in transformers
             targets, shift = torch.full_like(targets, ignore_index), 0

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from logitless import _ops as ops
-from logitless._loss import TokenLoss, divergence_from_statistics, statistic_coefficients
+from logitless._loss import (
+    HARD_LOSS_STATISTICS,
+    TokenLoss,
+    divergence_from_statistics,
+    mixed_with_hard_loss,
+    statistic_coefficients,
+    with_hard_loss,
+)
 from logitless._validation import check_no_vmap
 
 if TYPE_CHECKING:
@@ -210,20 +217,28 @@ class FusedLinearCrossEntropy(_FusedLoss):
 
 
 class FusedLinearDivergence(_FusedLoss):
-    """sum_n token_weights[n] * divergence[n] between a teacher head and the student's, its
-    gradients (the student's) from the forward pass; `weights` holds the divergence as a linear
-    combination of statistics (`logitless._loss.DIVERGENCES`)."""
+    """sum_n token_weights[n] * loss[n] of a divergence between a teacher head and the
+    student's, its gradients (the student's) from the forward pass; `weights` holds the
+    divergence as a linear combination of statistics (`logitless._loss.DIVERGENCES`), and
+    `hard_weight` mixes in the student's cross-entropy, whose statistics the same sweep gives
+    (the logits at T = 1)."""
 
     @staticmethod
     def forward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, token_weights,
-                plan: Plan, weights: dict[str, float], needs):  # fmt: skip
-        names = tuple(weights) + (("jsd_p",) if "jsd" in weights else ())
+                plan: Plan, weights: dict[str, float], hard_weight: float, needs):  # fmt: skip
+        mixed = with_hard_loss(weights, hard_weight)
+        hard = HARD_LOSS_STATISTICS if hard_weight else ()
+        jsd_p = ("jsd_p",) if "jsd" in weights else ()
+        names = tuple(dict.fromkeys((*mixed, *hard, *jsd_p)))
         found, *grads = ops.linear_stats_and_grads(
             e, c, bias, targets, token_weights, plan.impl, plan.softcap, plan.scale,
-            ",".join(names), [weights.get(name, 0.0) for name in names], teacher_e, teacher_c,
+            ",".join(names), [mixed.get(name, 0.0) for name in names], teacher_e, teacher_c,
             teacher_bias, plan.teacher_softcap, plan.beta, list(needs),
         )  # fmt: skip
-        losses = divergence_from_statistics(weights, found)
+        values = dict(zip(names, found, strict=True))
+        losses = mixed_with_hard_loss(
+            divergence_from_statistics(weights, values), values, hard_weight
+        )
         loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
         return loss, *grads
 

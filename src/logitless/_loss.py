@@ -84,20 +84,40 @@ nearly equal heads) with their residuals', so that a small KL is not the differe
 of the size of the logits; the JSD is a statistic of its own."""
 
 
+HARD_LOSS_STATISTICS = ("lse", "target", "lse_residual")
+"""The statistics of the hard loss mixed into a distillation: the cross-entropy at T = 1."""
+
+
 def with_hard_loss(weights: dict[str, float], hard_weight: float) -> dict[str, float]:
     """(1 - h) divergence + h cross-entropy (lse - target) as one linear combination of
-    statistics: at T = 1 the cross-entropy's statistics come from the divergence's sweep."""
+    statistics, for their gradients: at T = 1 the cross-entropy's statistics come from the
+    divergence's sweep."""
+    if not hard_weight:
+        return dict(weights)
     mixed = {name: (1.0 - hard_weight) * weight for name, weight in weights.items()}
     mixed["lse"] = mixed.get("lse", 0.0) + hard_weight
     mixed["target"] = -hard_weight
     return mixed
 
 
-def divergence_from_statistics(weights: dict[str, float], stats: torch.Tensor) -> torch.Tensor:
-    """The divergence per row from its statistics (the rows of `stats`, in the order of
-    `weights`, one of `DIVERGENCES` or `with_hard_loss` of one); further rows of `stats` are
-    ignored."""
-    return sum(w * stat for w, stat in zip(weights.values(), stats, strict=False))
+def divergence_from_statistics(
+    weights: dict[str, float], values: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The divergence per row from its statistics, summed in the order of `weights` (one of
+    `DIVERGENCES`)."""
+    return sum(weight * values[name] for name, weight in weights.items())
+
+
+def mixed_with_hard_loss(
+    divergence: torch.Tensor, hard: dict[str, torch.Tensor], hard_weight: float
+) -> torch.Tensor:
+    """(1 - h) divergence + h cross-entropy per row, the cross-entropy from its statistics
+    `hard` (`HARD_LOSS_STATISTICS`) as (lse - target) + lse_residual, apart from the
+    divergence's terms: a confident token's, near 0, keeps the precision of log_softmax."""
+    if not hard_weight:
+        return divergence
+    cross_entropy = (hard["lse"] - hard["target"]) + hard["lse_residual"]
+    return (1.0 - hard_weight) * divergence + hard_weight * cross_entropy
 
 
 def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, torch.Tensor]:

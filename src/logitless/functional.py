@@ -19,10 +19,11 @@ from logitless._autograd import (
 )
 from logitless._loss import (
     DIVERGENCES,
+    HARD_LOSS_STATISTICS,
     TokenLoss,
     divergence_from_statistics,
+    mixed_with_hard_loss,
     top_k_forward_kl,
-    with_hard_loss,
 )
 from logitless._validation import (
     LossOptions,
@@ -208,11 +209,13 @@ def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weig
     names = ("lse", "target", "lse_residual", *(("sum",) if options.label_smoothing > 0 else ()))
     stats = _stats(rows, c, bias, backend_targets, plan, names)
     if gather is not None:  # this rank's loss is that of its own tokens
-        stats, valid = gather.own(stats.T).T, gather.own(valid)
+        stats = {name: gather.own(x) for name, x in stats.items()}
+        valid = gather.own(valid)
         target_weights = None if target_weights is None else gather.own(target_weights)
-    lse, target_logit, lse_residual = stats[0], stats[1], stats[2]
-    logit_sum = stats[3] if options.label_smoothing > 0 else None
-    losses = token_loss(lse, target_logit, logit_sum, target_weights, lse_residual)
+    lse = stats["lse"]
+    losses = token_loss(
+        lse, stats["target"], stats.get("sum"), target_weights, stats["lse_residual"]
+    )
     losses = torch.where(valid, losses, 0.0)
     if options.reduction == "mean":
         loss = losses.sum() / _divisor(valid, num_items_in_batch, target_weights)
@@ -285,12 +288,14 @@ def linear_log_probs(
     names = ("lse", "lse_residual", "target", *(("entropy",) if return_entropy else ()))
     found = _stats(rows, c, bias, backend_targets, plan, names)
     if gather is not None:  # this rank's values are those of its own tokens
-        found, valid = gather.own(found.T).T, gather.own(valid)
-    log_prob = (found[2] - found[0]) - found[1]  # near 0 on a confident token, and precise there
+        found = {name: gather.own(x) for name, x in found.items()}
+        valid = gather.own(valid)
+    # near 0 on a confident token, and precise there
+    log_prob = (found["target"] - found["lse"]) - found["lse_residual"]
     log_probs = _per_token(torch.where(valid, log_prob, 0.0), targets, shift, kept)
     if not return_entropy:
         return log_probs
-    entropy = torch.where(valid, found[3], 0.0)
+    entropy = torch.where(valid, found["entropy"], 0.0)
     return log_probs, _per_token(entropy, targets, shift, kept)
 
 
@@ -433,31 +438,31 @@ def linear_distillation_loss(
         beta=beta,
     )  # fmt: skip
     weights = DIVERGENCES[divergence]
-    if hard_weight and scale == 1.0:  # the hard loss's statistics come in the same sweep
-        weights, hard_weight = with_hard_loss(weights, hard_weight), 0.0
+    shared = hard_weight if scale == 1.0 else 0.0  # the hard loss's statistics in the same sweep
     hard_plan = dataclasses.replace(plan, scale=1.0, filter_eps=_filter_eps(options, c.shape[0]))
     if _fuses(options, get_backend(plan.impl), e, c, bias):
         token_weights = valid.to(accumulation_dtype(e.dtype))
         if reduction == "mean":
             token_weights = token_weights / _divisor(valid, None)
         needs = tuple(x is not None and x.requires_grad for x in (e, c, bias))
+        apart = hard_weight - shared
         loss = FusedLinearDivergence.apply(
-            rows, c, bias, backend_targets, *teacher, token_weights * (1.0 - hard_weight), plan,
-            weights, needs,
+            rows, c, bias, backend_targets, *teacher, token_weights * (1.0 - apart), plan,
+            weights, shared, needs,
         )[0]  # fmt: skip
-        if hard_weight:
+        if apart:
             loss = loss + FusedLinearCrossEntropy.apply(
-                rows, c, bias, backend_targets, token_weights * hard_weight, None, hard_plan,
+                rows, c, bias, backend_targets, token_weights * apart, None, hard_plan,
                 TokenLoss(0.0, 0.0, c.shape[0]), needs,
             )[0]  # fmt: skip
         return loss
-    found, *_ = LinearLogitStats.apply(
-        rows, c, bias, backend_targets, *teacher, plan, tuple(weights), 0
-    )
-    losses = divergence_from_statistics(weights, found)
-    if hard_weight:
-        hard = _stats(rows, c, bias, backend_targets, hard_plan, ("lse", "target"))
-        losses = (1.0 - hard_weight) * losses + hard_weight * (hard[0] - hard[1])
+    names = tuple(dict.fromkeys((*weights, *(HARD_LOSS_STATISTICS if shared else ()))))
+    found, *_ = LinearLogitStats.apply(rows, c, bias, backend_targets, *teacher, plan, names, 0)
+    values = dict(zip(names, found, strict=True))
+    hard = values
+    if hard_weight and not shared:
+        hard = _stats(rows, c, bias, backend_targets, hard_plan, HARD_LOSS_STATISTICS)
+    losses = mixed_with_hard_loss(divergence_from_statistics(weights, values), hard, hard_weight)
     if gather is not None:  # this rank's loss is that of its own tokens
         losses, valid = gather.own(losses), gather.own(valid)
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
@@ -551,14 +556,15 @@ def linear_top_k_distillation_loss(
         filter_eps=_filter_eps(options, c.shape[0]), scale=scale,
     )  # fmt: skip
     shared = hard_weight and scale == 1.0  # the hard loss's statistics come in the same sweep
-    found = _stats(rows, c, bias, row_targets, plan, ("lse", "target") if shared else ("lse",))
+    found = _stats(rows, c, bias, row_targets, plan, HARD_LOSS_STATISTICS)
     student_log_p = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
-    losses = top_k_forward_kl(teacher_log_q, student_log_p - found[0].unsqueeze(1))
-    if hard_weight:
-        if not shared:
-            found = _stats(rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0),
-                           ("lse", "target"))  # fmt: skip
-        losses = (1.0 - hard_weight) * losses + hard_weight * (found[0] - found[1])
+    log_p = (student_log_p - found["lse"].unsqueeze(1)) - found["lse_residual"].unsqueeze(1)
+    losses = top_k_forward_kl(teacher_log_q, log_p)
+    hard = found
+    if hard_weight and not shared:
+        hard = _stats(rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0),
+                      HARD_LOSS_STATISTICS)  # fmt: skip
+    losses = mixed_with_hard_loss(losses, hard, hard_weight)
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
 
 
@@ -582,11 +588,12 @@ def gathered_logits(
     return x * scale if scale != 1.0 else x
 
 
-def _stats(rows, c, bias, backend_targets, plan: Plan, names: tuple[str, ...]) -> torch.Tensor:
-    """The statistics `names` of the student alone, (len(names), N), differentiable."""
-    return LinearLogitStats.apply(rows, c, bias, backend_targets, None, None, None, plan, names, 0)[
-        0
-    ]
+def _stats(
+    rows, c, bias, backend_targets, plan: Plan, names: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The statistics `names` of the student alone, each (N,), differentiable."""
+    found = LinearLogitStats.apply(rows, c, bias, backend_targets, None, None, None, plan, names, 0)
+    return dict(zip(names, found[0], strict=True))
 
 
 def _reduce(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import logitless
 from helpers import make_inputs, rel_error
 from logitless.reference import reference_linear_log_probs
 from logitless.rl import completion_log_probs, verl_linear_cross_entropy
@@ -105,6 +106,30 @@ def test_trl_completion_log_probs_recipe(model_type, head):
     for name, grad in ours[2].items():
         assert rel_error(grad, theirs[2][name]) < 1e-4, name
     assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes
+
+
+def test_completion_log_probs_forms_the_entropy_only_when_asked(monkeypatch):
+    """Without return_entropy, the fused head is not asked for it: its sweep would keep the
+    entropy's sum and its backward a p log p term (which also turns gradient filtering off)."""
+    asked = []
+    compute = logitless.linear_log_probs
+    monkeypatch.setattr(
+        logitless,
+        "linear_log_probs",
+        lambda *a, **k: asked.append(k["return_entropy"]) or compute(*a, **k),
+    )
+    config = transformers.AutoConfig.for_model(
+        "llama", vocab_size=101, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(3, 101, (2, 9))
+    log_probs = completion_log_probs(model, input_ids, torch.ones_like(input_ids), 4)
+    _, entropy = completion_log_probs(
+        model, input_ids, torch.ones_like(input_ids), 4, return_entropy=True
+    )
+    assert asked == [False, True]
+    assert log_probs.shape == entropy.shape == (2, 4)
 
 
 @pytest.mark.parametrize(

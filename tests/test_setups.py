@@ -296,6 +296,8 @@ def test_module_takes_num_items_in_batch():
         (torch.tensor([3, 4]), {}, ValueError),
         (torch.tensor(0), {}, ValueError),
         (torch.tensor(-2.0), {}, ValueError),
+        (torch.tensor(float("nan")), {}, ValueError),  # a NaN loss
+        (torch.tensor(float("inf")), {}, ValueError),  # a loss of 0 and no gradient
         (5, {"reduction": "none"}, ValueError),
         (5, {"reduction": "sum"}, ValueError),
     ],

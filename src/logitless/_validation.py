@@ -337,8 +337,9 @@ def _check_target_range(
         message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
     checks = [(outside, message)]
     if isinstance(num_items, torch.Tensor):
-        positive = "num_items_in_batch must be > 0"
-        checks.append(((num_items.to(targets.device) <= 0).reshape(()), positive))
+        positive = "num_items_in_batch must be finite and > 0"
+        num_items = num_items.to(targets.device)
+        checks.append((~((num_items > 0) & num_items.isfinite()).reshape(()), positive))
     refused = _first_refused(*checks)
     if refused == message:
         raise ValueError(f"{message}, found {targets[outside][0].item()}")

@@ -809,24 +809,26 @@ def _fused_fields(
 ) -> dict[str, torch.Tensor | None]:
     """The per-token fields of TRL's `FusedCausalLMOutput` that `outputs` names (log_probs
     always), 0 at ignored tokens, for logits `softcap(e @ c.T + bias) / temperature`."""
-    log_probs, entropy = logitless.linear_log_probs(
+    with_entropy = "entropy" in outputs  # else neither the sweep nor the backward forms it
+    found = logitless.linear_log_probs(
         e,
         c,
         targets,
         bias,
         temperature=temperature,
-        return_entropy=True,
+        return_entropy=with_entropy,
         ignore_index=options.ignore_index,
         shift=options.shift,
         softcap=options.softcap,
         filter_eps=options.filter_eps,
         impl=options.impl,
     )
+    log_probs, entropy = found if with_entropy else (found, None)
     labels = targets[..., options.shift :]
     mask = labels != options.ignore_index
     fields = {
         "log_probs": log_probs,
-        "entropy": entropy if "entropy" in outputs else None,
+        "entropy": entropy,
         "label_mask": mask,
         "is_top1": None,
         "mean_logits": None,

@@ -73,7 +73,7 @@ def backward_signature(dtype: str) -> dict[str, str]:
 
 TEACHER_FLAGS = ("TEACHER", "TEACHER_BIAS", "TEACHER_SOFTCAP")
 FLAGS = {
-    "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_MEAN", "TOP_K",
+    "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_ENTROPY", "TOP_K",
                 *TEACHER_FLAGS, "MIXTURE"),
     "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PLOGP", "HAS_WEIGHT", "SORTED",
                  "FILTER", *TEACHER_FLAGS, "HAS_Q", "HAS_PY", "HAS_PLOGR"),
@@ -81,9 +81,9 @@ FLAGS = {
 VARIANTS = {
     "forward": {
         "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT"),
-        "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_MEAN"),
+        "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY"),
         "top_k": ("HAS_BIAS", "HAS_SOFTCAP", "TOP_K"),
-        "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_MEAN", *TEACHER_FLAGS),
+        "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", *TEACHER_FLAGS),
         "mixture": ("HAS_BIAS", "HAS_SOFTCAP", *TEACHER_FLAGS, "MIXTURE"),
     },
     "backward": {

@@ -288,7 +288,7 @@ def test_plain_sweep_variants_are_offered_to_plain_sweeps_only():
     """Flattened sweeps and those through descriptors omit the teacher's and the top-k's tile
     math, and the latter need the launch's descriptors: the autotuner must never give them a
     launch that has either, or lacks them."""
-    plain = {"HAS_BIAS": True, "WITH_MEAN": True, "TOP_K": 0, "TEACHER": False}
+    plain = {"HAS_BIAS": True, "WITH_ENTROPY": True, "TOP_K": 0, "TEACHER": False}
     for variant in ({"FLATTEN": True}, {"TMA": True}, {"TMA": True, "FLATTEN": True}):
         config = triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128, **variant})
         assert config_fits(config, {**plain, "HAS_DESCRIPTORS": True})

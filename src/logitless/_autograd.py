@@ -145,11 +145,9 @@ def _lse_pair(values: dict[str, torch.Tensor], name: str) -> torch.Tensor | None
 
 def _first_sweep(names: tuple[str, ...], with_teacher: bool) -> tuple[str, ...]:
     """The statistics of the first sweep for `names`: every one but the JSD's, and always the
-    log-sum-exps (with their residuals) the backward (and the JSD's sweep) need, and the entropy
-    the mean's needs."""
+    log-sum-exps (with their residuals) the backward (and the JSD's sweep) need."""
     normalizers = ["lse", *(["teacher_lse"] if with_teacher else [])]
     first = [*normalizers, *(f"{name}_residual" for name in normalizers)]
-    first += ["entropy"] if "mean" in names and "entropy" not in names else []
     return tuple(first + [name for name in names if name not in first and name not in MIXTURE])
 
 
@@ -210,7 +208,7 @@ class FusedLinearCrossEntropy(_FusedLoss):
             plan.column_weight, token_loss.label_smoothing > 0, plan.filter_eps,
             token_loss.label_smoothing, token_loss.z_loss, token_loss.vocab, list(needs),
         )  # fmt: skip
-        lse, target_logit, logit_sum, lse_residual = found
+        lse, target_logit, lse_residual, logit_sum = found
         losses = token_loss(lse, target_logit, logit_sum, target_weights, lse_residual)
         loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
         return loss, *grads

@@ -32,7 +32,7 @@ class TokenLoss:
     weight_total: float = 0.0
     """sum_v w[v] of the class weights; only read with a `target_weight`."""
 
-    def __call__(self, lse, target_logit, logit_sum, target_weight=None, lse_residual=0.0):
+    def __call__(self, lse, target_logit, logit_sum, target_weight, lse_residual):
         """`lse_residual` (what rounding lse lost) keeps a confident token's loss lse - target,
         near 0, as precise as log_softmax's."""
         smoothing = self.label_smoothing
@@ -125,7 +125,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
     each statistic (docs/statistics.md):
 
         lse: a += G; target: t += G; sum: s += G;
-        mean: a += G (1 + entropy), b += G; entropy: a -= G entropy, b -= G;
+        entropy: a -= G entropy, b -= G;
         teacher_log_ratio: g -= G;
         student_log_ratio: a += G (1 + lse - student_log_ratio), b += G, b_y -= G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
@@ -142,9 +142,6 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
             add("p", g)
         elif name in ("target", "sum"):
             add(name, g)
-        elif name == "mean":  # p (1 + z - mean) = p (1 + log p + entropy)
-            add("p", g * (1.0 + values["entropy"]))
-            add("plogp", g)
         elif name == "entropy":  # p (mean - z) = -p (log p + entropy)
             add("p", -g * values["entropy"])
             add("plogp", -g)
@@ -163,7 +160,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
 def coefficient_terms(names: tuple[str, ...], beta: float) -> tuple[str, ...]:
     """The coefficient rows that the upstream gradients of the statistics `names` give."""
     one = torch.ones(())
-    values = dict.fromkeys((*names, "lse", "entropy", "jsd_p"), one)
+    values = dict.fromkeys((*names, "lse", "jsd_p"), one)
     return tuple(statistic_coefficients(dict.fromkeys(names, one), values, beta))
 
 

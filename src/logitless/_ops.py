@@ -128,8 +128,8 @@ def stats_and_grads(
     vocab: int,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(lse, target logit, sum, lse residual) statistics (4, N) of a cross-entropy and the
-    gradients of sum_n token_weights[n] * loss[n], in one sweep."""
+    """(lse, target logit, lse residual, sum) statistics (4, N) of a cross-entropy (the sum 0
+    without `with_sum`) and the gradients of sum_n token_weights[n] * loss[n], in one sweep."""
     weight_total = 0.0 if column_weight is None else column_weight.sum()
     token_loss = TokenLoss(label_smoothing, z_loss, vocab, weight_total)
     names = ("lse", "target", "lse_residual", *(("sum",) if with_sum else ()))
@@ -148,8 +148,9 @@ def stats_and_grads(
         if with_sum and softcap is None:
             grad_sum = token_loss.coefficients(out[0], token_weights, target_weights)[2]
             add_uniform_gradient(*grads_out, e, c, grad_sum, column_weight)
-    logit_sum = out[3] if with_sum else torch.zeros_like(out[0])
-    return torch.stack([out[0], out[1], logit_sum, out[2]]), *_finish(grads_out, e, c, bias)
+    if not with_sum:
+        out = torch.cat([out, torch.zeros_like(out[:1])])
+    return out, *_finish(grads_out, e, c, bias)
 
 
 @stats_and_grads.register_fake

@@ -236,7 +236,6 @@ def _residual(stats: torch.Tensor, names: list[str], name: str) -> torch.Tensor 
 _NORMALIZER_OF = {
     "lse": "lse",
     "teacher_lse": "teacher_lse",
-    "mean": "lse",
     "student_log_ratio": "lse",
     "teacher_log_ratio": "teacher_lse",
 }

@@ -65,7 +65,6 @@ STATISTICS = (
     "lse_residual",  # what lse lost to rounding: the pair (lse, residual) given back as "lse"
     "target",  # z[target], 0 without target
     "sum",  # sum_v w[v] z[v]
-    "mean",  # sum_v p z
     "entropy",  # lse - mean, from sum_v p (z - max z): without the cancellation of that difference
     "teacher_lse",  # log sum_v exp y
     "teacher_lse_residual",  # idem, of the teacher's

@@ -229,12 +229,12 @@ def _sweep(
 
     # Block-sized buffers besides the logits, which become the softmax in place:
     need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
-    with_mean = "mean" in names or "entropy" in names
+    with_entropy = "entropy" in names
     log_ratios = [x for x in ("teacher_log_ratio", "student_log_ratio") if x in names]
-    need_z = with_mean or "plogp" in terms or need_ratio or bool(log_ratios)
+    need_z = with_entropy or "plogp" in terms or need_ratio or bool(log_ratios)
     need_y = "py" in terms or need_ratio or bool(log_ratios)
     need_q = need_ratio or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
-    need_p = with_mean or "student_log_ratio" in names or need_ratio
+    need_p = with_entropy or "student_log_ratio" in names or need_ratio
     sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
     bytes_per_logit = acc.itemsize * (1 + sum(sizes))
     block = rows_per_block(n, vocab, bytes_per_logit, e.device)
@@ -278,10 +278,8 @@ def _sweep(
             log_normalizer = (lse[0, rows], lse[1, rows])
             _log_probs(z, log_normalizer).exp_()
         p = z  # the softmax from here on (unnormalized when nothing needs it)
-        if with_mean:  # the entropy without the rounding of lse and mean: from sum p (z - max)
-            relative_mean = _row_dot(p, z_kept, shift=peak)
-            found["mean"] = peak + relative_mean
-            found["entropy"] = log_total - relative_mean
+        if with_entropy:  # log sum exp(z - max) - sum p (z - max): no rounding of lse or mean
+            found["entropy"] = log_total - _row_dot(p, z_kept, shift=peak)
         y = q = ratio = None
         if need_y or need_q:
             y_out = (y_buffer if need_y else q_buffer)[:size]

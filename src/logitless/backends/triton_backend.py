@@ -56,7 +56,7 @@ def stats(
     found = lse_forward(
         e, c, bias, targets.contiguous(), softcap=logits.softcap, with_sum="sum" in names,
         scale=logits.scale, weight=logits.column_weight,
-        with_mean="mean" in names or "entropy" in names, top_k=top_k,
+        with_entropy="entropy" in names, top_k=top_k,
         teacher=teacher, lse=lse,
     )  # fmt: skip
     out = torch.stack([found[name] for name in names])

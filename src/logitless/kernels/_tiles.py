@@ -99,7 +99,7 @@ LARGE_TILE = 128 * 128
 """Tiles of more entries than this are tried only for plain logits (see `config_fits`)."""
 
 SPILLING_OPTIONS = (
-    "HAS_SOFTCAP", "WITH_SUM", "WITH_MEAN", "HAS_PLOGP", "HAS_WEIGHT", "TOP_K", "TEACHER",
+    "HAS_SOFTCAP", "WITH_SUM", "WITH_ENTROPY", "HAS_PLOGP", "HAS_WEIGHT", "TOP_K", "TEACHER",
 )  # fmt: skip
 """Options whose extra tile math spills a large tile's registers on Hopper."""
 

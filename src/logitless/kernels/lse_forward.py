@@ -103,7 +103,7 @@ def lse_forward_kernel(
     N, V, D, stride_en, stride_ed, stride_cv, stride_cd, softcap, scale, vocab_bucket,
     top_values_ptr, top_indices_ptr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_SUM: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, WITH_MEAN: tl.constexpr, TOP_K: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, WITH_ENTROPY: tl.constexpr, TOP_K: tl.constexpr,
     TOP_K_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -118,7 +118,7 @@ def lse_forward_kernel(
     """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max) z])
     of a row block on a split; the logit sum weighs column v by weight[v] when HAS_WEIGHT.
 
-    `partials_ptr` is (3 + WITH_SUM + WITH_MEAN [+ 4 | + 2], splits, N) fp32; `vocab_bucket`
+    `partials_ptr` is (3 + WITH_SUM + WITH_ENTROPY [+ 4 | + 2], splits, N) fp32; `vocab_bucket`
     only keys the autotuner. With TOP_K > 0, `top_values_ptr` (fp32) and `top_indices_ptr`
     (int32), both (splits, N, TOP_K), receive the split's TOP_K largest logits of each row and
     their classes (TOP_K_SLOTS: TOP_K rounded up to a power of two).
@@ -181,7 +181,7 @@ def lse_forward_kernel(
             )  # fmt: skip
             _, _, _, running_max, running_sum, target_logit, logit_sum, weighted_sum = _fold_tile(
                 z, vocab, col_mask, targets, weight_ptr, running_max, running_sum, target_logit,
-                logit_sum, weighted_sum, WITH_SUM, HAS_WEIGHT, WITH_MEAN,
+                logit_sum, weighted_sum, WITH_SUM, HAS_WEIGHT, WITH_ENTROPY,
             )  # fmt: skip
     else:
         for tile_begin in range(vocab_begin, vocab_end, BLOCK_V):
@@ -193,7 +193,7 @@ def lse_forward_kernel(
             z, exps, rescale, running_max, running_sum, target_logit, logit_sum, weighted_sum = (
                 _fold_tile(
                     z, vocab, col_mask, targets, weight_ptr, running_max, running_sum,
-                    target_logit, logit_sum, weighted_sum, WITH_SUM, HAS_WEIGHT, WITH_MEAN,
+                    target_logit, logit_sum, weighted_sum, WITH_SUM, HAS_WEIGHT, WITH_ENTROPY,
                 )
             )  # fmt: skip
             if TOP_K:
@@ -241,10 +241,10 @@ def lse_forward_kernel(
     tl.store(out + 2 * plane, target_logit, mask=row_mask)
     if WITH_SUM:
         tl.store(out + 3 * plane, logit_sum, mask=row_mask)
-    if WITH_MEAN:
+    if WITH_ENTROPY:
         tl.store(out + (3 + WITH_SUM) * plane, weighted_sum, mask=row_mask)
     if TEACHER:
-        out += (3 + WITH_SUM + WITH_MEAN) * plane
+        out += (3 + WITH_SUM + WITH_ENTROPY) * plane
         tl.store(out, student_weighted, mask=row_mask)
         tl.store(out + plane, teacher_weighted, mask=row_mask)
         if not MIXTURE:
@@ -287,7 +287,7 @@ def _student_tile(
 @triton.jit
 def _fold_tile(z, vocab, col_mask, targets, weight_ptr, running_max, running_sum, target_logit,
                logit_sum, weighted_sum, WITH_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-               WITH_MEAN: tl.constexpr):  # fmt: skip
+               WITH_ENTROPY: tl.constexpr):  # fmt: skip
     """A logit tile folded into its rows' statistics. Returns the tile with its padding columns
     at -inf, its exponentials, the rescale of the earlier sums, and the new max, sum of
     exponentials, target logit, logit sum and sum of exp(z - max) (z - max)."""
@@ -304,7 +304,7 @@ def _fold_tile(z, vocab, col_mask, targets, weight_ptr, running_max, running_sum
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
     rescale = tl.exp(running_max - shift)
     exps = tl.exp(z - shift[:, None])
-    if WITH_MEAN:  # relative to the shift, moved with it; 0 at a masked (-inf) logit, not NaN
+    if WITH_ENTROPY:  # relative to the shift, moved with it; 0 at a masked (-inf) logit, not NaN
         moved = tl.where(running_max == float("-inf"), 0.0, running_max) - shift
         weighted_sum = (weighted_sum + moved * running_sum) * rescale + tl.sum(
             exps * tl.where(exps > 0, z - shift[:, None], 0.0), axis=1
@@ -351,28 +351,27 @@ def lse_forward(
     with_sum: bool,
     scale: float = 1.0,
     weight: torch.Tensor | None = None,
-    with_mean: bool = False,
+    with_entropy: bool = False,
     top_k: int = 0,
     teacher: Teacher | None = None,
     lse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """fp32 per-row `lse`, `target` and, if asked, `sum` (weighted by `weight`), `mean` (the
-    softmax-weighted mean logit) and `entropy` of e; see `logitless.backends`. With `top_k` (at most
+    """fp32 per-row `lse` (with `lse_residual`), `target` and, if asked, `sum` (weighted by
+    `weight`) and `entropy` of e; see `logitless.backends`. With `top_k` (at most
     MAX_TOP_K), also `top`: the (N, top_k) int64 classes of each row's largest logits, in
     descending order, and `top_log_probs`: their log-probabilities, from the kernel's logits.
 
     With a `teacher`, also `teacher_lse` (and its residual), `teacher_log_ratio` and
     `student_log_ratio`; with the student's `lse` given (and the teacher's in `teacher.lse`),
-    the second sweep's `jsd` and `jsd_p` instead.
+    each a (2, N) pair with its residual, the second sweep's `jsd` and `jsd_p` instead.
     """
     n, dim = e.shape
     vocab = c.shape[0]
     splits = vocabulary_splits(n, vocab, e.device)
     mixture = lse is not None
     teacher_planes = 0 if teacher is None else 2 if mixture else 4
-    partials = torch.empty(
-        3 + with_sum + with_mean + teacher_planes, splits, n, device=e.device, dtype=torch.float32
-    )
+    planes = 3 + with_sum + with_entropy + teacher_planes
+    partials = torch.empty(planes, splits, n, device=e.device, dtype=torch.float32)
     teacher_args = {}
     if teacher is not None:
         teacher_e, teacher_c = teacher.e, teacher.c
@@ -400,7 +399,7 @@ def lse_forward(
             n, vocab, dim, *e.stride(), *c.stride(), float(softcap or 1.0), float(scale),
             triton.next_power_of_2(vocab), top_values, top_indices,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum,
-            HAS_WEIGHT=weight is not None, WITH_MEAN=with_mean,
+            HAS_WEIGHT=weight is not None, WITH_ENTROPY=with_entropy,
             TOP_K=top_k, TOP_K_SLOTS=triton.next_power_of_2(max(1, top_k)),
             **dot_options(e.dtype), **tensor_descriptors(e, c), **teacher_args,
         )  # fmt: skip
@@ -411,13 +410,12 @@ def lse_forward(
     found["lse_residual"] = lse_residual(peak, log_total, found["lse"])
     if with_sum:
         found["sum"] = partials[3].sum(0)
-    if with_mean:  # each split's sum exp(z - its max) (z - its max), moved to the row's max
+    if with_entropy:  # each split's sum exp(z - its max) (z - its max), moved to the row's max
         shifted = torch.where(rescale > 0, (split_max - peak) * split_sum, 0.0)
         relative_mean = ((partials[3 + with_sum] + shifted) * rescale).sum(0) / _divisor(total)
-        found["mean"] = peak + relative_mean
         found["entropy"] = log_total - relative_mean
     if teacher is not None:
-        found.update(_teacher_statistics(partials[3 + with_sum + with_mean :], rescale, total,
+        found.update(_teacher_statistics(partials[3 + with_sum + with_entropy :], rescale, total,
                                          teacher.beta, mixture))  # fmt: skip
     if top_k:
         candidates = top_values.permute(1, 0, 2).reshape(n, splits * top_k)

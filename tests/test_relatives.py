@@ -290,6 +290,7 @@ WEIGHT_OPTIONS = [
     {"label_smoothing": 0.1, "softcap": 3.0},
     {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none"},
     {"z_loss": 1e-2},
+    {"z_loss": 1e-2, "ignore_index": 301},  # = V: no row of the weight table
 ]
 
 
@@ -306,8 +307,9 @@ def class_weights(vocab: int, dtype=torch.float32, device=DEVICE) -> torch.Tenso
 def test_class_weights_match_weighted_cross_entropy(impl, dtype, options):
     """F.cross_entropy(weight=) semantics, weighted mean and smoothing included, fused or not."""
     inputs = make_inputs(
-        (37,), 29, 301, dtype, bias=True, ignore_fraction=0.2, seed=3, device=DEVICE
-    )
+        (37,), 29, 301, dtype, bias=True, ignore_fraction=0.2, seed=3, device=DEVICE,
+        ignore_index=options.get("ignore_index", -100),
+    )  # fmt: skip
     check_against_reference(inputs, impl=impl, weight=class_weights(301), **options)
 
 

@@ -539,31 +539,28 @@ class DistillationOptions:
     vocab_parallel: VocabParallel | None = None
 
     def __post_init__(self) -> None:
-        LossOptions(
+        self.loss_options()
+        temperature_scale(self.temperature)
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check_real("beta", self.beta)
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta must be in (0, 1), got {self.beta}")
+        check_hard_weight(self.hard_weight)
+        if self.teacher_softcap is not None:
+            _check_real("teacher_softcap", self.teacher_softcap)
+            if not 0 < self.teacher_softcap < math.inf:
+                raise ValueError(
+                    "teacher_softcap must be a finite number > 0 or None, got "
+                    f"{self.teacher_softcap}"
+                )
+
+    def loss_options(self) -> LossOptions:
+        """The options it shares with `linear_cross_entropy`, checked."""
+        return LossOptions(
             ignore_index=self.ignore_index, reduction=self.reduction, shift=self.shift,
             softcap=self.softcap, filter_eps=self.filter_eps, impl=self.impl,
             vocab_parallel=self.vocab_parallel,
         )  # fmt: skip
-        temperature_scale(self.temperature)
-        check_distillation(self.divergence, self.beta, self.hard_weight, self.teacher_softcap)
-
-
-def check_distillation(
-    divergence: str, beta: float, hard_weight: float, teacher_softcap: float | None
-) -> None:
-    """The options of `linear_distillation_loss` beyond the shared ones (its module checks
-    them at construction)."""
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_real("beta", beta)
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"beta must be in (0, 1), got {beta}")
-    check_hard_weight(hard_weight)
-    if teacher_softcap is not None:
-        _check_real("teacher_softcap", teacher_softcap)
-        if not 0 < teacher_softcap < math.inf:
-            raise ValueError(
-                f"teacher_softcap must be a finite number > 0 or None, got {teacher_softcap}"
-            )
 
 
 def check_hard_weight(hard_weight: float) -> None:
@@ -597,12 +594,11 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_completion(
-    input_ids: object, logits_to_keep: object, temperature: object, return_entropy: object
-) -> None:
-    """`completion_log_probs`'s arguments, before its model runs: (B, T) integer `input_ids`,
-    a completion length `logits_to_keep` in [1, T - 1] (each token is predicted from the one
-    before it, so the first predicts nothing), a temperature and a bool."""
+def check_completion(input_ids: object, logits_to_keep: object) -> None:
+    """`completion_log_probs`'s own arguments, before its model runs: (B, T) integer
+    `input_ids` and a completion length `logits_to_keep` in [1, T - 1] (each token is predicted
+    from the one before it, so the first predicts nothing); `labelled_log_probs` checks the
+    rest."""
     check_tensors(input_ids=input_ids)
     if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise ValueError(
@@ -616,8 +612,6 @@ def check_completion(
             f"logits_to_keep must be in [1, {length - 1}] for input_ids of {length} tokens, got "
             f"{logits_to_keep}"
         )
-    temperature_scale(temperature)
-    check_bool("return_entropy", return_entropy)
 
 
 def check_bool(name: str, value: object) -> None:

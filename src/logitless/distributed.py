@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from logitless.backends import lse_residual
+from logitless.backends import lse_pair
 
 try:
     from torch.distributed.tensor import DTensor
@@ -192,18 +192,14 @@ class VocabParallel:
         total = {name: sums[summed.index(name)] for name in normalizers}
         combined = {}
         for name, row in zip(summed, sums, strict=True):
-            if name in peak:
-                combined[name] = peak[name] + row.log()
+            if name in peak:  # its residual formed anew from the combined log-sum-exp
+                combined[name], combined[f"{name}_residual"] = lse_pair(peak[name], row.log())
             elif name == "entropy":
                 combined[name] = row / total["lse"] + total["lse"].log()
             elif name in _NORMALIZER_OF:
                 combined[name] = row / total[_NORMALIZER_OF[name]]
             else:
                 combined[name] = row
-        for name in normalizers:  # a residual is formed anew from the combined log-sum-exp
-            if f"{name}_residual" in names:
-                log_total = total[name].log()
-                combined[f"{name}_residual"] = lse_residual(peak[name], log_total, combined[name])
         return torch.stack([combined[name] for name in names])
 
     def sum_stats(self, stats: torch.Tensor) -> torch.Tensor:

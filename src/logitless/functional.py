@@ -26,9 +26,9 @@ from logitless._loss import (
     top_k_forward_kl,
 )
 from logitless._validation import (
+    DistillationOptions,
     LossOptions,
     check_bool,
-    check_distillation,
     check_dtensors,
     check_hard_targets,
     check_hard_weight,
@@ -395,12 +395,13 @@ def linear_distillation_loss(
         The float32 loss (float64 for float64 inputs): a scalar, or per token (the shape of
         `targets[..., shift:]`).
     """
-    options = LossOptions(
-        ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
-        filter_eps=filter_eps, impl=impl, vocab_parallel=vocab_parallel,
-    )  # fmt: skip
-    scale = temperature_scale(temperature)
-    check_distillation(divergence, beta, hard_weight, teacher_softcap)
+    options = DistillationOptions(
+        divergence=divergence, beta=beta, temperature=temperature, hard_weight=hard_weight,
+        teacher_softcap=teacher_softcap, ignore_index=ignore_index, reduction=reduction,
+        shift=shift, softcap=softcap, filter_eps=filter_eps, impl=impl,
+        vocab_parallel=vocab_parallel,
+    ).loss_options()  # fmt: skip
+    scale = 1.0 / temperature
     check_hard_targets(hard_weight, targets)
     labels = targets
     if labels is None:

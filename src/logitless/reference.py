@@ -45,17 +45,20 @@ def reference_linear_cross_entropy(
         label_smoothing=label_smoothing,
     )
     valid = flat_targets != ignore_index
+    if weight is not None:  # each token's target weight, 0 where ignored (ignore_index may be V)
+        vocab = flat_logits.shape[-1]
+        target_weights = torch.where(valid, weight[flat_targets.clamp(0, vocab - 1)], 0.0)
     if z_loss or return_lse:  # only then: eager code pays for no log-sum-exp it does not use
         lse = torch.where(valid, torch.logsumexp(flat_logits, dim=-1), 0.0)
     if z_loss:  # weighted like the token's cross-entropy, by its target's weight
-        scale = z_loss if weight is None else z_loss * weight[flat_targets.clamp(min=0)]
+        scale = z_loss if weight is None else z_loss * target_weights
         losses = losses + scale * lse.square()
     shape = targets[..., shift:].shape if shift else targets.shape
     if reduction == "mean":
         if weight is None:
             loss = losses.sum() / valid.sum().clamp(min=1)
         else:  # F.cross_entropy's weighted mean: over the weights of the targets (0 if none)
-            total = weight[flat_targets.clamp(min=0)][valid].sum()
+            total = target_weights.sum()
             loss = losses.sum() / torch.where(total == 0, 1.0, total)
     elif reduction == "sum":
         loss = losses.sum()

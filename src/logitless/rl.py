@@ -68,7 +68,7 @@ def completion_log_probs(
     weight, with whatever the model's forward does to its logits (Gemma 2's softcap, Cohere's
     and Granite's scale; any other transform is refused). The prompt's positions cost nothing.
     """
-    check_completion(input_ids, logits_to_keep, temperature, return_entropy)
+    check_completion(input_ids, logits_to_keep)
     from logitless.transformers import labelled_log_probs  # imports transformers
 
     prompt = torch.arange(input_ids.shape[1], device=input_ids.device) < (

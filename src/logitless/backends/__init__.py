@@ -104,13 +104,15 @@ class Teacher:
     lse: torch.Tensor | None = None
 
 
-def lse_residual(peak: torch.Tensor, log_total: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """What `lse` = peak + log_total (max, log sum exp(z - max)) lost when it was rounded,
-    exactly (Knuth's TwoSum): the `*_residual` statistics; 0 where lse is not finite."""
+def lse_pair(peak: torch.Tensor, log_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, residual) from (max, log sum exp(z - max)): their rounded sum and what its
+    rounding lost, exactly (Knuth's TwoSum; the `*_residual` statistics, 0 where lse is not
+    finite)."""
+    lse = peak + log_total
     peak_part = lse - log_total
     total_part = lse - peak_part
     lost = (peak - peak_part) + (log_total - total_part)
-    return torch.where(lse.isfinite(), lost, 0.0)
+    return lse, torch.where(lse.isfinite(), lost, 0.0)
 
 
 def get_backend(impl: str) -> ModuleType:

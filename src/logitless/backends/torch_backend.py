@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from logitless.backends import Logits, Teacher, lse_residual
+from logitless.backends import Logits, Teacher, lse_pair
 
 BLOCK_MB_ENV = "LOGITLESS_BLOCK_MB"
 CPU_BLOCK_MB = (4.0, 64.0)
@@ -269,8 +269,7 @@ def _sweep(
             if "sum" in names:
                 found["sum"] = z.sum(1) if weight32 is None else z @ weight32
             peak, log_total = _exp_in_place(z, normalize=backward or need_p)
-            found["lse"] = peak + log_total
-            found["lse_residual"] = lse_residual(peak, log_total, found["lse"])
+            found["lse"], found["lse_residual"] = lse_pair(peak, log_total)
             log_normalizer = (peak, log_total)
             if top is not None:
                 top_log_probs[rows] = top_logits.sub_(peak[:, None]).sub_(log_total[:, None])
@@ -293,10 +292,7 @@ def _sweep(
             q = q_buffer[:size].copy_(y) if need_y else y
             if teacher.lse is None:
                 teacher_normalizer = _exp_in_place(q, normalize=True)
-                found["teacher_lse"] = teacher_normalizer[0] + teacher_normalizer[1]
-                found["teacher_lse_residual"] = lse_residual(
-                    *teacher_normalizer, found["teacher_lse"]
-                )
+                found["teacher_lse"], found["teacher_lse_residual"] = lse_pair(*teacher_normalizer)
             else:
                 teacher_normalizer = (teacher.lse[0, rows], teacher.lse[1, rows])
                 _log_probs(q, teacher_normalizer).exp_()
@@ -469,8 +465,7 @@ def _tiled_stats(
             total[rows] *= (peak[rows] - new_peak).exp_()
             total[rows] += z.sub_(new_peak.unsqueeze(1)).exp_().sum(1)
             peak[rows] = new_peak
-    found["lse"] = peak + total.log()
-    found["lse_residual"] = lse_residual(peak, total.log(), found["lse"])
+    found["lse"], found["lse_residual"] = lse_pair(peak, total.log())
     return torch.stack([found[name] for name in names])
 
 

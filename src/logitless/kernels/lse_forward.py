@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from logitless._validation import triton_interpreter_on
-from logitless.backends import Teacher, lse_residual
+from logitless.backends import Teacher, lse_pair
 from logitless.kernels._tiles import (
     INTERPRETER_BLOCKS,
     TensorDescriptor,
@@ -406,8 +406,8 @@ def lse_forward(
     split_max, split_sum = partials[0], partials[1]
     peak, rescale, total = _merged_sums(split_max, split_sum)
     log_total = total.log()
-    found = {"lse": peak + log_total, "target": partials[2].sum(0)}
-    found["lse_residual"] = lse_residual(peak, log_total, found["lse"])
+    found = {"target": partials[2].sum(0)}
+    found["lse"], found["lse_residual"] = lse_pair(peak, log_total)
     if with_sum:
         found["sum"] = partials[3].sum(0)
     if with_entropy:  # each split's sum exp(z - its max) (z - its max), moved to the row's max
@@ -437,10 +437,10 @@ def _teacher_statistics(
         jsd_p, to_teacher = partials[0].sum(0), partials[1].sum(0)
         return {"jsd_p": jsd_p, "jsd": -(beta * to_teacher + (1.0 - beta) * jsd_p)}
     peak, teacher_rescale, teacher_total = _merged_sums(partials[2], partials[3])
-    teacher_lse = peak + teacher_total.log()
+    teacher_lse, teacher_lse_residual = lse_pair(peak, teacher_total.log())
     return {
         "teacher_lse": teacher_lse,
-        "teacher_lse_residual": lse_residual(peak, teacher_total.log(), teacher_lse),
+        "teacher_lse_residual": teacher_lse_residual,
         "student_log_ratio": (partials[0] * rescale).sum(0) / _divisor(total),
         "teacher_log_ratio": (partials[1] * teacher_rescale).sum(0) / _divisor(teacher_total),
     }

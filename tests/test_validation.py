@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from helpers import make_inputs, rel_error
-from logitless import LinearCrossEntropyLoss, linear_cross_entropy
+from logitless import (
+    LinearCrossEntropyLoss,
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_top_k,
+)
 from logitless.reference import reference_linear_cross_entropy
 
 
@@ -52,6 +57,36 @@ def test_bad_option_names_the_argument(inputs, name, value, error):
         LinearCrossEntropyLoss(**{name: value})
     with pytest.raises(error, match=name):
         setattr(LinearCrossEntropyLoss(), name, value)
+
+
+def test_numpy_scalars_are_numbers():
+    """Options from a NumPy config (np.float32, np.int64) act as the Python numbers they hold,
+    as in F.cross_entropy (they were refused with a TypeError), and are kept as Python numbers;
+    a NumPy bool is still not an int."""
+    np = pytest.importorskip("numpy")
+    e, c, targets, bias = make_inputs((2, 6), 8, 50, bias=True, seed=21)
+    teacher_e, teacher_c, _, _ = make_inputs((2, 6), 12, 50, seed=5)
+    python = {"ignore_index": 7, "shift": 1, "softcap": 5.0, "label_smoothing": 0.25}
+    numpy = {"ignore_index": np.int64(7), "shift": np.int32(1), "softcap": np.float32(5.0),
+             "label_smoothing": np.float32(0.25)}  # fmt: skip
+    torch.testing.assert_close(
+        linear_cross_entropy(e, c, targets, bias, **numpy),
+        linear_cross_entropy(e, c, targets, bias, **python),
+    )
+    module = LinearCrossEntropyLoss(**numpy)
+    assert all(type(getattr(module, name)) is type(value) for name, value in python.items())
+    python = {"beta": 0.25, "temperature": 0.75, "hard_weight": 0.5, "divergence": "jsd"}
+    numpy = {"beta": np.float32(0.25), "temperature": np.float64(0.75),
+             "hard_weight": np.float32(0.5), "divergence": "jsd"}  # fmt: skip
+    torch.testing.assert_close(
+        linear_distillation_loss(e, c, teacher_e, teacher_c, targets, **numpy),
+        linear_distillation_loss(e, c, teacher_e, teacher_c, targets, **python),
+    )
+    values, indices = linear_top_k(e, c, np.int64(3), temperature=np.float32(0.75))
+    assert indices.shape == (2, 6, 3)
+    torch.testing.assert_close(values, linear_top_k(e, c, 3, temperature=0.75)[0])
+    with pytest.raises(TypeError, match="ignore_index"):
+        linear_cross_entropy(e, c, targets, ignore_index=np.bool_(True))
 
 
 def _bad_tensor_cases():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,26 +34,26 @@ class LossOptions:
     vocab_parallel: VocabParallel | None = None
 
     def __post_init__(self) -> None:
-        _check_int("ignore_index", self.ignore_index)
+        _checked(self, "ignore_index", _check_int)
         _check_choice("reduction", self.reduction, REDUCTIONS)
-        _check_int("shift", self.shift)
+        _checked(self, "shift", _check_int)
         if self.shift < 0:
             raise ValueError(f"shift must be >= 0, got {self.shift}")
         if self.softcap is not None:
-            _check_real("softcap", self.softcap)
+            _checked(self, "softcap", _check_real)
             if not 0 < self.softcap < math.inf:
                 raise ValueError(f"softcap must be a finite number > 0 or None, got {self.softcap}")
-        _check_real("label_smoothing", self.label_smoothing)
+        _checked(self, "label_smoothing", _check_real)
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
-        _check_real("z_loss", self.z_loss)
+        _checked(self, "z_loss", _check_real)
         if not 0 <= self.z_loss < math.inf:
             raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
         check_bool("return_lse", self.return_lse)
         if isinstance(self.filter_eps, str):
             _check_choice("filter_eps", self.filter_eps, ("auto",))
         elif self.filter_eps is not None:
-            _check_real("filter_eps", self.filter_eps)
+            _checked(self, "filter_eps", _check_real)
             if not 0.0 <= self.filter_eps < 1.0:
                 raise ValueError(
                     f"filter_eps must be 'auto', None or a float in [0, 1), got {self.filter_eps}"
@@ -390,17 +391,18 @@ def check_weight(
 
 def temperature_scale(temperature: float) -> float:
     """1 / temperature, for a finite temperature > 0."""
-    _check_real("temperature", temperature)
+    temperature = _check_real("temperature", temperature)
     if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return 1.0 / temperature
 
 
-def check_top_k(k: int, vocab: int) -> None:
-    """k in [1, V]."""
-    _check_int("k", k)
+def check_top_k(k: int, vocab: int) -> int:
+    """k in [1, V], as a Python int."""
+    k = _check_int("k", k)
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}] (the vocabulary of c), got {k}")
+    return k
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -539,15 +541,19 @@ class DistillationOptions:
     vocab_parallel: VocabParallel | None = None
 
     def __post_init__(self) -> None:
-        self.loss_options()
+        shared = self.loss_options()
+        for name in ("ignore_index", "shift", "softcap", "filter_eps"):
+            object.__setattr__(self, name, getattr(shared, name))  # as checked: Python numbers
+        _checked(self, "temperature", _check_real)
         temperature_scale(self.temperature)
         _check_choice("divergence", self.divergence, DIVERGENCES)
-        _check_real("beta", self.beta)
+        _checked(self, "beta", _check_real)
         if not 0.0 < self.beta < 1.0:
             raise ValueError(f"beta must be in (0, 1), got {self.beta}")
+        _checked(self, "hard_weight", _check_real)
         check_hard_weight(self.hard_weight)
         if self.teacher_softcap is not None:
-            _check_real("teacher_softcap", self.teacher_softcap)
+            _checked(self, "teacher_softcap", _check_real)
             if not 0 < self.teacher_softcap < math.inf:
                 raise ValueError(
                     "teacher_softcap must be a finite number > 0 or None, got "
@@ -619,18 +625,28 @@ def check_bool(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value: object) -> int:
+    """An integer, Python's or another's (NumPy's), not a bool, as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value if isinstance(value, int) else int(value)
 
 
-def _check_real(name: str, value: object) -> None:
-    """A number, not NaN. (Checks of numbers compare them rather than call math.isnan or
-    math.isfinite, which torch.compile's symbolic floats, under dynamic=True, do not take.)"""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _check_real(name: str, value: object) -> float:
+    """A real number, Python's or another's (NumPy's), not a bool, not NaN, as a Python int or
+    float. (Checks of numbers compare them rather than call math.isnan or math.isfinite, which
+    torch.compile's symbolic floats, under dynamic=True, do not take.)"""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if value != value:
         raise ValueError(f"{name} must not be NaN")
+    return value if isinstance(value, (int, float)) else float(value)
+
+
+def _checked(options: object, name: str, check: Callable[[str, object], object]) -> None:
+    """Check the field `name` of a frozen options dataclass and keep the checked value (a
+    NumPy scalar becomes a Python number, as the custom ops' arguments must be)."""
+    object.__setattr__(options, name, check(name, getattr(options, name)))
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -331,7 +331,7 @@ def linear_top_k(
     if local.vocab_parallel is not None:
         raise ValueError("c must not be sharded by rows for linear_top_k: pass c.full_tensor()")
     check_inputs(e, c, no_targets, bias, dataclasses.replace(options, ignore_index=NO_TARGET))
-    check_top_k(k, c.shape[0])
+    k = check_top_k(k, c.shape[0])
     rows = e.reshape(-1, e.shape[-1])
     plan = Plan(
         impl=check_impl(impl, e.device, e.dtype), softcap=softcap, filter_eps=None, scale=scale
@@ -395,13 +395,17 @@ def linear_distillation_loss(
         The float32 loss (float64 for float64 inputs): a scalar, or per token (the shape of
         `targets[..., shift:]`).
     """
-    options = DistillationOptions(
+    distillation = DistillationOptions(
         divergence=divergence, beta=beta, temperature=temperature, hard_weight=hard_weight,
         teacher_softcap=teacher_softcap, ignore_index=ignore_index, reduction=reduction,
         shift=shift, softcap=softcap, filter_eps=filter_eps, impl=impl,
         vocab_parallel=vocab_parallel,
-    ).loss_options()  # fmt: skip
-    scale = 1.0 / temperature
+    )  # fmt: skip
+    options = distillation.loss_options()
+    beta, hard_weight, teacher_softcap = (
+        distillation.beta, distillation.hard_weight, distillation.teacher_softcap
+    )
+    scale = 1.0 / distillation.temperature
     check_hard_targets(hard_weight, targets)
     labels = targets
     if labels is None:

@@ -67,6 +67,22 @@ def make_inputs(
     return move(e), move(c), targets.to(device), move(b)
 
 
+def confident_targets(device: str = "cpu"):
+    """(e, c, targets, bias) whose targets hold all but about 2e-5 of the mass, every logit
+    offset by +100: lse's float32 rounding (8e-6) is then as large as the log-probs."""
+    e, c, targets, _ = make_inputs((61,), 24, 701, seed=11, device=device)
+    bias = torch.full((701,), 100.0, device=device)
+    return e + 24.0 / 24**0.5 * c[targets], c, targets, bias
+
+
+def first_input_gradient(loss, inputs, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of the scalar `loss(*inputs)` with respect to inputs[0], every floating
+    input cast to `dtype`, in float64 on the CPU."""
+    x, *rest = (t.to(dtype, copy=True) if t.is_floating_point() else t for t in inputs)
+    loss(x.requires_grad_(), *rest).backward()
+    return x.grad.double().cpu()
+
+
 def outputs_and_grads(fn, inputs, grad_seed: int, upstream_scale: float = 1.0, **options):
     """Outputs and input gradients of `fn` under a random upstream gradient (times
     `upstream_scale`, as a loss scale or gradient-accumulation factor multiplies it)."""

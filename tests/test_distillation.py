@@ -11,6 +11,7 @@ from helpers import (
     DTYPES,
     MASKED_CLASSES,
     check_results,
+    confident_targets,
     device_for,
     make_inputs,
     masked,
@@ -379,12 +380,9 @@ def test_top_k_distillation_with_shift_on_batched_sequences():
 
 
 def confident_tokens(device: str):
-    """(e, c, targets, bias) whose targets hold all but about 2e-5 of the mass, every logit
-    offset by +100 (so that lse's float32 rounding is 8e-6), a teacher head 0.9 e, and a cached
-    teacher's top 4 log-probabilities and classes from 0.9 of the student's logits."""
-    e, c, targets, _ = make_inputs((61,), 24, 701, seed=11, device=device)
-    e = e + 24.0 / 24**0.5 * c[targets]
-    bias = torch.full((701,), 100.0, device=device)
+    """`confident_targets`, a teacher head 0.9 e, and a cached teacher's top 4 log-probabilities
+    and classes from 0.9 of the student's logits."""
+    e, c, targets, bias = confident_targets(device)
     log_q, indices = torch.log_softmax(0.9 * (e.double() @ c.double().T), -1).topk(4, dim=-1)
     return (e, c, targets, bias), (0.9 * e, c, bias), (indices, log_q.float())
 

@@ -11,6 +11,8 @@ from helpers import (
     DTYPES,
     check_against_reference,
     check_results,
+    confident_targets,
+    first_input_gradient,
     make_inputs,
     masked,
     outputs_and_grads,
@@ -214,14 +216,11 @@ def test_per_token_gradients_of_confident_tokens_are_as_precise_as_eager(impl):
     whose target holds all but 2e-5 of the mass, every logit offset by +100: p = exp(z - lse)
     from an lse rounded to float32 put 9x eager float32's error in their gradients; with the
     lse's residual, as eager's or better."""
-    e, c, targets, _ = make_inputs((61,), 24, 701, seed=11, device=DEVICE)
-    confident = e + 24.0 / 24**0.5 * c[targets]
-    bias = torch.full((701,), 100.0, device=DEVICE)
+    inputs = confident_targets(DEVICE)
+    targets = inputs[2]
 
     def grad_e(loss, dtype=torch.float32):
-        x = confident.to(dtype, copy=True).requires_grad_()
-        loss(x, c.to(dtype), bias.to(dtype)).backward()
-        return x.grad.double().cpu()
+        return first_input_gradient(lambda x, c, _, b: loss(x, c, b), inputs, dtype)
 
     exact = grad_e(lambda x, c, b: F.cross_entropy(x @ c.T + b, targets, reduction="sum"),
                    torch.float64)  # fmt: skip
@@ -248,9 +247,10 @@ def _entropy_gradient_error_vs_eager(impl: str, seed: int) -> float:
         return linear_log_probs(x, c, targets.to(DEVICE), return_entropy=True, impl=impl)[1]
 
     def grad_e(entropy, dtype):
-        x = e.to(DEVICE, dtype, copy=True).requires_grad_()
-        (entropy(x, c.to(DEVICE, dtype)).double().cpu() @ upstream.double()).backward()
-        return x.grad.double().cpu()
+        def loss(x, c):
+            return entropy(x, c).double().cpu() @ upstream.double()
+
+        return first_input_gradient(loss, (e.to(DEVICE), c.to(DEVICE)), dtype)
 
     exact = grad_e(eager, torch.float64)
     return rel_error(grad_e(ours, torch.float32), exact) / rel_error(

@@ -403,7 +403,9 @@ def linear_distillation_loss(
     )  # fmt: skip
     options = distillation.loss_options()
     beta, hard_weight, teacher_softcap = (
-        distillation.beta, distillation.hard_weight, distillation.teacher_softcap
+        distillation.beta,
+        distillation.hard_weight,
+        distillation.teacher_softcap,
     )
     scale = 1.0 / distillation.temperature
     check_hard_targets(hard_weight, targets)

@@ -412,7 +412,7 @@ def lse_forward(
         found["sum"] = partials[3].sum(0)
     if with_entropy:  # each split's sum exp(z - its max) (z - its max), moved to the row's max
         shifted = torch.where(rescale > 0, (split_max - peak) * split_sum, 0.0)
-        relative_mean = ((partials[3 + with_sum] + shifted) * rescale).sum(0) / _divisor(total)
+        relative_mean = _softmax_mean(partials[3 + with_sum] + shifted, rescale, total)
         found["entropy"] = log_total - relative_mean
     if teacher is not None:
         found.update(_teacher_statistics(partials[3 + with_sum + with_entropy :], rescale, total,
@@ -441,8 +441,8 @@ def _teacher_statistics(
     return {
         "teacher_lse": teacher_lse,
         "teacher_lse_residual": teacher_lse_residual,
-        "student_log_ratio": (partials[0] * rescale).sum(0) / _divisor(total),
-        "teacher_log_ratio": (partials[1] * teacher_rescale).sum(0) / _divisor(teacher_total),
+        "student_log_ratio": _softmax_mean(partials[0], rescale, total),
+        "teacher_log_ratio": _softmax_mean(partials[1], teacher_rescale, teacher_total),
     }
 
 
@@ -457,10 +457,11 @@ def _merged_sums(
     return peak, rescale, (split_sum * rescale).sum(0)
 
 
-def _divisor(total: torch.Tensor) -> torch.Tensor:
-    """A sum of exponentials as the divisor of a softmax-weighted mean: at least 1 wherever a
+def _softmax_mean(sums: torch.Tensor, rescale: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """A softmax-weighted mean from the splits' sums of exp(z - the split's max) x, moved to the
+    row's max by `rescale` and divided by the row's sum of exponentials: at least 1 wherever a
     logit is finite (the max's own term), 1 where none is, whose mean is then 0 and not NaN."""
-    return total.clamp(min=1.0)
+    return (sums * rescale).sum(0) / total.clamp(min=1.0)
 
 
 def vocabulary_splits(n: int, vocab: int, device: torch.device) -> int:

@@ -10,6 +10,7 @@ import torch
 from helpers import make_inputs, rel_error
 from logitless import (
     LinearCrossEntropyLoss,
+    LinearDistillationLoss,
     linear_cross_entropy,
     linear_distillation_loss,
     linear_top_k,
@@ -73,8 +74,9 @@ def test_numpy_scalars_are_numbers():
         linear_cross_entropy(e, c, targets, bias, **numpy),
         linear_cross_entropy(e, c, targets, bias, **python),
     )
-    module = LinearCrossEntropyLoss(**numpy)
+    module = LinearCrossEntropyLoss(**numpy, z_loss=np.float64(1e-3))
     assert all(type(getattr(module, name)) is type(value) for name, value in python.items())
+    assert type(module.z_loss) is float
     python = {"beta": 0.25, "temperature": 0.75, "hard_weight": 0.5, "divergence": "jsd"}
     numpy = {"beta": np.float32(0.25), "temperature": np.float64(0.75),
              "hard_weight": np.float32(0.5), "divergence": "jsd"}  # fmt: skip
@@ -82,6 +84,8 @@ def test_numpy_scalars_are_numbers():
         linear_distillation_loss(e, c, teacher_e, teacher_c, targets, **numpy),
         linear_distillation_loss(e, c, teacher_e, teacher_c, targets, **python),
     )
+    module = LinearDistillationLoss(**numpy)
+    assert all(type(getattr(module, name)) is type(value) for name, value in python.items())
     values, indices = linear_top_k(e, c, np.int64(3), temperature=np.float32(0.75))
     assert indices.shape == (2, 6, 3)
     torch.testing.assert_close(values, linear_top_k(e, c, 3, temperature=0.75)[0])

@@ -218,8 +218,8 @@ class FusedLinearDivergence(_FusedLoss):
     """sum_n token_weights[n] * loss[n] of a divergence between a teacher head and the
     student's, its gradients (the student's) from the forward pass; `weights` holds the
     divergence as a linear combination of statistics (`logitless._loss.DIVERGENCES`), and
-    `hard_weight` mixes in the student's cross-entropy, whose statistics the same sweep gives
-    (the logits at T = 1)."""
+    `hard_weight` mixes in the student's cross-entropy, whose statistics the same sweep gives:
+    only at T = 1 (`plan.scale` 1), where the divergence's logits are the hard loss's."""
 
     @staticmethod
     def forward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, token_weights,

@@ -569,11 +569,13 @@ class DistillationOptions:
         )  # fmt: skip
 
 
-def check_hard_weight(hard_weight: float) -> None:
-    """hard_weight in [0, 1] (the share of the hard-label cross-entropy in a distillation)."""
-    _check_real("hard_weight", hard_weight)
+def check_hard_weight(hard_weight: float) -> float:
+    """hard_weight in [0, 1] (the share of the hard-label cross-entropy in a distillation), as
+    a Python number."""
+    hard_weight = _check_real("hard_weight", hard_weight)
     if not 0.0 <= hard_weight <= 1.0:
         raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight}")
+    return hard_weight
 
 
 def check_hard_targets(hard_weight: float, targets: torch.Tensor | None) -> None:
@@ -629,7 +631,7 @@ def _check_int(name: str, value: object) -> int:
     """An integer, Python's or another's (NumPy's), not a bool, as a Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value if isinstance(value, int) else int(value)
+    return value if type(value) is int else int(value)
 
 
 def _check_real(name: str, value: object) -> float:
@@ -640,7 +642,7 @@ def _check_real(name: str, value: object) -> float:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if value != value:
         raise ValueError(f"{name} must not be NaN")
-    return value if isinstance(value, (int, float)) else float(value)
+    return value if type(value) in (int, float) else float(value)  # np.float64 is a float
 
 
 def _checked(options: object, name: str, check: Callable[[str, object], object]) -> None:

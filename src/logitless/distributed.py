@@ -159,8 +159,8 @@ class VocabParallel:
         """The global statistics `names` (rows of `stats`) from every rank's partial ones.
 
         Log-sum-exps combine by one all-reduce (max) and one (sum) of exp(lse_r - max); sums by
-        the sum; softmax-weighted means (`mean`, `student_log_ratio` under p,
-        `teacher_log_ratio` under q) by the sum of exp(lse_r - max) * mean_r, divided by
+        the sum; softmax-weighted means (`student_log_ratio` under p, `teacher_log_ratio`
+        under q) by the sum of exp(lse_r - max) * mean_r, divided by
         the global sum of exponentials; the entropy, with pi_r = exp(lse_r - lse) each rank's
         share of the mass, as sum_r pi_r (entropy_r - log pi_r); a log-sum-exp's residual (what
         its rounding lost) joins its exponent, and the global one is formed anew. All sums go in

@@ -279,7 +279,7 @@ def linear_log_probs(
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
     plan = Plan(
         impl=check_impl(impl, e.device, e.dtype),
-        softcap=softcap,
+        softcap=options.softcap,
         filter_eps=_filter_eps(options, c.shape[0]),
         vocab_parallel=shard,
         token_gather=gather,
@@ -334,13 +334,16 @@ def linear_top_k(
     k = check_top_k(k, c.shape[0])
     rows = e.reshape(-1, e.shape[-1])
     plan = Plan(
-        impl=check_impl(impl, e.device, e.dtype), softcap=softcap, filter_eps=None, scale=scale
+        impl=check_impl(impl, e.device, e.dtype),
+        softcap=options.softcap,
+        filter_eps=None,
+        scale=scale,
     )
     found, indices, values, _ = LinearLogitStats.apply(
         rows, c, bias, no_targets.reshape(-1), None, None, None, plan, ("lse",), k
     )
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (e, c, bias)):
-        logits = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
+        logits = gathered_logits(rows, c, bias, indices, softcap=options.softcap, scale=scale)
         values = SweepValues.apply(values, logits - found[0].unsqueeze(1))
     lead = e.shape[:-1]
     return values.reshape(*lead, k), indices.reshape(*lead, k)
@@ -440,7 +443,7 @@ def linear_distillation_loss(
     shard = options.vocab_parallel
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
     plan = Plan(
-        impl=check_impl(impl, e.device, e.dtype), softcap=softcap, filter_eps=None,
+        impl=check_impl(impl, e.device, e.dtype), softcap=options.softcap, filter_eps=None,
         vocab_parallel=shard, token_gather=gather, scale=scale, teacher_softcap=teacher_softcap,
         beta=beta,
     )  # fmt: skip
@@ -534,7 +537,7 @@ def linear_top_k_distillation_loss(
         filter_eps=filter_eps, impl=impl,
     )  # fmt: skip
     scale = temperature_scale(temperature)
-    check_hard_weight(hard_weight)
+    hard_weight = check_hard_weight(hard_weight)
     check_hard_targets(hard_weight, targets)
     check_local_tensors(
         "linear_top_k_distillation_loss", e=e, c=c, targets=targets, bias=bias,
@@ -559,12 +562,13 @@ def linear_top_k_distillation_loss(
         indices, teacher_log_q = indices[kept], teacher_log_q[kept]
     valid = row_targets != NO_TARGET
     plan = Plan(
-        impl=check_impl(impl, e.device, e.dtype), softcap=softcap,
+        impl=check_impl(impl, e.device, e.dtype), softcap=options.softcap,
         filter_eps=_filter_eps(options, c.shape[0]), scale=scale,
     )  # fmt: skip
-    shared = hard_weight and scale == 1.0  # the hard loss's statistics come in the same sweep
-    found = _stats(rows, c, bias, row_targets, plan, HARD_LOSS_STATISTICS)
-    student_log_p = gathered_logits(rows, c, bias, indices, softcap=softcap, scale=scale)
+    shared = hard_weight if scale == 1.0 else 0.0  # the hard loss's statistics in the same sweep
+    names = HARD_LOSS_STATISTICS if shared else ("lse", "lse_residual")
+    found = _stats(rows, c, bias, row_targets, plan, names)
+    student_log_p = gathered_logits(rows, c, bias, indices, softcap=options.softcap, scale=scale)
     log_p = (student_log_p - found["lse"].unsqueeze(1)) - found["lse_residual"].unsqueeze(1)
     losses = top_k_forward_kl(teacher_log_q, log_p)
     hard = found

@@ -148,8 +148,10 @@ def reference_linear_distillation_loss(
     elif divergence == "reverse_kl":
         losses = _expected(log_p.exp(), log_p - log_q)
     else:
-        log_m = torch.logsumexp(
-            torch.stack((log_q + math.log(beta), log_p + math.log1p(-beta))), dim=0
+        both_masked = (log_q == -math.inf) & (log_p == -math.inf)  # else NaN gradients
+        mixed = torch.stack((log_q + math.log(beta), log_p + math.log1p(-beta)))
+        log_m = torch.where(
+            both_masked, -math.inf, torch.logsumexp(mixed.masked_fill(both_masked, 0.0), dim=0)
         )
         losses = beta * _expected(log_q.exp(), log_q - log_m)
         losses = losses + (1 - beta) * _expected(log_p.exp(), log_p - log_m)

@@ -1,14 +1,15 @@
-"""Forward kernel: per-row log-sum-exp, target logit, (weighted) logit sum and softmax-weighted
-mean logit, split over the vocabulary; on request each row's top-k logits too.
+"""Forward kernel: per-row log-sum-exp, target logit, (weighted) logit sum and entropy, split
+over the vocabulary; on request each row's top-k logits too, or a teacher head's statistics.
 
 Grid: (row blocks, vocabulary splits). Each program sweeps its split in BLOCK_V tiles, each tile
 a dot loop over D with fp32 accumulation, and keeps an online max / rescaled sum of exponentials
-per row, and with it the rescaled sum of exp(z - max) * z whose ratio to the sum of
-exponentials is the softmax-weighted mean. It writes one partial result per (split, row);
-`lse_forward` merges the splits in PyTorch, in a fixed order, so the result is deterministic and
-needs neither atomics nor locks. With TOP_K, each program also keeps a running top-k per row (a
-tile whose largest logit beats no row's k-th is passed over after one comparison) and writes it
-per split; the merge takes the top-k of the splits' candidates.
+per row, and with it the rescaled sum of exp(z - max) (z - max) whose ratio to the sum of
+exponentials is the softmax-weighted mean of z - max (the entropy's). It writes one partial
+result per (split, row); `lse_forward` merges the splits in PyTorch, in a fixed order, so the
+result is deterministic and needs neither atomics nor locks. With TOP_K, each program also
+keeps a running top-k per row (a tile whose largest logit beats no row's k-th is passed over
+after one comparison) and writes it per split; the merge takes the top-k of the splits'
+candidates.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def lse_forward_kernel(
     FLATTEN: tl.constexpr = False,
     e_desc=None, c_desc=None, HAS_DESCRIPTORS: tl.constexpr = False, TMA: tl.constexpr = False,
 ):  # fmt: skip
-    """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max) z])
-    of a row block on a split; the logit sum weighs column v by weight[v] when HAS_WEIGHT.
+    """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max)
+    (z - max)]) of a row block on a split; the logit sum weighs column v by weight[v] when
+    HAS_WEIGHT.
 
     `partials_ptr` is (3 + WITH_SUM + WITH_ENTROPY [+ 4 | + 2], splits, N) fp32; `vocab_bucket`
     only keys the autotuner. With TOP_K > 0, `top_values_ptr` (fp32) and `top_indices_ptr`

@@ -118,26 +118,32 @@ def test_divergences(request, impl, dtype, options):
     )
 
 
+@pytest.mark.parametrize(("divergence", "bound"), [("jsd", 2.0), ("reverse_kl", 1.3)])
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_jsd_gradients_of_large_logits_are_as_precise_as_eager(request, impl, reduction):
-    """A bias of +1000 on every class changes neither the JSD nor its gradients; each sweep
-    then forms log p from the log-sum-exp and its residual (what float32 rounds off an lse near
-    1000), where exp(z - lse) summed to 1 only within 6e-5: unfused gradients 66-77x eager
-    float32's error from float64 before, within 2x now."""
+def test_gradients_of_large_logits_are_as_precise_as_eager(
+    request, impl, reduction, divergence, bound
+):
+    """A bias of +1000 on every class of both heads changes neither divergence nor its
+    gradients. Each sweep forms log p from the log-sum-exp and its residual (what float32 rounds
+    off an lse near 1000), where exp(z - lse) summed to 1 only within 6e-5: the JSD's unfused
+    gradients were 66-77x eager float32's error from float64, within 2x now. The reverse KL's
+    term p (z - y) is formed per entry, not as p (log p + lse - y), whose terms are of lse's
+    size: 1.2-2.1x eager's error before, within 1.3x now."""
     backend_fixture(request, impl)
     device = device_for(impl)
     e, c, targets, bias = make_inputs((57,), 24, 601, bias=True, scale=4.0, seed=3, device=device)
     teacher = make_inputs((57,), 35, 601, bias=True, scale=8.0, seed=11, device=device)
-    teacher = (teacher[0], teacher[1], teacher[3])
-    inputs, options = (e, c, targets, bias + 1000.0), {"divergence": "jsd", "reduction": reduction}
+    teacher = (teacher[0], teacher[1], teacher[3] + 1000.0)
+    inputs = (e, c, targets, bias + 1000.0)
+    options = {"divergence": divergence, "reduction": reduction}
     ours = outputs_and_grads(adapter(linear_distillation_loss, teacher, (57,)), inputs, 1,
                              impl=impl, **options)  # fmt: skip
     reference = adapter(reference_linear_distillation_loss, teacher, (57,))
     exact = outputs_and_grads(reference, inputs, 1, **options)
     eager = outputs_and_grads(reference, inputs, 1, dtype=torch.float32, **options)
     for x, truth, base in zip(ours[1][:2], exact[1][:2], eager[1][:2], strict=True):
-        assert rel_error(x, truth) <= 2 * rel_error(base, truth)
+        assert rel_error(x, truth) <= bound * rel_error(base, truth)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])

@@ -127,7 +127,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         lse: a += G; target: t += G; sum: s += G;
         entropy: a -= G entropy, b -= G;
         teacher_log_ratio: g -= G;
-        student_log_ratio: a += G (1 + lse - student_log_ratio), b += G, b_y -= G;
+        student_log_ratio: a += G (1 - student_log_ratio), b_zy += G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
         teacher_lse: nothing (the teacher gets no gradient); the log-sum-exps' residuals are
         not given (a rounding has no gradient).
@@ -147,10 +147,9 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
             add("plogp", -g)
         elif name == "teacher_log_ratio":
             add("q", -g)
-        elif name == "student_log_ratio":  # p (1 + z - y - ratio), z = log p + lse
-            add("p", g * (1.0 + values["lse"] - values["student_log_ratio"]))
-            add("plogp", g)
-            add("py", -g)
+        elif name == "student_log_ratio":  # p (1 - ratio + (z - y)), z - y formed per entry
+            add("p", g * (1.0 - values["student_log_ratio"]))
+            add("pzy", g)
         elif name == "jsd":
             add("p", (1.0 - beta) * g * values["jsd_p"])
             add("plogr", -(1.0 - beta) * g)
@@ -160,7 +159,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
 def coefficient_terms(names: tuple[str, ...], beta: float) -> tuple[str, ...]:
     """The coefficient rows that the upstream gradients of the statistics `names` give."""
     one = torch.ones(())
-    values = dict.fromkeys((*names, "lse", "jsd_p"), one)
+    values = dict.fromkeys((*names, "jsd_p"), one)
     return tuple(statistic_coefficients(dict.fromkeys(names, one), values, beta))
 
 

@@ -27,8 +27,8 @@ and `w` the optional (V,) column weight (1 without), it provides
         the gradients, for the inputs flagged in `needs` (None for the others), of the function
         whose derivative with respect to the logits is, per entry,
 
-            dL/dz = p * (a + b * log p + b_y * y + b_r * log(m / p)) + g * q + t * [v = target]
-                    + s * w
+            dL/dz = p * (a + b * log p + b_zy * (z - y) + b_r * log(m / p)) + g * q
+                    + t * [v = target] + s * w
 
         `lse` (2, N) is each row's log-sum-exp as the pair (`lse`, `lse_residual`) of
         statistics, whose sum it is to twice the accumulation dtype's precision (as is a
@@ -73,8 +73,8 @@ STATISTICS = (
     "jsd",  # beta KL(q || m) + (1 - beta) KL(p || m) (needs both lse: a second sweep)
     "jsd_p",  # sum_v p log(m / p) (idem; the jsd's gradient needs it)
 )
-TERMS = ("p", "plogp", "target", "sum", "q", "py", "plogr")
-"""The coefficient rows of the gradient formula: a, b, t, s, g, b_y, b_r."""
+TERMS = ("p", "plogp", "target", "sum", "q", "pzy", "plogr")
+"""The coefficient rows of the gradient formula: a, b, t, s, g, b_zy, b_r."""
 
 
 @dataclass(frozen=True)

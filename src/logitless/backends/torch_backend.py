@@ -231,8 +231,8 @@ def _sweep(
     need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
     with_entropy = "entropy" in names
     log_ratios = [x for x in ("teacher_log_ratio", "student_log_ratio") if x in names]
-    need_z = with_entropy or "plogp" in terms or need_ratio or bool(log_ratios)
-    need_y = "py" in terms or need_ratio or bool(log_ratios)
+    need_z = with_entropy or "plogp" in terms or "pzy" in terms or need_ratio or bool(log_ratios)
+    need_y = "pzy" in terms or need_ratio or bool(log_ratios)
     need_q = need_ratio or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
     need_p = with_entropy or "student_log_ratio" in names or need_ratio
     sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
@@ -319,7 +319,8 @@ def _sweep(
         log_p = None
         if "plogp" in coefs:  # log p = (z - max) - log sum exp(z - max): precise near p = 1
             log_p = _log_probs(z_kept, log_normalizer)
-        d = _softmax_to_grad(p, t, coefs, log_p, y, q, ratio, weight32, deriv, scale)
+        gap = torch.sub(z_kept, y, out=y) if "pzy" in coefs else None  # y is spent
+        d = _softmax_to_grad(p, t, coefs, log_p, gap, q, ratio, weight32, deriv, scale)
         e_rows32 = e_rows.to(acc) if half and needs[1] else e_rows
         for lo, hi in ranges:
             d_part = d[:, lo:hi]
@@ -643,7 +644,7 @@ def _softmax_to_grad(
     t: torch.Tensor,
     coefs: dict[str, torch.Tensor],
     log_p: torch.Tensor | None,
-    y: torch.Tensor | None,
+    gap: torch.Tensor | None,
     q: torch.Tensor | None,
     ratio: torch.Tensor | None,
     weight32: torch.Tensor | None,
@@ -652,13 +653,15 @@ def _softmax_to_grad(
 ) -> torch.Tensor:
     """In place: softmax p -> the gradient of the pre-softcap logits,
 
-        (p (a + b log p + b_y y + b_r log(m / p)) + g q + t onehot + s w) * scale * softcap'
+        (p (a + b log p + b_zy (z - y) + b_r log(m / p)) + g q + t onehot + s w)
+            * scale * softcap'
 
-    with the coefficient rows present in `coefs` (the other buffers are overwritten)."""
+    with the coefficient rows present in `coefs`, `gap` the logits' difference z - y (the other
+    buffers are overwritten)."""
     column = lambda name: coefs[name].unsqueeze(1)  # noqa: E731
     inner = None
-    impossible = p == 0 if {"plogp", "py", "plogr"} & coefs.keys() else None
-    for name, values in (("plogp", log_p), ("py", y), ("plogr", ratio)):
+    impossible = p == 0 if {"plogp", "pzy", "plogr"} & coefs.keys() else None
+    for name, values in (("plogp", log_p), ("pzy", gap), ("plogr", ratio)):
         if name in coefs:
             values.masked_fill_(impossible, 0.0)  # a masked class's -inf would make p * z NaN
             if inner is None:

@@ -67,7 +67,7 @@ def backward_signature(dtype: str) -> dict[str, str]:
         "softcap": "fp32",
         "scale": "fp32",
         "filter_mass_per_entry": "fp32",
-        **teacher_signature(dtype, ("teacher_lse", "grad_q", "grad_pzy", "grad_plogr")),
+        **teacher_signature(dtype, ("teacher_lse", "grad_q", "grad_plogpq", "grad_plogr")),
     }
 
 
@@ -76,7 +76,7 @@ FLAGS = {
     "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_ENTROPY", "TOP_K",
                 *TEACHER_FLAGS, "MIXTURE"),
     "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PLOGP", "HAS_WEIGHT", "SORTED",
-                 "FILTER", *TEACHER_FLAGS, "HAS_Q", "HAS_PZY", "HAS_PLOGR"),
+                 "FILTER", *TEACHER_FLAGS, "HAS_Q", "HAS_PLOGPQ", "HAS_PLOGR"),
 }  # fmt: skip
 VARIANTS = {
     "forward": {
@@ -90,8 +90,8 @@ VARIANTS = {
         "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_WEIGHT"),
         "filtered": ("HAS_BIAS", "HAS_SOFTCAP", "SORTED", "FILTER"),
         "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP"),
-        "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP", *TEACHER_FLAGS, "HAS_Q", "HAS_PZY",
-                         "HAS_PLOGR"),
+        "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP", *TEACHER_FLAGS, "HAS_Q",
+                         "HAS_PLOGPQ", "HAS_PLOGR"),
     },
 }  # fmt: skip
 """The register worst cases of real calls, every option a call can set together: label

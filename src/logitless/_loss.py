@@ -67,21 +67,13 @@ class TokenLoss:
 
 
 DIVERGENCES = {
-    "forward_kl": {
-        "lse": 1.0, "teacher_lse": -1.0, "lse_residual": 1.0, "teacher_lse_residual": -1.0,
-        "teacher_log_ratio": 1.0,
-    },
-    "reverse_kl": {
-        "teacher_lse": 1.0, "lse": -1.0, "teacher_lse_residual": 1.0, "lse_residual": -1.0,
-        "student_log_ratio": 1.0,
-    },
+    "forward_kl": {"forward_kl": 1.0},
+    "reverse_kl": {"reverse_kl": 1.0},
     "jsd": {"jsd": 1.0},
-}  # fmt: skip
-"""Each divergence of one token as a linear combination of its statistics, summed in this
-order: KL(q || p) = sum q (log q - log p) = sum q (y - z) - (teacher_lse - lse), KL(p || q) =
-sum p (z - y) - (lse - teacher_lse), the log-sum-exps' difference taken first (exact for
-nearly equal heads) with their residuals', so that a small KL is not the difference of numbers
-of the size of the logits; the JSD is a statistic of its own."""
+}
+"""Each divergence of one token as a linear combination of its statistics: each is a statistic
+of its own, summed from per-entry differences of log-probabilities (docs/statistics.md), so
+that a small divergence is not a difference of numbers of the size of the logits."""
 
 
 HARD_LOSS_STATISTICS = ("lse", "target", "lse_residual")
@@ -126,8 +118,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
 
         lse: a += G; target: t += G; sum: s += G;
         entropy: a -= G entropy, b -= G;
-        teacher_log_ratio: g -= G;
-        student_log_ratio: a += G (1 - student_log_ratio), b_zy += G;
+        forward_kl: a += G, g -= G; reverse_kl: a -= G reverse_kl, b_pq += G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
         teacher_lse: nothing (the teacher gets no gradient); the log-sum-exps' residuals are
         not given (a rounding has no gradient).
@@ -145,11 +136,12 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         elif name == "entropy":  # p (mean - z) = -p (log p + entropy)
             add("p", -g * values["entropy"])
             add("plogp", -g)
-        elif name == "teacher_log_ratio":
+        elif name == "forward_kl":  # p - q
+            add("p", g)
             add("q", -g)
-        elif name == "student_log_ratio":  # p (1 - ratio + (z - y)), z - y formed per entry
-            add("p", g * (1.0 - values["student_log_ratio"]))
-            add("pzy", g)
+        elif name == "reverse_kl":  # p (log p - log q - reverse_kl)
+            add("p", -g * values["reverse_kl"])
+            add("plogpq", g)
         elif name == "jsd":
             add("p", (1.0 - beta) * g * values["jsd_p"])
             add("plogr", -(1.0 - beta) * g)

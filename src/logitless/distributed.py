@@ -159,32 +159,33 @@ class VocabParallel:
         """The global statistics `names` (rows of `stats`) from every rank's partial ones.
 
         Log-sum-exps combine by one all-reduce (max) and one (sum) of exp(lse_r - max); sums by
-        the sum; softmax-weighted means (`student_log_ratio` under p, `teacher_log_ratio`
-        under q) by the sum of exp(lse_r - max) * mean_r, divided by
-        the global sum of exponentials; the entropy, with pi_r = exp(lse_r - lse) each rank's
-        share of the mass, as sum_r pi_r (entropy_r - log pi_r); a log-sum-exp's residual (what
-        its rounding lost) joins its exponent, and the global one is formed anew. All sums go in
-        the one all-reduce.
+        the sum; the entropy, with pi_r = exp(lse_r - lse) each rank's share of the mass, as
+        sum_r pi_r (entropy_r - log pi_r); the reverse KL, with rho_r the teacher's share, as
+        sum_r pi_r (KL_r + log pi_r - log rho_r), the forward KL likewise under rho; a
+        log-sum-exp's residual (what its rounding lost) joins its exponent, and the global one is
+        formed anew. All sums go in the one all-reduce.
         """
-        normalizers = [name for name in names if name in _NORMALIZER_OF.values()]
+        normalizers = [name for name in names if name in _NORMALIZERS]
         peaks = torch.stack([stats[names.index(name)] for name in normalizers])
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=self.group)
         peak = dict(zip(normalizers, peaks, strict=True))
-        weight = {
-            name: torch.exp((stats[names.index(name)] - peak[name]) + _residual(stats, names, name))
+        log_weight = {
+            name: (stats[names.index(name)] - peak[name]) + _residual(stats, names, name)
             for name in normalizers
         }
+        weight = {name: x.exp() for name, x in log_weight.items()}
         summed = [name for name in names if not name.endswith("_residual")]
         partials = []
         for name in summed:
             row = stats[names.index(name)]
             if name in peak:
                 partials.append(weight[name])
-            elif name == "entropy":  # sum_r w_r (entropy_r - (lse_r - peak)), then + log sum w
-                lse = stats[names.index("lse")]
-                partials.append(_weighted(weight["lse"], row - (lse - peak["lse"])))
-            elif name in _NORMALIZER_OF:
-                partials.append(_weighted(weight[_NORMALIZER_OF[name]], row))
+            elif name == "entropy":  # sum_r w_r (entropy_r - log w_r), then / sum w + log sum w
+                partials.append(_weighted(weight["lse"], row - log_weight["lse"]))
+            elif name in _KL_WEIGHTS:  # sum_r w_r (KL_r + log w_r - log w'_r), then as above
+                head, other = _KL_WEIGHTS[name]
+                shift = log_weight[head] - log_weight[other]
+                partials.append(_weighted(weight[head], row + shift))
             else:
                 partials.append(row)
         sums = torch.stack(partials)
@@ -196,8 +197,9 @@ class VocabParallel:
                 combined[name], combined[f"{name}_residual"] = lse_pair(peak[name], row.log())
             elif name == "entropy":
                 combined[name] = row / total["lse"] + total["lse"].log()
-            elif name in _NORMALIZER_OF:
-                combined[name] = row / total[_NORMALIZER_OF[name]]
+            elif name in _KL_WEIGHTS:
+                head, other = _KL_WEIGHTS[name]
+                combined[name] = row / total[head] - (total[head].log() - total[other].log())
             else:
                 combined[name] = row
         return torch.stack([combined[name] for name in names])
@@ -229,13 +231,9 @@ def _residual(stats: torch.Tensor, names: list[str], name: str) -> torch.Tensor 
     return stats[names.index(residual)] if residual in names else 0.0
 
 
-_NORMALIZER_OF = {
-    "lse": "lse",
-    "teacher_lse": "teacher_lse",
-    "student_log_ratio": "lse",
-    "teacher_log_ratio": "teacher_lse",
-}
-"""Each softmax-weighted statistic's log-sum-exp (a log-sum-exp is its own)."""
+_NORMALIZERS = ("lse", "teacher_lse")
+_KL_WEIGHTS = {"reverse_kl": ("lse", "teacher_lse"), "forward_kl": ("teacher_lse", "lse")}
+"""Each KL's (weighting head, other head): the log-sum-exps of p and q for KL(p || q)."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ and `w` the optional (V,) column weight (1 without), it provides
         the gradients, for the inputs flagged in `needs` (None for the others), of the function
         whose derivative with respect to the logits is, per entry,
 
-            dL/dz = p * (a + b * log p + b_zy * (z - y) + b_r * log(m / p)) + g * q
+            dL/dz = p * (a + b * log p + b_pq * log(p / q) + b_r * log(m / p)) + g * q
                     + t * [v = target] + s * w
 
         `lse` (2, N) is each row's log-sum-exp as the pair (`lse`, `lse_residual`) of
@@ -68,13 +68,13 @@ STATISTICS = (
     "entropy",  # lse - mean, from sum_v p (z - max z): without the cancellation of that difference
     "teacher_lse",  # log sum_v exp y
     "teacher_lse_residual",  # idem, of the teacher's
-    "teacher_log_ratio",  # sum_v q (y - z): with the log-sum-exps, the forward KL
-    "student_log_ratio",  # sum_v p (z - y): idem, the reverse KL
+    "forward_kl",  # sum_v q (log q - log p), from per-entry differences relative to each max
+    "reverse_kl",  # sum_v p (log p - log q), idem
     "jsd",  # beta KL(q || m) + (1 - beta) KL(p || m) (needs both lse: a second sweep)
     "jsd_p",  # sum_v p log(m / p) (idem; the jsd's gradient needs it)
 )
-TERMS = ("p", "plogp", "target", "sum", "q", "pzy", "plogr")
-"""The coefficient rows of the gradient formula: a, b, t, s, g, b_zy, b_r."""
+TERMS = ("p", "plogp", "target", "sum", "q", "plogpq", "plogr")
+"""The coefficient rows of the gradient formula: a, b, t, s, g, b_pq, b_r."""
 
 
 @dataclass(frozen=True)

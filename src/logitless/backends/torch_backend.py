@@ -40,8 +40,9 @@ FILTER_CHUNK = 512
 Coefficients = Callable[[slice, torch.Tensor], torch.Tensor]
 """(rows, their statistics (len(names), rows)) -> their coefficients (len(terms), rows)."""
 
-TEACHER_STATISTICS = ("teacher_lse", "teacher_log_ratio")
+TEACHER_STATISTICS = ("teacher_lse", "forward_kl")
 """First-sweep statistics that need the teacher's softmax q."""
+KL_STATISTICS = ("forward_kl", "reverse_kl")
 MIXTURE_STATISTICS = ("jsd", "jsd_p")
 """Second-sweep statistics: they need both log-sum-exps (`lse` and `teacher.lse`) given."""
 
@@ -229,13 +230,13 @@ def _sweep(
 
     # Block-sized buffers besides the logits, which become the softmax in place:
     need_ratio = any(x in names for x in MIXTURE_STATISTICS) or "plogr" in terms
+    need_gap = need_ratio or "plogpq" in terms or any(x in names for x in KL_STATISTICS)
     with_entropy = "entropy" in names
-    log_ratios = [x for x in ("teacher_log_ratio", "student_log_ratio") if x in names]
-    need_z = with_entropy or "plogp" in terms or "pzy" in terms or need_ratio or bool(log_ratios)
-    need_y = "pzy" in terms or need_ratio or bool(log_ratios)
-    need_q = need_ratio or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
-    need_p = with_entropy or "student_log_ratio" in names or need_ratio
-    sizes = (need_z, need_y, need_q, need_ratio, need_ratio, softcap is not None and backward)
+    need_z = with_entropy or "plogp" in terms or need_gap
+    need_y = need_gap
+    need_q = need_gap or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
+    need_p = with_entropy or "reverse_kl" in names or need_ratio
+    sizes = (need_z, need_y, need_q, need_gap, need_ratio, softcap is not None and backward)
     bytes_per_logit = acc.itemsize * (1 + sum(sizes))
     block = rows_per_block(n, vocab, bytes_per_logit, e.device)
 
@@ -279,7 +280,7 @@ def _sweep(
         p = z  # the softmax from here on (unnormalized when nothing needs it)
         if with_entropy:  # log sum exp(z - max) - sum p (z - max): no rounding of lse or mean
             found["entropy"] = log_total - _row_dot(p, z_kept, shift=peak)
-        y = q = ratio = None
+        y = q = gap = ratio = None
         if need_y or need_q:
             y_out = (y_buffer if need_y else q_buffer)[:size]
             teacher_bias = None if teacher.bias is None else teacher.bias.to(acc)
@@ -296,15 +297,15 @@ def _sweep(
             else:
                 teacher_normalizer = (teacher.lse[0, rows], teacher.lse[1, rows])
                 _log_probs(q, teacher_normalizer).exp_()
-        if "teacher_log_ratio" in names:
-            found["teacher_log_ratio"] = _row_dot(q, y, shift=z_kept)
-        if "student_log_ratio" in names:
-            found["student_log_ratio"] = _row_dot(p, z_kept, shift=y)
+        if need_gap:  # log p - log q, each log-probability formed first; y is spent
+            log_q = _log_probs(y, teacher_normalizer)
+            gap = _log_probs(z_kept, log_normalizer, out=gap_buffer[:size]).sub_(log_q)
+        if "forward_kl" in names:
+            found["forward_kl"] = -_row_dot(q, gap)
+        if "reverse_kl" in names:
+            found["reverse_kl"] = _row_dot(p, gap)
         if need_ratio:
-            ratio, gap = _mixture_ratios(
-                z_kept, y, log_normalizer, teacher_normalizer, teacher.beta,
-                ratio_buffer[:size], gap_buffer[:size],
-            )  # fmt: skip
+            ratio, gap = _mixture_ratios(gap, teacher.beta, ratio_buffer[:size])
             if names:
                 found["jsd_p"] = _row_dot(p, ratio)
                 to_teacher = _row_dot(q, gap)  # sum_v q log(m / q)
@@ -319,7 +320,6 @@ def _sweep(
         log_p = None
         if "plogp" in coefs:  # log p = (z - max) - log sum exp(z - max): precise near p = 1
             log_p = _log_probs(z_kept, log_normalizer)
-        gap = torch.sub(z_kept, y, out=y) if "pzy" in coefs else None  # y is spent
         d = _softmax_to_grad(p, t, coefs, log_p, gap, q, ratio, weight32, deriv, scale)
         e_rows32 = e_rows.to(acc) if half and needs[1] else e_rows
         for lo, hi in ranges:
@@ -531,21 +531,13 @@ def _negligible(p: torch.Tensor, local_targets: torch.Tensor, eps: float, vocab:
 
 
 def _mixture_ratios(
-    z: torch.Tensor,
-    y: torch.Tensor,
-    normalizer: tuple[torch.Tensor, torch.Tensor],
-    teacher_normalizer: tuple[torch.Tensor, torch.Tensor],
-    beta: float,
-    ratio_out: torch.Tensor,
-    gap_out: torch.Tensor,
+    gap: torch.Tensor, beta: float, ratio_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log(m / p), log(m / q)) per entry for m = beta q + (1 - beta) p, from the log-ratio
-    log p - log q (small where the heads agree), each log-probability formed first (never z - y,
-    of the size of the logits), and never from log m itself: the divergence and its gradient
-    are then differences of small numbers, not of two log-probabilities."""
-    log_q = _log_probs(y, teacher_normalizer, out=ratio_out)
-    gap = _log_probs(z, normalizer, out=gap_out).sub_(log_q)  # log p - log q
-    constant = lambda x: torch.tensor(x, device=z.device, dtype=z.dtype)  # noqa: E731
+    `gap` = log p - log q (small where the heads agree; turned into log(m / q) in place), never
+    from log m itself: the divergence and its gradient are then differences of small numbers,
+    not of two log-probabilities."""
+    constant = lambda x: torch.tensor(x, device=gap.device, dtype=gap.dtype)  # noqa: E731
     ratio = torch.logaddexp(math.log(beta) - gap, constant(math.log1p(-beta)), out=ratio_out)
     gap = torch.logaddexp(gap.add_(math.log1p(-beta)), constant(math.log(beta)), out=gap)
     return ratio, gap
@@ -653,15 +645,15 @@ def _softmax_to_grad(
 ) -> torch.Tensor:
     """In place: softmax p -> the gradient of the pre-softcap logits,
 
-        (p (a + b log p + b_zy (z - y) + b_r log(m / p)) + g q + t onehot + s w)
+        (p (a + b log p + b_pq log(p / q) + b_r log(m / p)) + g q + t onehot + s w)
             * scale * softcap'
 
-    with the coefficient rows present in `coefs`, `gap` the logits' difference z - y (the other
-    buffers are overwritten)."""
+    with the coefficient rows present in `coefs`, `gap` log p - log q (the other buffers are
+    overwritten)."""
     column = lambda name: coefs[name].unsqueeze(1)  # noqa: E731
     inner = None
-    impossible = p == 0 if {"plogp", "pzy", "plogr"} & coefs.keys() else None
-    for name, values in (("plogp", log_p), ("pzy", gap), ("plogr", ratio)):
+    impossible = p == 0 if {"plogp", "plogpq", "plogr"} & coefs.keys() else None
+    for name, values in (("plogp", log_p), ("plogpq", gap), ("plogr", ratio)):
         if name in coefs:
             values.masked_fill_(impossible, 0.0)  # a masked class's -inf would make p * z NaN
             if inner is None:

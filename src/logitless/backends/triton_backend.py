@@ -81,7 +81,7 @@ def grads(
     included."""
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse[0])
-    teacher_terms = {term: rows[term] for term in ("q", "pzy", "plogr") if term in rows}
+    teacher_terms = {term: rows[term] for term in ("q", "plogpq", "plogr") if term in rows}
     if "sum" in rows or "plogp" in rows or teacher_terms:
         filter_eps = None  # these gradients reach every logit: no tile is negligible
     order = vocabulary_order(e, c, bias) if filter_eps else None
@@ -180,7 +180,8 @@ def _sweep(
     correction = torch.exp(-lse[1])
     grad_lse, grad_plogp = (None if x is None else x * correction for x in (grad_lse, grad_plogp))
     teacher_terms = {
-        term: x * correction if term in ("pzy", "plogr") else x for term, x in teacher_terms.items()
+        term: x * correction if term in ("plogpq", "plogr") else x
+        for term, x in teacher_terms.items()
     }
     gain = (
         _float16_gain(grad_lse, grad_target, grad_sum, grad_plogp, *teacher_terms.values())

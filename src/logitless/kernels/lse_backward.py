@@ -94,11 +94,11 @@ def lse_backward_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     teacher_e_ptr=None, teacher_c_ptr=None, teacher_bias_ptr=None, teacher_lse_ptr=None,
-    grad_q_ptr=None, grad_pzy_ptr=None, grad_plogr_ptr=None, D_t=0, stride_ten=0, stride_ted=0,
+    grad_q_ptr=None, grad_plogpq_ptr=None, grad_plogr_ptr=None, D_t=0, stride_ten=0, stride_ted=0,
     stride_tcv=0, stride_tcd=0, teacher_softcap=1.0, log_beta=0.0, log_one_minus_beta=0.0,
     TEACHER: tl.constexpr = False, TEACHER_BIAS: tl.constexpr = False,
     TEACHER_SOFTCAP: tl.constexpr = False, HAS_Q: tl.constexpr = False,
-    HAS_PZY: tl.constexpr = False, HAS_PLOGR: tl.constexpr = False,
+    HAS_PLOGPQ: tl.constexpr = False, HAS_PLOGR: tl.constexpr = False,
     GROUP_N: tl.constexpr = 0,
     e_desc=None, c_desc=None, HAS_DESCRIPTORS: tl.constexpr = False, TMA: tl.constexpr = False,
 ):  # fmt: skip
@@ -106,8 +106,9 @@ def lse_backward_kernel(
 
     When FILTER, `counts_ptr` (int32 pair) counts (tiles, tiles kept); `row_bucket` and
     `vocab_bucket` only key the autotuner. With TEACHER, the teacher's logit tile y (its own
-    D_t, bias and softcap) adds the terms g q (HAS_Q), p b_zy (z - y) (HAS_PZY) and p b_r log(m / p)
-    (HAS_PLOGR) of the gradient formula, q = exp(y - teacher_lse), m = beta q + (1 - beta) p.
+    D_t, bias and softcap) adds the terms g q (HAS_Q), p b_pq log(p / q) (HAS_PLOGPQ) and
+    p b_r log(m / p) (HAS_PLOGR) of the gradient formula, q = exp(y - teacher_lse),
+    m = beta q + (1 - beta) p.
     TMA (neither SORTED nor TEACHER) reads e and c through `e_desc` and `c_desc`
     (`tensor_descriptors`; their presence, HAS_DESCRIPTORS, keys the autotuner).
     """
@@ -136,7 +137,7 @@ def lse_backward_kernel(
     # the p terms' coefficients carry the softmax's factor exp(-lost) (`lse_backward`), so the
     # second part is read only where log p is formed
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    if HAS_PLOGP or HAS_PLOGR:
+    if HAS_PLOGP or HAS_PLOGPQ or HAS_PLOGR:
         lse_lo = tl.load(lse_ptr + N + rows, mask=row_mask, other=0.0)
     target_positions = tl.load(target_positions_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
     probs = tl.exp(z - lse[:, None])
@@ -156,21 +157,21 @@ def lse_backward_kernel(
             BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
         teacher_terms = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        if HAS_PZY:
-            grad_pzy = tl.load(grad_pzy_ptr + rows, mask=row_mask, other=0.0)
-            # where(probs > 0, ...): a class a -inf logit masks has p = 0 and an infinite z,
-            # y or log(m / p), whose product with p would be NaN
-            teacher_terms += probs * grad_pzy[:, None] * tl.where(probs > 0, z - y, 0.0)
-        if HAS_Q or HAS_PLOGR:
-            teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)
-            teacher_lse_lo = tl.load(teacher_lse_ptr + N + rows, mask=row_mask, other=0.0)
-            log_q = (y - teacher_lse[:, None]) - teacher_lse_lo[:, None]
+        teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)
+        teacher_lse_lo = tl.load(teacher_lse_ptr + N + rows, mask=row_mask, other=0.0)
+        log_q = (y - teacher_lse[:, None]) - teacher_lse_lo[:, None]
         if HAS_Q:
             grad_q = tl.load(grad_q_ptr + rows, mask=row_mask, other=0.0)
             teacher_terms += tl.exp(log_q) * grad_q[:, None]
+        if HAS_PLOGPQ or HAS_PLOGR:
+            gap = ((z - lse[:, None]) - lse_lo[:, None]) - log_q  # log p - log q
+        if HAS_PLOGPQ:
+            grad_plogpq = tl.load(grad_plogpq_ptr + rows, mask=row_mask, other=0.0)
+            # where(probs > 0, ...): a class a -inf logit masks has p = 0 and an infinite log p,
+            # log q or log(m / p), whose product with p would be NaN
+            teacher_terms += probs * grad_plogpq[:, None] * tl.where(probs > 0, gap, 0.0)
         if HAS_PLOGR:
             grad_plogr = tl.load(grad_plogr_ptr + rows, mask=row_mask, other=0.0)
-            gap = ((z - lse[:, None]) - lse_lo[:, None]) - log_q  # log p - log q
             to_student = log_add_exp(log_beta - gap, log_one_minus_beta)  # log(m / p)
             teacher_terms += probs * grad_plogr[:, None] * tl.where(probs > 0, to_student, 0.0)
     if HAS_SOFTCAP:
@@ -267,10 +268,10 @@ def lse_backward(
 
     `lse` is the (2, N) log-sum-exp pair of `logitless.backends.grads` (a teacher's too); the
     kernel's softmax is exp(z - lse[0]), so the coefficients of the p terms (`grad_lse`,
-    `grad_plogp`, and the teacher's `pzy` and `plogr`) come multiplied by exp(-lse[1]).
+    `grad_plogp`, and the teacher's `plogpq` and `plogr`) come multiplied by exp(-lse[1]).
     `grad_lse`, `grad_plogp`, `grad_target` and `grad_sum` are the coefficients a, b, t and s of
     the gradient formula, `weight` the column weight of the s term (by vocabulary row).
-    `teacher_terms` holds the teacher's coefficient rows present (`q`, `pzy`, `plogr`: g, b_zy
+    `teacher_terms` holds the teacher's coefficient rows present (`q`, `plogpq`, `plogr`: g, b_pq
     and b_r), with `teacher` (whose `lse` the `q` and `plogr` terms need).
 
     Position p is vocabulary row `order[p]` (p itself without order); `target_positions` holds
@@ -321,11 +322,11 @@ def _teacher_arguments(
     return dict(
         teacher_e_ptr=teacher_e, teacher_c_ptr=teacher_c, teacher_bias_ptr=optional(teacher.bias),
         teacher_lse_ptr=optional(teacher.lse), grad_q_ptr=optional(terms.get("q")),
-        grad_pzy_ptr=optional(terms.get("pzy")), grad_plogr_ptr=optional(terms.get("plogr")),
+        grad_plogpq_ptr=optional(terms.get("plogpq")), grad_plogr_ptr=optional(terms.get("plogr")),
         D_t=teacher_e.shape[1], stride_ten=teacher_e.stride(0), stride_ted=teacher_e.stride(1),
         stride_tcv=teacher_c.stride(0), stride_tcd=teacher_c.stride(1),
         teacher_softcap=float(teacher.softcap or 1.0), log_beta=math.log(teacher.beta),
         log_one_minus_beta=math.log1p(-teacher.beta), TEACHER=True,
         TEACHER_BIAS=teacher.bias is not None, TEACHER_SOFTCAP=teacher.softcap is not None,
-        HAS_Q="q" in terms, HAS_PZY="pzy" in terms, HAS_PLOGR="plogr" in terms,
+        HAS_Q="q" in terms, HAS_PLOGPQ="plogpq" in terms, HAS_PLOGR="plogr" in terms,
     )  # fmt: skip

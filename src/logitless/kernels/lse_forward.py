@@ -126,10 +126,12 @@ def lse_forward_kernel(
     their classes (TOP_K_SLOTS: TOP_K rounded up to a power of two).
 
     With TEACHER, the teacher's logit tile y (its own D_t, bias and softcap, the same scale)
-    adds the partials (sum of exp(z - max) (z - y), sum of exp(y - max) (y - z), teacher max,
-    sum of exp(y - max)): each head's weighted log-ratio, formed per entry; with MIXTURE
-    instead, given both log-sum-exps, the JSD's sums (sum p log(m / p), sum q log(m / q)) for
-    m = beta q + (1 - beta) p.
+    adds the partials (sum of exp(z - max) ((z - max) - (y - teacher max)), sum of
+    exp(y - teacher max) ((y - teacher max) - (z - max)), teacher max, sum of
+    exp(y - teacher max)): each head's weighted log-ratio, formed per entry relative to both
+    running maxima (moved with them), so that heads at far-apart levels sum small numbers; with
+    MIXTURE instead, given both log-sum-exps, the JSD's sums (sum p log(m / p), sum q
+    log(m / q)) for m = beta q + (1 - beta) p.
 
     FLATTEN (neither TEACHER nor TOP_K) sweeps the split as one software-pipelined loop over
     (tile, D step), so that the next tile's loads overlap the current tile's softmax update.
@@ -192,6 +194,7 @@ def lse_forward_kernel(
                 tile_begin, vocab_end, D, stride_ed, stride_cv, stride_cd, softcap, scale,
                 HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST, TMA,
             )  # fmt: skip
+            previous_max, previous_sum = running_max, running_sum
             z, exps, rescale, running_max, running_sum, target_logit, logit_sum, weighted_sum = (
                 _fold_tile(
                     z, vocab, col_mask, targets, weight_ptr, running_max, running_sum,
@@ -226,14 +229,23 @@ def lse_forward_kernel(
                     teacher_shift = tl.where(new_teacher_max == float("-inf"), 0.0, new_teacher_max)
                     teacher_rescale = tl.exp(teacher_max - teacher_shift)
                     teacher_exps = tl.exp(y - teacher_shift[:, None])
+                    # each head relative to its own max, per entry: (z - max) - (y - teacher max)
+                    # is small where the heads agree, whatever their levels; the earlier sums
+                    # move by how much the two maxima moved
+                    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+                    gap = (z - shift[:, None]) - (y - teacher_shift[:, None])
+                    moved = (tl.where(previous_max == float("-inf"), 0.0, previous_max) - shift) - (
+                        tl.where(teacher_max == float("-inf"), 0.0, teacher_max) - teacher_shift
+                    )
+                    student_weighted = (student_weighted + moved * previous_sum) * rescale + tl.sum(
+                        exps * tl.where(exps > 0, gap, 0.0), axis=1
+                    )
+                    teacher_weighted = (
+                        teacher_weighted - moved * teacher_sum
+                    ) * teacher_rescale + tl.sum(
+                        teacher_exps * tl.where(teacher_exps > 0, -gap, 0.0), axis=1
+                    )
                     teacher_sum = teacher_sum * teacher_rescale + tl.sum(teacher_exps, axis=1)
-                    # y - z per entry: a small KL is not a difference of two means of logits
-                    teacher_weighted = teacher_weighted * teacher_rescale + tl.sum(
-                        teacher_exps * tl.where(teacher_exps > 0, y - z, 0.0), axis=1
-                    )
-                    student_weighted = student_weighted * rescale + tl.sum(
-                        exps * tl.where(exps > 0, z - y, 0.0), axis=1
-                    )
                     teacher_max = new_teacher_max
 
     plane = splits.to(tl.int64) * N
@@ -363,8 +375,8 @@ def lse_forward(
     MAX_TOP_K), also `top`: the (N, top_k) int64 classes of each row's largest logits, in
     descending order, and `top_log_probs`: their log-probabilities, from the kernel's logits.
 
-    With a `teacher`, also `teacher_lse` (and its residual), `teacher_log_ratio` and
-    `student_log_ratio`; with the student's `lse` given (and the teacher's in `teacher.lse`),
+    With a `teacher`, also `teacher_lse` (and its residual), `forward_kl` and `reverse_kl`;
+    with the student's `lse` given (and the teacher's in `teacher.lse`),
     each a (2, N) pair with its residual, the second sweep's `jsd` and `jsd_p` instead.
     """
     n, dim = e.shape
@@ -417,7 +429,8 @@ def lse_forward(
         relative_mean = _softmax_mean(partials[3 + with_sum] + shifted, rescale, total)
         found["entropy"] = log_total - relative_mean
     if teacher is not None:
-        found.update(_teacher_statistics(partials[3 + with_sum + with_entropy :], rescale, total,
+        student = (split_max, split_sum, peak, rescale, total)
+        found.update(_teacher_statistics(partials[3 + with_sum + with_entropy :], student,
                                          teacher.beta, mixture))  # fmt: skip
     if top_k:
         candidates = top_values.permute(1, 0, 2).reshape(n, splits * top_k)
@@ -431,20 +444,29 @@ def lse_forward(
 
 
 def _teacher_statistics(
-    partials: torch.Tensor, rescale: torch.Tensor, total: torch.Tensor, beta: float, mixture: bool
+    partials: torch.Tensor, student: tuple[torch.Tensor, ...], beta: float, mixture: bool
 ) -> dict[str, torch.Tensor]:
-    """The teacher's statistics from its planes of the splits' partials (`rescale` and `total`
-    normalize the student's sums)."""
+    """The teacher's statistics from its planes of the splits' partials; `student` holds the
+    student's (split max, split sum of exponentials, row max, splits' factors to it, row sum of
+    exponentials)."""
     if mixture:
         jsd_p, to_teacher = partials[0].sum(0), partials[1].sum(0)
         return {"jsd_p": jsd_p, "jsd": -(beta * to_teacher + (1.0 - beta) * jsd_p)}
-    peak, teacher_rescale, teacher_total = _merged_sums(partials[2], partials[3])
-    teacher_lse, teacher_lse_residual = lse_pair(peak, teacher_total.log())
+    split_max, split_sum, peak, rescale, total = student
+    teacher_peak, teacher_rescale, teacher_total = _merged_sums(partials[2], partials[3])
+    teacher_lse, teacher_lse_residual = lse_pair(teacher_peak, teacher_total.log())
+    # each split's sums, relative to its two maxima, moved to the rows' maxima
+    moved = torch.where(rescale > 0, split_max - peak, 0.0) - torch.where(
+        teacher_rescale > 0, partials[2] - teacher_peak, 0.0
+    )
+    student_gap = _softmax_mean(partials[0] + moved * split_sum, rescale, total)
+    teacher_gap = _softmax_mean(partials[1] - moved * partials[3], teacher_rescale, teacher_total)
+    log_totals = total.log() - teacher_total.log()  # (lse - max) - (teacher_lse - teacher max)
     return {
         "teacher_lse": teacher_lse,
         "teacher_lse_residual": teacher_lse_residual,
-        "student_log_ratio": _softmax_mean(partials[0], rescale, total),
-        "teacher_log_ratio": _softmax_mean(partials[1], teacher_rescale, teacher_total),
+        "reverse_kl": student_gap - log_totals,
+        "forward_kl": teacher_gap + log_totals,
     }
 
 

@@ -147,8 +147,35 @@ def test_gradients_of_large_logits_are_as_precise_as_eager(
     reference = adapter(reference_linear_distillation_loss, teacher, (57,))
     exact = outputs_and_grads(reference, inputs, 1, **options)
     eager = outputs_and_grads(reference, inputs, 1, dtype=torch.float32, **options)
-    for x, truth, base in zip(ours[1][:2], exact[1][:2], eager[1][:2], strict=True):
+    # dE and dC; and the per-token KLs (their sums' errors are a few float32 ulps either way)
+    values = 1 if divergence != "jsd" and reduction == "none" else 0
+    pairs = zip(ours[0][:values] + ours[1][:2], exact[0][:values] + exact[1][:2],
+                eager[0][:values] + eager[1][:2], strict=True)  # fmt: skip
+    for x, truth, base in pairs:
         assert rel_error(x, truth) <= bound * rel_error(base, truth)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_kl_of_a_head_confident_in_one_vocabulary_split(request, impl, divergence):
+    """One class 120 above the rest in the head whose softmax weighs the KL's terms (the
+    teacher's for the reverse KL): the other vocabulary splits' maxima lie so far below the
+    row's that their factors underflow to 0, and the merge once dropped their shift (KL 113,
+    computed 9). Four rows: the kernel splits the vocabulary (several tiles, an empty split)."""
+    backend_fixture(request, impl)
+    device = device_for(impl)
+    e, c, targets, bias = make_inputs((4,), 16, 577, bias=True, seed=5, device=device)
+    teacher = make_inputs((4,), 12, 577, bias=True, seed=6, device=device)
+    teacher = [teacher[0], teacher[1], teacher[3]]
+    confident = bias if divergence == "forward_kl" else teacher[2]
+    confident[0] += 120.0
+    options = {"divergence": divergence, "reduction": "none"}
+    ours = linear_distillation_loss(e, c, *teacher[:2], targets, bias, teacher[2], impl=impl,
+                                    **options)  # fmt: skip
+    exact = adapter(reference_linear_distillation_loss, teacher, (4,))(e, c, targets, bias,
+                                                                       **options)  # fmt: skip
+    assert exact.min() > 50.0
+    assert rel_error(ours, exact) < 1e-5
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])

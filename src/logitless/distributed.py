@@ -1,11 +1,11 @@
 """Vocabulary parallelism: the loss of a classifier sharded by vocabulary rows across ranks.
 
 Every loss logitless computes is an elementwise function of a few per-row statistics of the
-logits (docs/statistics.md): log-sum-exps, the target logit, (weighted) sums and softmax-weighted
-means. Each rank computes them over its own rows `c[start:stop]`, and combining them costs O(N)
-values: one all-reduce (max) of the partial log-sum-exps, then one all-reduce (sum) of
-exp(lse_r - max), of the target logits, of the sums and of the means weighted by
-exp(lse_r - max) (`combine_stats`). In backward each rank's share of grad_e is
+logits (docs/statistics.md): log-sum-exps, the target logit, (weighted) sums, the entropy and
+the KLs. Each rank computes them over its own rows `c[start:stop]`, and combining them costs
+O(N) values: one all-reduce (max) of the partial log-sum-exps, then one all-reduce (sum) of
+exp(lse_r - max), of the target logits, of the sums and of the entropies and KLs weighted by
+the rank's share of the mass (`combine_stats`). In backward each rank's share of grad_e is
 summed (N x D values, as for any vocabulary-parallel output layer); grad_c and grad_bias stay on
 their shard. Nothing of size N x V is ever communicated.
 
@@ -23,6 +23,7 @@ translated to those rows (-1 where the target lives on another rank).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -185,7 +186,9 @@ class VocabParallel:
             elif name in _KL_WEIGHTS:  # sum_r w_r (KL_r + log w_r - log w'_r), then as above
                 head, other = _KL_WEIGHTS[name]
                 shift = log_weight[head] - log_weight[other]
-                partials.append(_weighted(weight[head], row + shift))
+                # mass where the other head has none on this shard: an infinite KL, not NaN
+                term = torch.where(log_weight[other] > -math.inf, row + shift, math.inf)
+                partials.append(_weighted(weight[head], term))
             else:
                 partials.append(row)
         sums = torch.stack(partials)

@@ -305,10 +305,11 @@ def _sweep(
         if "reverse_kl" in names:
             found["reverse_kl"] = _row_dot(p, gap)
         if need_ratio:
-            ratio, gap = _mixture_ratios(gap, teacher.beta, ratio_buffer[:size])
+            ratio, teacher_ratio = _mixture_ratios(gap, teacher.beta, ratio_buffer[:size])
+            gap = None  # turned into log(m / q)
             if names:
                 found["jsd_p"] = _row_dot(p, ratio)
-                to_teacher = _row_dot(q, gap)  # sum_v q log(m / q)
+                to_teacher = _row_dot(q, teacher_ratio)  # sum_v q log(m / q)
                 found["jsd"] = -(teacher.beta * to_teacher + (1.0 - teacher.beta) * found["jsd_p"])
         for i, name in enumerate(names):
             out[i, rows] = found[name]
@@ -559,10 +560,10 @@ ROW_DOT_COLUMNS = 2048
 def _row_dot(
     probs: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """sum_v probs[n, v] * (b[n, v] - shift) per row of vocabulary-major blocks, `shift` a
-    value per row (N,) or per entry (a block like b), none if None; a class of probability 0
-    adds 0 (b may be infinite there: a class masked by a -inf logit), with a scratch of
-    ROW_DOT_COLUMNS columns rather than a block-sized temporary."""
+    """sum_v probs[n, v] * (b[n, v] - shift[n]) per row of two vocabulary-major blocks (no
+    shift if None), a class of probability 0 adding 0 (b may be infinite there: a class masked
+    by a -inf logit), with a scratch of ROW_DOT_COLUMNS columns rather than a block-sized
+    temporary."""
     out = torch.zeros(probs.shape[0], device=probs.device, dtype=probs.dtype)
     columns = min(probs.shape[1], ROW_DOT_COLUMNS)
     scratch = torch.empty(columns, probs.shape[0], device=probs.device, dtype=probs.dtype).T
@@ -572,8 +573,7 @@ def _row_dot(
         if shift is None:
             torch.mul(probs[:, lo:hi], b[:, lo:hi], out=part)
         else:
-            subtrahend = shift[:, None] if shift.dim() == 1 else shift[:, lo:hi]
-            torch.sub(b[:, lo:hi], subtrahend, out=part).mul_(probs[:, lo:hi])
+            torch.sub(b[:, lo:hi], shift[:, None], out=part).mul_(probs[:, lo:hi])
         out += part.masked_fill_(probs[:, lo:hi] == 0, 0.0).sum(1)
     return out
 

@@ -77,7 +77,7 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The gradients from the backward kernel, the teacher's terms (`q`, `py`, `plogr`)
+    """The gradients from the backward kernel, the teacher's terms (`q`, `plogpq`, `plogr`)
     included."""
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse[0])

@@ -455,9 +455,11 @@ def _teacher_statistics(
     split_max, split_sum, peak, rescale, total = student
     teacher_peak, teacher_rescale, teacher_total = _merged_sums(partials[2], partials[3])
     teacher_lse, teacher_lse_residual = lse_pair(teacher_peak, teacher_total.log())
-    # each split's sums, relative to its two maxima, moved to the rows' maxima
-    moved = torch.where(rescale > 0, split_max - peak, 0.0) - torch.where(
-        teacher_rescale > 0, partials[2] - teacher_peak, 0.0
+    # each split's sums, relative to its two maxima (0 for one still -inf, as in the kernel),
+    # moved to the rows' maxima: keyed on the maxima, not on the factors, which underflow to 0
+    # for a split ~104 below the row's and would drop its shift
+    moved = torch.where(split_max > -math.inf, split_max - peak, 0.0) - torch.where(
+        partials[2] > -math.inf, partials[2] - teacher_peak, 0.0
     )
     student_gap = _softmax_mean(partials[0] + moved * split_sum, rescale, total)
     teacher_gap = _softmax_mean(partials[1] - moved * partials[3], teacher_rescale, teacher_total)

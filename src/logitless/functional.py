@@ -469,10 +469,10 @@ def linear_distillation_loss(
     names = tuple(dict.fromkeys((*weights, *(HARD_LOSS_STATISTICS if shared else ()))))
     found, *_ = LinearLogitStats.apply(rows, c, bias, backend_targets, *teacher, plan, names, 0)
     values = dict(zip(names, found, strict=True))
-    hard = values
-    if hard_weight and not shared:
-        hard = _stats(rows, c, bias, backend_targets, hard_plan, HARD_LOSS_STATISTICS)
-    losses = mixed_with_hard_loss(divergence_from_statistics(weights, values), hard, hard_weight)
+    losses = _with_hard_loss(
+        divergence_from_statistics(weights, values), values, hard_weight, shared,
+        (rows, c, bias, backend_targets, hard_plan),
+    )  # fmt: skip
     if gather is not None:  # this rank's loss is that of its own tokens
         losses, valid = gather.own(losses), gather.own(valid)
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
@@ -570,12 +570,10 @@ def linear_top_k_distillation_loss(
     found = _stats(rows, c, bias, row_targets, plan, names)
     student_log_p = gathered_logits(rows, c, bias, indices, softcap=options.softcap, scale=scale)
     log_p = (student_log_p - found["lse"].unsqueeze(1)) - found["lse_residual"].unsqueeze(1)
-    losses = top_k_forward_kl(teacher_log_q, log_p)
-    hard = found
-    if hard_weight and not shared:
-        hard = _stats(rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0),
-                      HARD_LOSS_STATISTICS)  # fmt: skip
-    losses = mixed_with_hard_loss(losses, hard, hard_weight)
+    losses = _with_hard_loss(
+        top_k_forward_kl(teacher_log_q, log_p), found, hard_weight, shared,
+        (rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0)),
+    )  # fmt: skip
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
 
 
@@ -597,6 +595,22 @@ def gathered_logits(
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     return x * scale if scale != 1.0 else x
+
+
+def _with_hard_loss(
+    divergence: torch.Tensor,
+    found: dict[str, torch.Tensor],
+    hard_weight: float,
+    shared: float,
+    sweep_at_one: tuple,
+) -> torch.Tensor:
+    """(1 - h) divergence + h cross-entropy per row, the cross-entropy's statistics from the
+    divergence's sweep `found` where it shares them (T = 1), else from a sweep of their own:
+    `_stats` of (rows, c, bias, targets, its plan at T = 1)."""
+    hard = found
+    if hard_weight and not shared:
+        hard = _stats(*sweep_at_one, HARD_LOSS_STATISTICS)
+    return mixed_with_hard_loss(divergence, hard, hard_weight)
 
 
 def _stats(

@@ -234,7 +234,14 @@ def _sweep(
     with_entropy = "entropy" in names
     need_z = with_entropy or "plogp" in terms or need_gap
     need_y = need_gap
-    need_q = need_gap or "q" in terms or any(x in names for x in TEACHER_STATISTICS)
+    # the teacher's softmax itself (its normalizer too, unless given); a backward that has the
+    # teacher's lse and needs only log q (the reverse KL's) skips its exponentials
+    need_q = (
+        need_ratio
+        or "q" in terms
+        or any(x in names for x in TEACHER_STATISTICS)
+        or (need_gap and teacher.lse is None)
+    )
     need_p = with_entropy or "reverse_kl" in names or need_ratio
     sizes = (need_z, need_y, need_q, need_gap, need_ratio, softcap is not None and backward)
     bytes_per_logit = acc.itemsize * (1 + sum(sizes))
@@ -289,13 +296,14 @@ def _sweep(
                 y.div_(teacher.softcap).tanh_().mul_(teacher.softcap)
             if scale != 1.0:
                 y.mul_(scale)
+        if teacher is not None and teacher.lse is not None:
+            teacher_normalizer = (teacher.lse[0, rows], teacher.lse[1, rows])
         if need_q:
             q = q_buffer[:size].copy_(y) if need_y else y
             if teacher.lse is None:
                 teacher_normalizer = _exp_in_place(q, normalize=True)
                 found["teacher_lse"], found["teacher_lse_residual"] = lse_pair(*teacher_normalizer)
             else:
-                teacher_normalizer = (teacher.lse[0, rows], teacher.lse[1, rows])
                 _log_probs(q, teacher_normalizer).exp_()
         if need_gap:  # log p - log q, each log-probability formed first; y is spent
             log_q = _log_probs(y, teacher_normalizer)

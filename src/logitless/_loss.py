@@ -162,19 +162,31 @@ def top_k_forward_kl(teacher_log_probs: torch.Tensor, student_log_probs: torch.T
 
     with q_tail = 1 - sum_S q_i and p_tail = 1 - sum_S p_i (the KL of the k + 1 buckets, at most
     the full KL). (N, k) log-probabilities in, (N,) out; a teacher entry of -inf is padding, not
-    in S. p_tail is formed as 1 - (the student's support mass), so its relative precision is
-    about eps / p_tail; it is floored at the smallest normal float, so that a student with all
-    its mass on S gets a large finite loss and gradient where the teacher has a tail.
+    in S. p_tail is formed as 1 - (the student's support mass), from the support's log mass
+    to the precision of its log-probs (`_log_sum_exp_near_zero`); it is floored at the smallest
+    normal float, so that a student with all its mass on S gets a large finite loss and
+    gradient where the teacher has a tail.
     """
     in_support = teacher_log_probs != -math.inf
     log_q = torch.where(in_support, teacher_log_probs, 0.0)
     q = torch.where(in_support, log_q.exp(), 0.0)
     support = (q * (log_q - student_log_probs)).sum(-1)
     tiny = torch.finfo(student_log_probs.dtype).tiny
-    student_support = torch.logsumexp(
-        torch.where(in_support, student_log_probs, -math.inf), dim=-1
+    student_support = _log_sum_exp_near_zero(
+        torch.where(in_support, student_log_probs, -math.inf)
     )  # log sum_S p
     log_p_tail = torch.log(torch.clamp(-torch.expm1(student_support), min=tiny))
     q_tail = torch.clamp(1.0 - q.sum(-1), min=0.0)
     tail = q_tail * (torch.log(torch.clamp(q_tail, min=tiny)) - log_p_tail)
     return support + tail
+
+
+def _log_sum_exp_near_zero(x: torch.Tensor) -> torch.Tensor:
+    """log sum exp x over the last dimension as the largest x plus log1p of the others' sum
+    relative to it: where a confident student's support holds nearly all its mass, the result
+    (near 0) keeps the precision of the largest, which the log of a sum rounded near 1 loses."""
+    largest = x.argmax(dim=-1, keepdim=True)
+    peak = x.gather(-1, largest)
+    shift = torch.where(peak.isfinite(), peak, 0.0)
+    others = torch.exp(x - shift).scatter(-1, largest, 0.0).sum(-1)
+    return peak.squeeze(-1) + torch.log1p(others)

@@ -508,7 +508,8 @@ def linear_top_k_distillation_loss(
     when the student matches the teacher on S and in total outside it. Unlike renormalizing
     both over S, it keeps pushing the student's mass out of classes the teacher finds
     unlikely. The student needs its log-sum-exp (one sweep over the vocabulary, whose
-    gradient is one more) and its logits at the k classes (N x k dot products, in row blocks).
+    gradient is one more) and its logits at the k classes and the target (N x (k + 1) dot
+    products, in row blocks), the target's log-prob from the sweep anchoring the others'.
 
     Args:
         e, c, bias: the student (gradients flow to these); P_s = softmax(softcap(e @ c.T +
@@ -566,15 +567,27 @@ def linear_top_k_distillation_loss(
         filter_eps=_filter_eps(options, c.shape[0]), scale=scale,
     )  # fmt: skip
     shared = hard_weight if scale == 1.0 else 0.0  # the hard loss's statistics in the same sweep
-    names = HARD_LOSS_STATISTICS if shared else ("lse", "lse_residual")
-    found = _stats(rows, c, bias, row_targets, plan, names)
-    student_log_p = gathered_logits(rows, c, bias, indices, softcap=options.softcap, scale=scale)
-    log_p = (student_log_p - found["lse"].unsqueeze(1)) - found["lse_residual"].unsqueeze(1)
+    found = _stats(rows, c, bias, row_targets, plan, HARD_LOSS_STATISTICS)
+    anchored = torch.cat((indices, row_targets.clamp(min=0).unsqueeze(1)), dim=1)
+    logits = gathered_logits(rows, c, bias, anchored, softcap=options.softcap, scale=scale)
     losses = _with_hard_loss(
-        top_k_forward_kl(teacher_log_q, log_p), found, hard_weight, shared,
+        top_k_forward_kl(teacher_log_q, _anchored_log_probs(logits, found)), found, hard_weight,
+        shared,
         (rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0)),
     )  # fmt: skip
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
+
+
+def _anchored_log_probs(logits: torch.Tensor, found: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The student's log-probs at gathered logits (N, k + 1) whose last column is each row's
+    target's: valued as (z - z_target) + log p_target, the target's log-prob from the sweep
+    ((target - lse) - residual, as precise as log_softmax's), so that a confident target's,
+    near 0, keeps its relative precision, which z less the sweep's lse loses where z is
+    gathered apart from it (rounded another way); differentiated as z - lse."""
+    support, anchor = logits[:, :-1], logits[:, -1:]
+    lse, residual, target = (found[name].unsqueeze(1) for name in ("lse", "lse_residual", "target"))
+    anchor_log_p = (target - lse) - residual
+    return SweepValues.apply((support - anchor) + anchor_log_p, (support - lse) - residual)
 
 
 def gathered_logits(

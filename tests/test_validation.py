@@ -28,6 +28,7 @@ BAD_OPTIONS = [
     ("reduction", None, TypeError),
     ("ignore_index", 1.5, TypeError),
     ("ignore_index", True, TypeError),
+    ("ignore_index", 2**70, ValueError),
     ("shift", -1, ValueError),
     ("shift", 1.0, TypeError),
     ("softcap", 0.0, ValueError),

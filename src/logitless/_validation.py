@@ -628,9 +628,12 @@ def check_bool(name: str, value: object) -> None:
 
 
 def _check_int(name: str, value: object) -> int:
-    """An integer, Python's or another's (NumPy's), not a bool, as a Python int."""
+    """An integer, Python's or another's (NumPy's), not a bool, as a Python int, within int64
+    (the range tensors and the custom ops' arguments hold)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
     return value if type(value) is int else int(value)
 
 

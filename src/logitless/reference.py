@@ -44,10 +44,9 @@ def reference_linear_cross_entropy(
         reduction="none",
         label_smoothing=label_smoothing,
     )
-    valid = flat_targets != ignore_index
-    if weight is not None:  # each token's target weight, 0 where ignored (ignore_index may be V)
-        vocab = flat_logits.shape[-1]
-        target_weights = torch.where(valid, weight[flat_targets.clamp(0, vocab - 1)], 0.0)
+    valid, classes = _valid_targets(flat_targets, ignore_index)
+    if weight is not None:  # each token's target weight, 0 where ignored
+        target_weights = torch.where(valid, weight[classes], 0.0)
     if z_loss or return_lse:  # only then: eager code pays for no log-sum-exp it does not use
         lse = torch.where(valid, torch.logsumexp(flat_logits, dim=-1), 0.0)
     if z_loss:  # weighted like the token's cross-entropy, by its target's weight
@@ -86,8 +85,8 @@ def reference_linear_log_probs(
     the entropy, as RL frameworks compute them (logits in `dtype`, then float32 or better)."""
     flat_logits, flat_targets = reference_logits(e, c, targets, bias, shift, softcap, dtype)
     log_p = torch.log_softmax(flat_logits / temperature, dim=-1)
-    valid = flat_targets != ignore_index
-    picked = log_p.gather(1, flat_targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    valid, classes = _valid_targets(flat_targets, ignore_index)
+    picked = log_p.gather(1, classes.unsqueeze(1)).squeeze(1)
     shape = targets[..., shift:].shape if shift else targets.shape
     log_probs = torch.where(valid, picked, 0.0).view(shape)
     if not return_entropy:
@@ -213,10 +212,10 @@ def _mix_hard_and_reduce(
 ) -> torch.Tensor:
     """A distillation's per-row losses, (1 - h) of them plus h times the cross-entropy of the
     student's logits (at T = 1), ignored rows 0, reduced."""
+    valid, classes = _valid_targets(flat_targets, ignore_index)
     if hard_weight:
-        hard = F.cross_entropy(student, flat_targets.clamp(min=0), reduction="none")
+        hard = F.cross_entropy(student, classes, reduction="none")
         losses = (1 - hard_weight) * losses + hard_weight * hard
-    valid = flat_targets != ignore_index
     losses = torch.where(valid, losses, 0.0)
     if reduction == "mean":
         return losses.sum() / valid.sum().clamp(min=1)
@@ -245,6 +244,15 @@ def reference_logits(
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long()
+
+
+def _valid_targets(
+    flat_targets: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows have a target, and the targets with ignored rows at class 0, safe to index
+    with (ignore_index may be any int: negative, or V and above)."""
+    valid = flat_targets != ignore_index
+    return valid, torch.where(valid, flat_targets, 0)
 
 
 def _expected(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ entropy against the same steps from the full logits.
 Each variant runs in a fresh process from the same initial weights and data: sampled completions
 (random tokens here), per-sequence advantages, the clipped importance-ratio loss with an entropy
 bonus, and an SGD step. The parent prints each step's loss and the relative difference of the
-gradients, and each variant's peak resident memory over a step (forward and backward) above the
-memory before it (Linux: /proc/self).
+gradients (the logitless process compares its gradients with those the eager one saved), and each
+variant's peak resident memory over a step (forward and backward) above the memory before it
+(Linux: /proc/self).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import transformers
@@ -41,7 +44,9 @@ def logitless_log_probs(model, input_ids, attention_mask, keep):
 
 
 def run(variant: str, args) -> dict:
-    """The steps of one variant; losses, flat gradients per step, peak memory."""
+    """The steps of one variant: losses, peak memory, and the relative difference of each step's
+    gradients from the eager run's, which that run saves under `args.grads` (a few numbers come
+    back, not millions)."""
     torch.set_num_threads(2)
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -58,8 +63,8 @@ def run(variant: str, args) -> dict:
     compute = full_logits_log_probs if variant == "eager" else logitless_log_probs
     with torch.no_grad():  # the rollout policy's log-probs
         old_log_probs, _ = compute(model, input_ids, attention_mask, args.completion)
-    losses, grads, peak_mb, meter = [], [], 0.0, CpuMeter()
-    for _ in range(args.steps):
+    losses, differences, peak_mb, meter = [], [], 0.0, CpuMeter()
+    for step in range(args.steps):
         model.zero_grad(set_to_none=True)
         meter.start()
         log_probs, entropy = compute(model, input_ids, attention_mask, args.completion)
@@ -70,11 +75,17 @@ def run(variant: str, args) -> dict:
         loss.backward()
         peak_mb = max(peak_mb, (meter.stop()[1] or 0) / 2**20)
         losses.append(loss.item())
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).tolist())
+        grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        saved = Path(args.grads) / f"step{step}.pt"
+        if variant == "eager":
+            torch.save(grad, saved)
+        else:
+            reference = torch.load(saved)
+            differences.append(((grad - reference).norm() / reference.norm()).item())
         with torch.no_grad():
             for p in model.parameters():
                 p -= LEARNING_RATE * p.grad
-    return {"losses": losses, "grads": grads, "peak_mb": peak_mb}
+    return {"losses": losses, "grad_differences": differences, "peak_mb": peak_mb}
 
 
 def main() -> None:
@@ -85,28 +96,28 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--completion", type=int, default=256)
     parser.add_argument("--variant", choices=("eager", "logitless"), help=argparse.SUPPRESS)
+    parser.add_argument("--grads", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run(args.variant, args)))
         return
     results = {}
-    for variant in ("eager", "logitless"):
-        out = subprocess.run(
-            [sys.executable, *sys.argv, "--variant", variant], capture_output=True, text=True,
-            check=True,
-        )  # fmt: skip
-        results[variant] = json.loads(out.stdout.splitlines()[-1])
+    with tempfile.TemporaryDirectory() as grads:
+        for variant in ("eager", "logitless"):  # eager first: logitless compares with its gradients
+            out = subprocess.run(
+                [sys.executable, *sys.argv, "--variant", variant, "--grads", grads],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            results[variant] = json.loads(out.stdout.splitlines()[-1])
     eager, ours = results["eager"], results["logitless"]
     print(
         f"{args.batch} x {args.completion} completion tokens, V = {args.vocab}, T = {TEMPERATURE}"
     )
     print("step  loss (full logits)  loss (logitless)  gradients: relative difference")
     for step in range(args.steps):
-        g_eager, g_ours = torch.tensor(eager["grads"][step]), torch.tensor(ours["grads"][step])
-        difference = ((g_ours - g_eager).norm() / g_eager.norm()).item()
         print(
             f"{step:4d}  {eager['losses'][step]:18.8f}  {ours['losses'][step]:16.8f}  "
-            f"{difference:.2e}"
+            f"{ours['grad_differences'][step]:.2e}"
         )
     print(f"peak memory of a step: full logits {eager['peak_mb']:.0f} MB, "
           f"logitless {ours['peak_mb']:.0f} MB")  # fmt: skip

@@ -32,3 +32,22 @@ def test_distill_lm_loss_curves_coincide():
         assert abs(full - logitless) <= 1e-5 * abs(full)
     assert eager["losses"][-1] < eager["losses"][0]
     assert ours["peak_mb"] >= 0 and eager["peak_mb"] >= 0
+
+
+def test_grpo_step_gradients_agree(tmp_path):
+    """examples/grpo_step.py: the logitless steps' losses equal the full-logits ones, and so do
+    their gradients, which the logitless run compares with those the eager run saved; only
+    their relative differences come back."""
+    example = load_example("grpo_step")
+    args = argparse.Namespace(
+        steps=2, vocab=300, batch=2, prompt=4, completion=6, grads=str(tmp_path)
+    )
+    threads = torch.get_num_threads()
+    try:
+        eager, ours = (example.run(variant, args) for variant in ("eager", "logitless"))
+    finally:
+        torch.set_num_threads(threads)
+    assert set(ours) == {"losses", "grad_differences", "peak_mb"}
+    for full, logitless in zip(eager["losses"], ours["losses"], strict=True):
+        assert abs(full - logitless) <= 1e-5 * abs(full)
+    assert len(ours["grad_differences"]) == 2 and max(ours["grad_differences"]) <= 1e-4

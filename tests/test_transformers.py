@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -446,14 +447,77 @@ def test_trainer_that_would_take_the_logits_warns(tmp_path):
     compute_loss_func set) warns instead of silently computing the logits."""
     model = patch(make_model("llama"))
     trainer = make_trainer(model, tmp_path, label_smoothing_factor=0.1, max_steps=1)
-    with pytest.warns(UserWarning, match="without labels"):
-        trainer.train()
+    with pytest.warns(UserWarning, match=r"without labels.*not a TRL trainer's"):
+        trainer.train()  # also right for a patched TRL trainer, which keeps its smoothing
     trainer = make_trainer(model, tmp_path, max_steps=1)
     trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch: outputs.logits.sum()
     with pytest.warns(UserWarning, match="compute_loss_func takes the model's logits"):
         patch(trainer)
     with pytest.raises(ValueError, match="label_smoothing"):
         patch(make_trainer(model, tmp_path, label_smoothing_factor=0.1), label_smoothing=0.2)
+
+
+def test_logit_free_evaluation_with_compute_metrics_warns(tmp_path):
+    """With eval_logits=False, compute_metrics would get no predictions: patch(trainer) warns,
+    unless the Trainer evaluates with prediction_loss_only."""
+    trainer = make_trainer(make_model("llama"), tmp_path)
+    trainer.compute_metrics = lambda prediction: {}
+    with pytest.warns(UserWarning, match="compute_metrics gets no predictions"):
+        patch(trainer, eval_logits=False)
+    lean = make_trainer(make_model("llama"), tmp_path, prediction_loss_only=True)
+    lean.compute_metrics = trainer.compute_metrics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch(trainer)
+        patch(lean, eval_logits=False)
+
+
+def test_deepspeed_zero3_is_refused(monkeypatch, tmp_path):
+    """ZeRO-3 empties lm_head.weight again when the head's forward returns, before the loss
+    reads it: patch refuses while ZeRO-3 is on (a Trainer left as it was), and a model patched
+    before it was refuses its call (ZeRO-3's release of the weight simulated by a hook)."""
+    patched = patch(make_model("llama"))
+    weight = patched.lm_head.weight
+    patched.lm_head.register_forward_hook(
+        lambda *_: setattr(weight, "data", weight.data.new_empty(0))
+    )
+    with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO-3"):
+        patched(**make_batch())
+    trainer = make_trainer(make_model("llama"), tmp_path, label_smoothing_factor=0.1)
+    cls = transformers.LlamaForCausalLM
+    monkeypatch.setattr(cls, "forward", cls.forward)  # restored after the test
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    for patchable in (trainer.model, cls, trainer):
+        with pytest.raises(NotImplementedError, match=r"DeepSpeed ZeRO-3 is not supported.*FSDP2"):
+            patch(patchable)
+    assert trainer.label_smoother is not None
+
+
+@pytest.mark.parametrize(
+    "model_type, sizes",
+    [
+        ("t5", dict(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)),
+        ("bart", dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32,
+                      decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2)),
+    ],
+)  # fmt: skip
+def test_encoder_decoder_models_are_refused_by_patch(model_type, sizes):
+    """An encoder-decoder's loss_function falls back to ForCausalLMLoss: refused by patch,
+    rather than at its first call with labels."""
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, decoder_start_token_id=0, **sizes
+    )
+    model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+    with pytest.raises(TypeError, match=f"{type(model).__name__} is an encoder-decoder"):
+        patch(model)
+
+
+def test_compiled_or_wrapped_models_are_refused_with_what_to_do():
+    """torch.compile's and DDP's (here DataParallel's) wrappers: patch the model inside first."""
+    model = make_model("llama")
+    for wrapped in (torch.compile(model), nn.DataParallel(model)):
+        with pytest.raises(TypeError, match="patch the model before compiling or wrapping it"):
+            patch(wrapped)
 
 
 def test_unsupported_models_are_refused():

@@ -15,7 +15,8 @@ Granite's scale) it does to the probe, from which the scale is read back and the
 softcap is checked; any other transform is refused rather than silently dropped. A config's
 `unpadded_vocab_size` (Inkling: the head's rows past it are padding its forward slices off the
 logits) limits the loss to the rows before it. Models whose `loss_function` is not transformers'
-causal-LM loss (masked LMs, T5Gemma) are refused. The probe is
+causal-LM loss (masked LMs, T5Gemma), encoder-decoders and DeepSpeed ZeRO-3 (which empties
+the head's weight before the loss reads it) are refused. The probe is
 checked on a model's first call with labels and its scale kept, so that later calls (and
 compiled graphs) read it without a host synchronization. `labelled_log_probs` runs the same
 interception for per-token log-probs (and entropies) instead of a loss, on any model.
@@ -45,6 +46,11 @@ _PROBE = (-1.0, -0.5, 0.25, 0.75)
 """Per-token values the head returns instead of the logits, in units of the softcap if any."""
 
 _NO_LOSS_FUNCTION = "does not compute its loss by loss_function"
+_ZERO3 = (
+    "DeepSpeed ZeRO-3 is not supported by logitless.transformers.patch: it empties the "
+    "lm_head weight when the head's forward returns, before the loss reads it (FSDP2's "
+    "fully_shard is supported)"
+)
 _SCALE = "_logitless_logit_scale"
 """Attribute of a patched model: the logit scale its probe showed, once checked."""
 _ACTIVE = "_logitless_patched"
@@ -95,6 +101,7 @@ def patch(
     options = LossOptions(
         label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps, impl=impl
     )
+    _check_no_zero3()
     if isinstance(model, transformers.Trainer):
         return _patch_trainer(model, options, eval_logits)
     if isinstance(model, type):
@@ -199,10 +206,28 @@ def _installed_hooks(model: transformers.PreTrainedModel) -> list[_Hook]:
     ]
 
 
+def _check_no_zero3() -> None:
+    """A NotImplementedError under DeepSpeed ZeRO-3, which partitions the head's weight again
+    when its forward returns, before the loss reads it."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # a transformers without its DeepSpeed integration
+        return
+    if is_deepspeed_zero3_enabled():
+        raise NotImplementedError(_ZERO3)
+
+
 def _causal_lm(model: Any) -> transformers.PreTrainedModel:
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(causal_lm, transformers.PreTrainedModel):
-        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+        message = f"model must be a transformers model, got {type(model).__name__}"
+        wrapped = (getattr(model, name, None) for name in ("_orig_mod", "module"))  # compile, DDP
+        if any(isinstance(inner, nn.Module) for inner in wrapped):
+            message += (
+                ": patch the model before compiling or wrapping it (torch.compile, DDP, "
+                "accelerate's prepare)"
+            )
+        raise TypeError(message)
     return causal_lm
 
 
@@ -249,6 +274,13 @@ def _patch_trainer(
     elif factor:
         options = dataclasses.replace(options, label_smoothing=factor)
         _take_label_smoother(trainer, eval_logits)
+    if not eval_logits and trainer.compute_metrics and not trainer.args.prediction_loss_only:
+        warnings.warn(
+            "with eval_logits=False the Trainer's compute_metrics gets no predictions (the "
+            "model returns logits=None in evaluation); patch with eval_logits=True for them, or "
+            "set prediction_loss_only=True for the loss alone",
+            stacklevel=3,
+        )
     if trainer.compute_loss_func is not None:
         warnings.warn(
             "the Trainer's compute_loss_func takes the model's logits, so its loss is computed "
@@ -353,8 +385,10 @@ def _forward(
             warnings.warn(
                 f"{type(model).__name__} is called for training without labels, so it returns "
                 "the full N x V logits and logitless computes no loss; pass the labels to the "
-                "model (for a Trainer with label_smoothing_factor: logitless.transformers."
-                "patch(trainer))",
+                "model. A Trainer keeps them from it, to compute the loss from the logits "
+                "itself, with a compute_loss_func or with a label_smoothing_factor that "
+                "logitless.transformers.patch(trainer) has not taken over (it takes over "
+                "transformers' Trainer's, not a TRL trainer's)",
                 stacklevel=3,
             )
         return forward(*args, **kwargs)
@@ -387,7 +421,13 @@ def _intercepted(
 def _check_causal_lm_loss(model: transformers.PreTrainedModel) -> None:
     """A TypeError unless `model` computes its loss with transformers' causal-LM loss, the one a
     patch replaces: a masked LM's or an encoder-decoder's loss_function (ModernBERT, T5Gemma)
-    does not shift the labels."""
+    does not shift the labels, and an encoder-decoder without a loss_type of its own (T5, BART)
+    has ForCausalLMLoss as its loss_function but does not call it."""
+    if model.config.is_encoder_decoder:
+        raise TypeError(
+            f"{type(model).__name__} is an encoder-decoder model: "
+            "logitless.transformers.patch computes a causal LM's loss only"
+        )
     loss_function = model.loss_function
     if isinstance(loss_function, _Hook):  # patched and called before
         loss_function = loss_function.default
@@ -548,6 +588,8 @@ class _HeadInterception:
         scale = self._logit_scale(logits)
         _unshard(self.layer)
         hidden, weight, bias = self.operands
+        if not weight.numel():  # as DeepSpeed ZeRO-3 leaves it
+            raise NotImplementedError(f"{type(self.model).__name__}: {_ZERO3}")
         classes = getattr(self.model.config.get_text_config(), "unpadded_vocab_size", None)
         if classes is not None and classes < weight.shape[0]:  # padding rows the model slices off
             weight, bias = weight[:classes], None if bias is None else bias[:classes]

@@ -39,7 +39,12 @@ def forward_signature(dtype: str) -> dict[str, str]:
         "softcap": "fp32",
         "scale": "fp32",
         **teacher_signature(dtype, ("lse", "teacher_lse")),
+        **SUPPORT_SIGNATURE,
     }
+
+
+SUPPORT_SIGNATURE = {"support_ptr": "*i64", "support_k": "i32"}
+"""A cached teacher's support, (N, k) classes per row: both kernels'."""
 
 
 def teacher_signature(dtype: str, fp32_pointers: tuple[str, ...]) -> dict[str, str]:
@@ -68,15 +73,17 @@ def backward_signature(dtype: str) -> dict[str, str]:
         "scale": "fp32",
         "filter_mass_per_entry": "fp32",
         **teacher_signature(dtype, ("teacher_lse", "grad_q", "grad_plogpq", "grad_plogr")),
+        "grad_outside_ptr": "*fp32",
+        **SUPPORT_SIGNATURE,
     }
 
 
 TEACHER_FLAGS = ("TEACHER", "TEACHER_BIAS", "TEACHER_SOFTCAP")
 FLAGS = {
     "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_ENTROPY", "TOP_K",
-                *TEACHER_FLAGS, "MIXTURE"),
+                *TEACHER_FLAGS, "MIXTURE", "HAS_SUPPORT"),
     "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PLOGP", "HAS_WEIGHT", "SORTED",
-                 "FILTER", *TEACHER_FLAGS, "HAS_Q", "HAS_PLOGPQ", "HAS_PLOGR"),
+                 "FILTER", *TEACHER_FLAGS, "HAS_Q", "HAS_PLOGPQ", "HAS_PLOGR", "HAS_OUTSIDE"),
 }  # fmt: skip
 VARIANTS = {
     "forward": {
@@ -85,6 +92,7 @@ VARIANTS = {
         "top_k": ("HAS_BIAS", "HAS_SOFTCAP", "TOP_K"),
         "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", *TEACHER_FLAGS),
         "mixture": ("HAS_BIAS", "HAS_SOFTCAP", *TEACHER_FLAGS, "MIXTURE"),
+        "top_k_distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUPPORT"),
     },
     "backward": {
         "smoothing": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_WEIGHT"),
@@ -92,13 +100,15 @@ VARIANTS = {
         "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP"),
         "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP", *TEACHER_FLAGS, "HAS_Q",
                          "HAS_PLOGPQ", "HAS_PLOGR"),
+        "top_k_distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_OUTSIDE"),
     },
 }  # fmt: skip
 """The register worst cases of real calls, every option a call can set together: label
 smoothing with class weights (which turns filtering off), a filtered loss, log-probs with
 entropy (no logit sum, no filtering), the largest top-k the forward kernel keeps, and a
 distillation with a teacher head (every divergence's statistics, or the JSD's second sweep;
-every teacher term)."""
+every teacher term), and a distillation from a cached teacher's top-k (the mass outside its
+support)."""
 
 
 def flags(kernel: str, variant: str) -> dict[str, bool]:
@@ -182,11 +192,13 @@ def jobs() -> list[tuple[str, str, int, str, dict[str, object]]]:
                 variants = list(VARIANTS[name])
                 for variant in [*variants, "minimal"] if index == 0 else variants:
                     constants = flags(name, variant)
-                    never = constants.get("TEACHER") or (
-                        config.kwargs.get("TMA") and not constants["HAS_DESCRIPTORS"]
+                    never = (
+                        constants.get("TEACHER")
+                        or constants.get("HAS_SUPPORT")
+                        or (config.kwargs.get("TMA") and not constants["HAS_DESCRIPTORS"])
                     )
                     if never and not config_fits(config, constants):
-                        continue  # never launched with a teacher, nor TMA with a sorted vocabulary
+                        continue  # never launched with a teacher or a support, nor TMA sorted
                     if not config_fits(config, constants):  # the most this config is run with
                         constants.update(
                             dict.fromkeys(set(SPILLING_OPTIONS) & set(constants), False)

@@ -56,12 +56,13 @@ pytestmark = pytest.mark.skipif(
 ROWS, DIM, VOCAB = 37, 29, 301
 DEFAULT_BUFFER_BYTES = triton_backend.LOGIT_GRAD_BUFFER_BYTES
 SPILL_BYTES_EVERY_OPTION = 128
-SPILL_BYTES = {"smoothing": 256, "filtered": 256}
+SPILL_BYTES = {"smoothing": 256, "filtered": 256, "top_k_distillation": 256}
 """Bounds above SPILL_BYTES_EVERY_OPTION: label smoothing with class weights and softcap keeps the
 weighted sum term in the backward's tile math, and its 128 x 128 bf16 tiles spill up to this
 much; a filtered loss with bias and softcap spills 164 bytes in the 128 x 128 bf16 backward
-tiles with Triton 3.6 (the H100 machine's), 28-40 with 3.9. Rare combinations, in tiles the
-autotuner times against others that spill nothing."""
+tiles with Triton 3.6 (the H100 machine's), 28-40 with 3.9; the mass outside a cached teacher's
+support (its mask and term) 200-208 bytes in the same tiles with 3.9. Rare combinations, in
+tiles the autotuner times against others that spill nothing (128 x 256 among them)."""
 
 
 @pytest.fixture(autouse=True)

@@ -41,8 +41,8 @@ class Plan:
     """How one call runs: the backend, how the logits are formed, gradient filtering, the
     vocabulary shard (the backend then sees its rows only, and the statistics are combined
     across ranks; with `token_gather`, the rows are every rank's tokens, see
-    `logitless.distributed.TokenGather`) and, for distillation, the teacher's softcap and the
-    JSD's beta."""
+    `logitless.distributed.TokenGather`) and, for distillation, the teacher's softcap, the
+    JSD's beta and a cached teacher's support (N, k) (the `support_tail` statistic's)."""
 
     impl: str
     softcap: float | None
@@ -53,6 +53,7 @@ class Plan:
     column_weight: torch.Tensor | None = None
     teacher_softcap: float | None = None
     beta: float = 0.5
+    support: torch.Tensor | None = None
 
 
 def filters(terms: tuple[str, ...], softcap: float | None) -> bool:
@@ -76,7 +77,7 @@ class LinearLogitStats(torch.autograd.Function):
         teacher = (teacher_e, teacher_c, teacher_bias, plan.teacher_softcap, plan.beta)
         found, top, top_log_probs = ops.stats(
             e, c, bias, targets, plan.impl, plan.softcap, plan.scale, plan.column_weight,
-            ",".join(first), *teacher, None, None, top_k,
+            ",".join(first), *teacher, None, None, top_k, plan.support,
         )  # fmt: skip
         shard = plan.vocab_parallel
         if shard is not None:
@@ -86,7 +87,7 @@ class LinearLogitStats(torch.autograd.Function):
             second, *_ = ops.stats(
                 e, c, bias, targets, plan.impl, plan.softcap, plan.scale, plan.column_weight,
                 ",".join(MIXTURE), *teacher, _lse_pair(values, "teacher_lse"),
-                _lse_pair(values, "lse"), 0,
+                _lse_pair(values, "lse"), 0, None,
             )  # fmt: skip
             if shard is not None:
                 second = shard.sum_stats(second)
@@ -126,7 +127,7 @@ class LinearLogitStats(torch.autograd.Function):
                 e, c, bias, targets, _lse_pair(values, "lse"),
                 torch.stack(list(coefficients.values())), ",".join(terms), plan.impl,
                 plan.softcap, plan.scale, plan.column_weight, *teacher,
-                _lse_pair(values, "teacher_lse"), filter_eps, list(needs),
+                _lse_pair(values, "teacher_lse"), filter_eps, list(needs), plan.support,
             )  # fmt: skip
         if plan.vocab_parallel is not None and needs[0]:
             grad_e = plan.vocab_parallel.reduce_grad_e(grad_e)

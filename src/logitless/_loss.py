@@ -120,6 +120,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         entropy: a -= G entropy, b -= G;
         forward_kl: a += G, g -= G; reverse_kl: a -= G reverse_kl, b_pq += G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
+        support_tail: a -= G, o += G / exp(support_tail) (p / p_tail outside the support);
         teacher_lse: nothing (the teacher gets no gradient); the log-sum-exps' residuals are
         not given (a rounding has no gradient).
     """
@@ -145,6 +146,10 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         elif name == "jsd":
             add("p", (1.0 - beta) * g * values["jsd_p"])
             add("plogr", -(1.0 - beta) * g)
+        elif name == "support_tail":  # p ([v not in S] / p_tail - 1), p_tail at least `tiny`
+            tail = values["support_tail"]
+            add("p", -g)
+            add("outside", g * torch.exp(-tail.clamp(min=math.log(torch.finfo(tail.dtype).tiny))))
     return out
 
 
@@ -155,38 +160,26 @@ def coefficient_terms(names: tuple[str, ...], beta: float) -> tuple[str, ...]:
     return tuple(statistic_coefficients(dict.fromkeys(names, one), values, beta))
 
 
-def top_k_forward_kl(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor):
+def top_k_forward_kl(
+    teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor, student_log_tail: torch.Tensor
+) -> torch.Tensor:
     """Forward KL from a teacher known on k classes per row, the rest of its mass one bucket:
 
         sum_{i in S} q_i (log q_i - log p_i) + q_tail (log q_tail - log p_tail)
 
-    with q_tail = 1 - sum_S q_i and p_tail = 1 - sum_S p_i (the KL of the k + 1 buckets, at most
-    the full KL). (N, k) log-probabilities in, (N,) out; a teacher entry of -inf is padding, not
-    in S. p_tail is formed as 1 - (the student's support mass), from the support's log mass
-    to the precision of its log-probs (`_log_sum_exp_near_zero`); it is floored at the smallest
-    normal float, so that a student with all its mass on S gets a large finite loss and
-    gradient where the teacher has a tail.
+    with q_tail = 1 - sum_S q_i and p_tail = sum_{v not in S} p_v (the KL of the k + 1 buckets,
+    at most the full KL). (N, k) log-probabilities and (N,) log p_tail in (the `support_tail`
+    statistic: summed outside S, as 1 - sum_S p would lose a confident student's tail to
+    rounding), (N,) out; a teacher entry of -inf is padding, not in S. log p_tail is floored at
+    the smallest normal float's, so that a student with all its mass on S gets a large finite
+    loss and gradient where the teacher has a tail.
     """
     in_support = teacher_log_probs != -math.inf
     log_q = torch.where(in_support, teacher_log_probs, 0.0)
     q = torch.where(in_support, log_q.exp(), 0.0)
     support = (q * (log_q - student_log_probs)).sum(-1)
     tiny = torch.finfo(student_log_probs.dtype).tiny
-    student_support = _log_sum_exp_near_zero(
-        torch.where(in_support, student_log_probs, -math.inf)
-    )  # log sum_S p
-    log_p_tail = torch.log(torch.clamp(-torch.expm1(student_support), min=tiny))
+    log_p_tail = torch.clamp(student_log_tail, min=math.log(tiny))
     q_tail = torch.clamp(1.0 - q.sum(-1), min=0.0)
     tail = q_tail * (torch.log(torch.clamp(q_tail, min=tiny)) - log_p_tail)
     return support + tail
-
-
-def _log_sum_exp_near_zero(x: torch.Tensor) -> torch.Tensor:
-    """log sum exp x over the last dimension as the largest x plus log1p of the others' sum
-    relative to it: where a confident student's support holds nearly all its mass, the result
-    (near 0) keeps the precision of the largest, which the log of a sum rounded near 1 loses."""
-    largest = x.argmax(dim=-1, keepdim=True)
-    peak = x.gather(-1, largest)
-    shift = torch.where(peak.isfinite(), peak, 0.0)
-    others = torch.exp(x - shift).scatter(-1, largest, 0.0).sum(-1)
-    return peak.squeeze(-1) + torch.log1p(others)

@@ -38,6 +38,7 @@ def stats(
     teacher_lse: Tensor | None,
     lse: Tensor | None,
     top_k: int,
+    support: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(statistics (len(names), N), top-k indices (N, top_k), their log-probabilities) of
     `backends.stats`; `names` is comma-separated (custom ops take no list of strings)."""
@@ -45,7 +46,7 @@ def stats(
     with _no_autocast(e):
         out = get_backend(impl).stats(
             e, c, bias, targets, logits=Logits(softcap, scale, column_weight),
-            names=_split(names), teacher=teacher, lse=lse, top_k=top_k,
+            names=_split(names), teacher=teacher, lse=lse, top_k=top_k, support=support,
         )  # fmt: skip
     if top_k:
         return out
@@ -54,7 +55,7 @@ def stats(
 
 @stats.register_fake
 def _(e, c, bias, targets, impl, softcap, scale, column_weight, names, teacher_e, teacher_c,
-      teacher_bias, teacher_softcap, beta, teacher_lse, lse, top_k):  # fmt: skip
+      teacher_bias, teacher_softcap, beta, teacher_lse, lse, top_k, support):  # fmt: skip
     acc = accumulation_dtype(e.dtype)
     return (
         e.new_empty(len(_split(names)), e.shape[0], dtype=acc),
@@ -84,6 +85,7 @@ def grads(
     teacher_lse: Tensor | None,
     filter_eps: float | None,
     needs: list[bool],
+    support: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of `backends.grads` (`terms` comma-separated), the rank-one `sum` term
     added here without softcap."""
@@ -95,7 +97,7 @@ def grads(
         out = get_backend(impl).grads(
             e, c, bias, targets, lse, coefficients[in_tiles], tuple(terms[i] for i in in_tiles),
             logits=Logits(softcap, scale, column_weight), teacher=teacher,
-            filter_eps=filter_eps, needs=tuple(needs),
+            filter_eps=filter_eps, needs=tuple(needs), support=support,
         )  # fmt: skip
         if uniform:
             grad_sum = coefficients[terms.index("sum")]
@@ -106,7 +108,7 @@ def grads(
 @grads.register_fake
 def _(e, c, bias, targets, lse, coefficients, terms, impl, softcap, scale, column_weight,
       teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse, filter_eps,
-      needs):  # fmt: skip
+      needs, support):  # fmt: skip
     return _fake_grads(e, c, bias, needs)
 
 

@@ -558,22 +558,26 @@ def linear_top_k_distillation_loss(
     k = teacher_indices.shape[-1]
     indices = teacher_indices.reshape(-1, k).long()
     teacher_log_q = teacher_log_probs.detach().reshape(-1, k).to(accumulation_dtype(e.dtype))
-    indices = indices.masked_fill(teacher_log_q.isneginf(), 0)  # padding weighs nothing
+    padding = teacher_log_q.isneginf()
+    support = indices.masked_fill(padding, NO_TARGET)
+    indices = indices.masked_fill(padding, 0)  # padding weighs nothing
     if kept is not None:
-        indices, teacher_log_q = indices[kept], teacher_log_q[kept]
+        indices, support, teacher_log_q = indices[kept], support[kept], teacher_log_q[kept]
     valid = row_targets != NO_TARGET
     plan = Plan(
         impl=check_impl(impl, e.device, e.dtype), softcap=options.softcap,
-        filter_eps=_filter_eps(options, c.shape[0]), scale=scale,
+        filter_eps=_filter_eps(options, c.shape[0]), scale=scale, support=support,
     )  # fmt: skip
     shared = hard_weight if scale == 1.0 else 0.0  # the hard loss's statistics in the same sweep
-    found = _stats(rows, c, bias, row_targets, plan, HARD_LOSS_STATISTICS)
+    found = _stats(rows, c, bias, row_targets, plan, (*HARD_LOSS_STATISTICS, "support_tail"))
     anchored = torch.cat((indices, row_targets.clamp(min=0).unsqueeze(1)), dim=1)
     logits = gathered_logits(rows, c, bias, anchored, softcap=options.softcap, scale=scale)
+    divergence = top_k_forward_kl(
+        teacher_log_q, _anchored_log_probs(logits, found), found["support_tail"]
+    )
     losses = _with_hard_loss(
-        top_k_forward_kl(teacher_log_q, _anchored_log_probs(logits, found)), found, hard_weight,
-        shared,
-        (rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0)),
+        divergence, found, hard_weight, shared,
+        (rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0, support=None)),
     )  # fmt: skip
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
 

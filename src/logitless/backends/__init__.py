@@ -10,7 +10,7 @@ shard). It checks nothing: `logitless.functional` has done that. With
 
 and `w` the optional (V,) column weight (1 without), it provides
 
-    stats(e, c, bias, targets, *, logits, names, teacher=None, lse=None, top_k=0)
+    stats(e, c, bias, targets, *, logits, names, teacher=None, lse=None, top_k=0, support=None)
         -> (len(names), N) float32 (float64 for float64 inputs)
            [, (N, top_k) int64 indices of the largest z, (N, top_k) float32 their log p]
 
@@ -19,16 +19,17 @@ and `w` the optional (V,) column weight (1 without), it provides
         largest logits, in descending order, and their log-probabilities taken from the sweep's
         own logits as (z - max z) - log sum exp(z - max z), as log_softmax does: a confident row's
         largest log p (near 0) keeps its relative precision, which z minus a rounded log-sum-exp
-        (or a logit recomputed another way) loses;
+        (or a logit recomputed another way) loses; `support` (N, k) int64 classes per row (-1 for
+        none) is the set S outside which `support_tail` sums;
 
     grads(e, c, bias, targets, lse, coefficients, terms, *, logits, teacher=None,
-          filter_eps, needs) -> (grad_e, grad_c, grad_bias)
+          filter_eps, needs, support=None) -> (grad_e, grad_c, grad_bias)
 
         the gradients, for the inputs flagged in `needs` (None for the others), of the function
         whose derivative with respect to the logits is, per entry,
 
-            dL/dz = p * (a + b * log p + b_pq * log(p / q) + b_r * log(m / p)) + g * q
-                    + t * [v = target] + s * w
+            dL/dz = p * (a + b * log p + b_pq * log(p / q) + b_r * log(m / p) + o * [v not in S])
+                    + g * q + t * [v = target] + s * w
 
         `lse` (2, N) is each row's log-sum-exp as the pair (`lse`, `lse_residual`) of
         statistics, whose sum it is to twice the accumulation dtype's precision (as is a
@@ -72,9 +73,10 @@ STATISTICS = (
     "reverse_kl",  # sum_v p (log p - log q), idem
     "jsd",  # beta KL(q || m) + (1 - beta) KL(p || m) (needs both lse: a second sweep)
     "jsd_p",  # sum_v p log(m / p) (idem; the jsd's gradient needs it)
+    "support_tail",  # log sum_{v not in S} p: the mass outside a row's support, summed as such
 )
-TERMS = ("p", "plogp", "target", "sum", "q", "plogpq", "plogr")
-"""The coefficient rows of the gradient formula: a, b, t, s, g, b_pq, b_r."""
+TERMS = ("p", "plogp", "target", "sum", "q", "plogpq", "plogr", "outside")
+"""The coefficient rows of the gradient formula: a, b, t, s, g, b_pq, b_r, o."""
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ def stats(
     teacher: Teacher | None = None,
     lse: torch.Tensor | None = None,
     top_k: int = 0,
+    support: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The statistics `names` per row, (len(names), N) fp32 (see `logitless.backends`).
 
@@ -68,8 +69,9 @@ def stats(
     if lse is None and _in_tiles(e, names, (), teacher, top_k):
         return _tiled_stats(e, c, bias, targets, logits, names)
     out, *_, top, top_log_probs = _sweep(
-        e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse, top_k=top_k
-    )
+        e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse, top_k=top_k,
+        support=support,
+    )  # fmt: skip
     return (out, top, top_log_probs) if top_k else out
 
 
@@ -86,6 +88,7 @@ def grads(
     teacher: Teacher | None = None,
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
+    support: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     if _in_tiles(e, (), terms, teacher, 0):
         rows = dict(zip(terms, coefficients, strict=True))
@@ -93,7 +96,7 @@ def grads(
     _, grad_e, grad_c, grad_bias, *_ = _sweep(
         e, c, bias, targets, logits=logits, names=(), teacher=teacher, lse=lse,
         coefficients=lambda rows, _: coefficients[:, rows], terms=terms,
-        filter_eps=filter_eps, needs=needs,
+        filter_eps=filter_eps, needs=needs, support=support,
     )  # fmt: skip
     return grad_e, grad_c, grad_bias
 
@@ -214,6 +217,7 @@ def _sweep(
     filter_eps: float | None = None,
     needs: tuple[bool, bool, bool] = (False, False, False),
     top_k: int = 0,
+    support: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """One pass over row blocks: the statistics `names` (the forward sweep when `lse` is None),
     and gradients when `coefficients` are given. Returns (stats, grad_e, grad_c, grad_bias,
@@ -276,8 +280,12 @@ def _sweep(
             found["target"] = _gather_targets(z, t)
             if "sum" in names:
                 found["sum"] = z.sum(1) if weight32 is None else z @ weight32
-            peak, log_total = _exp_in_place(z, normalize=backward or need_p)
+            normalized = backward or need_p
+            peak, log_total = _exp_in_place(z, normalize=normalized)
             found["lse"], found["lse_residual"] = lse_pair(peak, log_total)
+            if "support_tail" in names:
+                outside = _sum_outside(z, support[rows]).log_()
+                found["support_tail"] = outside if normalized else outside.sub_(log_total)
             log_normalizer = (peak, log_total)
             if top is not None:
                 top_log_probs[rows] = top_logits.sub_(peak[:, None]).sub_(log_total[:, None])
@@ -329,7 +337,8 @@ def _sweep(
         log_p = None
         if "plogp" in coefs:  # log p = (z - max) - log sum exp(z - max): precise near p = 1
             log_p = _log_probs(z_kept, log_normalizer)
-        d = _softmax_to_grad(p, t, coefs, log_p, gap, q, ratio, weight32, deriv, scale)
+        s = None if support is None else support[rows]
+        d = _softmax_to_grad(p, t, s, coefs, log_p, gap, q, ratio, weight32, deriv, scale)
         e_rows32 = e_rows.to(acc) if half and needs[1] else e_rows
         for lo, hi in ranges:
             d_part = d[:, lo:hi]
@@ -513,7 +522,7 @@ def _tiled_grads(
             if filter_eps and _negligible(p, local, filter_eps, vocab):
                 continue
             coefs = {name: values[rows] for name, values in coefficients.items()}
-            d = _softmax_to_grad(p, local, coefs, None, None, None, None, weight, deriv,
+            d = _softmax_to_grad(p, local, None, coefs, None, None, None, None, weight, deriv,
                                  logits.scale)  # fmt: skip
             if grad_e is not None:
                 grad_e[rows].addmm_(d, c32)
@@ -626,6 +635,36 @@ def _gather_targets(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return picked.masked_fill_(t < 0, 0.0)
 
 
+class _Support:
+    """Each row's support S, (rows, k) classes with -1 for none, as positions of a block: a -1
+    stands for a class of S in its row, so that all writes to one position agree (a row
+    without S writes nothing)."""
+
+    def __init__(self, support: torch.Tensor) -> None:
+        positions = torch.where(support >= 0, support, support.amax(1, keepdim=True))
+        self.member = positions >= 0
+        self.positions = positions.clamp(min=0)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """x at S, (rows, k); a column (rows, 1) stands for every class of its row."""
+        return x if x.shape[1] == 1 else x.gather(1, self.positions)
+
+    def put(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """x[S] = values (as `take` gives them) in place."""
+        kept = torch.where(self.member, values, x.gather(1, self.positions))
+        return x.scatter_(1, self.positions, kept)
+
+
+def _sum_outside(x: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """sum_{v not in S} x[n, v] per row of a block: S's entries summed as none, not subtracted
+    from a total (whose rounding would swamp a small remainder), then put back."""
+    inside = _Support(support)
+    kept = inside.take(x)
+    total = inside.put(x, torch.zeros_like(kept)).sum(1)
+    inside.put(x, kept)
+    return total
+
+
 def _exp_in_place(z: torch.Tensor, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn z into exp(z - max) (the softmax if `normalize`) and return the row maximum and
     the log of the row sum of exp(z - max): their sum is the log-sum-exp. A row of -inf logits
@@ -642,6 +681,7 @@ def _exp_in_place(z: torch.Tensor, *, normalize: bool) -> tuple[torch.Tensor, to
 def _softmax_to_grad(
     p: torch.Tensor,
     t: torch.Tensor,
+    support: torch.Tensor | None,
     coefs: dict[str, torch.Tensor],
     log_p: torch.Tensor | None,
     gap: torch.Tensor | None,
@@ -653,8 +693,8 @@ def _softmax_to_grad(
 ) -> torch.Tensor:
     """In place: softmax p -> the gradient of the pre-softcap logits,
 
-        (p (a + b log p + b_pq log(p / q) + b_r log(m / p)) + g q + t onehot + s w)
-            * scale * softcap'
+        (p (a + b log p + b_pq log(p / q) + b_r log(m / p) + o [v not in support]) + g q
+         + t onehot + s w) * scale * softcap'
 
     with the coefficient rows present in `coefs`, `gap` log p - log q (the other buffers are
     overwritten)."""
@@ -670,7 +710,16 @@ def _softmax_to_grad(
                 inner.addcmul_(values, column(name))
     if "p" in coefs:
         inner = column("p") if inner is None else inner.add_(column("p"))
+    if "outside" in coefs:  # S's entries keep p times the rest, o never added to them
+        inside = _Support(support)
+        kept = inside.take(p) * (0.0 if inner is None else inside.take(inner))
+        if inner is None or inner.shape[1] == 1:  # a column of `coefs`, not to be written
+            inner = column("outside") if inner is None else inner + column("outside")
+        else:
+            inner.add_(column("outside"))
     d = p.zero_() if inner is None else p.mul_(inner)
+    if "outside" in coefs:
+        inside.put(d, kept)
     if "q" in coefs:
         d.addcmul_(q, column("q"))
     if "target" in coefs:

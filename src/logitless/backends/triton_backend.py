@@ -44,20 +44,21 @@ def stats(
     teacher: Teacher | None = None,
     lse: torch.Tensor | None = None,
     top_k: int = 0,
+    support: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The statistics from the forward kernel, a teacher's and the JSD's second sweep
-    included, and a running top-k up to MAX_TOP_K; a larger top-k from the portable backend (on
-    the same device), which has it."""
+    """The statistics from the forward kernel, a teacher's, the JSD's second sweep and the mass
+    outside a support included, and a running top-k up to MAX_TOP_K; a larger top-k from the
+    portable backend (on the same device), which has it."""
     if top_k > MAX_TOP_K:
         return torch_backend.stats(
             e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse,
-            top_k=top_k,
+            top_k=top_k, support=support,
         )  # fmt: skip
     found = lse_forward(
         e, c, bias, targets.contiguous(), softcap=logits.softcap, with_sum="sum" in names,
         scale=logits.scale, weight=logits.column_weight,
         with_entropy="entropy" in names, top_k=top_k,
-        teacher=teacher, lse=lse,
+        teacher=teacher, lse=lse, support=support if "support_tail" in names else None,
     )  # fmt: skip
     out = torch.stack([found[name] for name in names])
     return (out, found["top"], found["top_log_probs"]) if top_k else out
@@ -76,20 +77,22 @@ def grads(
     teacher: Teacher | None = None,
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
+    support: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The gradients from the backward kernel, the teacher's terms (`q`, `plogpq`, `plogr`)
-    included."""
+    """The gradients from the backward kernel, the teacher's terms (`q`, `plogpq`, `plogr`) and
+    the `outside` term included."""
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse[0])
     teacher_terms = {term: rows[term] for term in ("q", "plogpq", "plogr") if term in rows}
-    if "sum" in rows or "plogp" in rows or teacher_terms:
+    if "sum" in rows or "plogp" in rows or "outside" in rows or teacher_terms:
         filter_eps = None  # these gradients reach every logit: no tile is negligible
     order = vocabulary_order(e, c, bias) if filter_eps else None
     return _sweep(
         e, c, bias, targets, lse, rows.get("p", zeros), rows.get("target", zeros),
         rows.get("sum"), softcap=logits.softcap, filter_eps=filter_eps, needs=needs, order=order,
         scale=logits.scale, grad_plogp=rows.get("plogp"), weight=logits.column_weight,
-        teacher=teacher, teacher_terms=teacher_terms,
+        teacher=teacher, teacher_terms=teacher_terms, grad_outside=rows.get("outside"),
+        support=support,
     )  # fmt: skip
 
 
@@ -150,6 +153,8 @@ def _sweep(
     weight: torch.Tensor | None = None,
     teacher: Teacher | None = None,
     teacher_terms: dict[str, torch.Tensor] | None = None,
+    grad_outside: torch.Tensor | None = None,
+    support: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias).
 
@@ -178,19 +183,23 @@ def _sweep(
     # the kernel's softmax exp(z - lse[0]) times exp(-lse[1]), its rounding's correction: in the
     # coefficients of the terms that multiply p (`lse_backward`)
     correction = torch.exp(-lse[1])
-    grad_lse, grad_plogp = (None if x is None else x * correction for x in (grad_lse, grad_plogp))
+    grad_lse, grad_plogp, grad_outside = (
+        None if x is None else x * correction for x in (grad_lse, grad_plogp, grad_outside)
+    )
     teacher_terms = {
         term: x * correction if term in ("plogpq", "plogr") else x
         for term, x in teacher_terms.items()
     }
     gain = (
-        _float16_gain(grad_lse, grad_target, grad_sum, grad_plogp, *teacher_terms.values())
+        _float16_gain(
+            grad_lse, grad_target, grad_sum, grad_plogp, grad_outside, *teacher_terms.values()
+        )
         if e.dtype == torch.float16
         else 1
     )
-    grad_lse, grad_target, grad_sum, grad_plogp = (
+    grad_lse, grad_target, grad_sum, grad_plogp, grad_outside = (
         None if x is None else (x * gain if gain != 1 else x).contiguous()
-        for x in (grad_lse, grad_target, grad_sum, grad_plogp)
+        for x in (grad_lse, grad_target, grad_sum, grad_plogp, grad_outside)
     )
     teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
     row_vectors = [lse.contiguous(), grad_lse, grad_target]
@@ -224,7 +233,8 @@ def _sweep(
             e, c, bias, target_positions, *row_vectors, grad_sum, d=d, counts=counts,
             order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
             scale=scale, grad_plogp=grad_plogp, weight=weight, teacher=teacher,
-            teacher_terms=teacher_terms, descriptors=descriptors,
+            teacher_terms=teacher_terms, descriptors=descriptors, grad_outside=grad_outside,
+            support=support,
         )  # fmt: skip
         if counts is None:
             products(begin, end, d)

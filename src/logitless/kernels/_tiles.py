@@ -100,6 +100,7 @@ LARGE_TILE = 128 * 128
 
 SPILLING_OPTIONS = (
     "HAS_SOFTCAP", "WITH_SUM", "WITH_ENTROPY", "HAS_PLOGP", "HAS_WEIGHT", "TOP_K", "TEACHER",
+    "HAS_SUPPORT", "HAS_OUTSIDE",
 )  # fmt: skip
 """Options whose extra tile math spills a large tile's registers on Hopper."""
 
@@ -119,11 +120,12 @@ def config_fits(config: triton.Config, options: dict[str, object]) -> bool:
     TEACHER_ENTRIES_PER_THREAD per thread; grouped backward tiles (GROUP_N) not with
     filtering, whose tile math their index arithmetic pushes into spilling (sm90_compile);
     flattened forward sweeps (FLATTEN) and those through tensor descriptors (TMA) neither with a
-    teacher nor a top-k, which they omit, and TMA ones only where the launch has descriptors."""
+    teacher, a top-k nor a support, which they omit, and TMA ones only where the launch has
+    descriptors."""
     if config.kwargs.get("GROUP_N") and options.get("FILTER"):
         return False
     plain_sweep = config.kwargs.get("FLATTEN") or config.kwargs.get("TMA")
-    if plain_sweep and (options.get("TEACHER") or options.get("TOP_K")):
+    if plain_sweep and any(options.get(name) for name in ("TEACHER", "TOP_K", "HAS_SUPPORT")):
         return False
     if config.kwargs.get("TMA") and not options.get("HAS_DESCRIPTORS"):
         return False
@@ -313,3 +315,14 @@ def log1p(x):
 def log_add_exp(a, b):
     """log(exp(a) + exp(b)) for finite a and b, without overflow."""
     return tl.maximum(a, b) + log1p(tl.exp(-tl.abs(a - b)))
+
+
+@triton.jit
+def outside_support(support_ptr, rows, row_mask, classes, support_k):
+    """Whether each class of a tile lies outside its row's support: `support_ptr` holds (N,
+    support_k) classes per row, -1 for none."""
+    outside = (rows[:, None] >= 0) & (classes[None, :] >= 0)
+    for j in range(0, support_k):
+        member = tl.load(support_ptr + rows * support_k + j, mask=row_mask, other=-1)
+        outside = outside & (classes[None, :] != member[:, None])
+    return outside

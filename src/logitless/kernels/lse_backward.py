@@ -42,6 +42,7 @@ from logitless.kernels._tiles import (
     logit_tile,
     logit_tile_from_descriptors,
     offsets,
+    outside_support,
     set_descriptor_blocks,
 )
 
@@ -101,6 +102,7 @@ def lse_backward_kernel(
     HAS_PLOGPQ: tl.constexpr = False, HAS_PLOGR: tl.constexpr = False,
     GROUP_N: tl.constexpr = 0,
     e_desc=None, c_desc=None, HAS_DESCRIPTORS: tl.constexpr = False, TMA: tl.constexpr = False,
+    grad_outside_ptr=None, support_ptr=None, support_k=0, HAS_OUTSIDE: tl.constexpr = False,
 ):  # fmt: skip
     """Write one tile of d into `d_ptr` (rows, positions - position_begin), zeros if filtered.
 
@@ -108,7 +110,8 @@ def lse_backward_kernel(
     `vocab_bucket` only key the autotuner. With TEACHER, the teacher's logit tile y (its own
     D_t, bias and softcap) adds the terms g q (HAS_Q), p b_pq log(p / q) (HAS_PLOGPQ) and
     p b_r log(m / p) (HAS_PLOGR) of the gradient formula, q = exp(y - teacher_lse),
-    m = beta q + (1 - beta) p.
+    m = beta q + (1 - beta) p. HAS_OUTSIDE adds p o [v not in S] (o from `grad_outside_ptr`, S
+    each row's support: `support_ptr`, (N, support_k) classes, -1 for none).
     TMA (neither SORTED nor TEACHER) reads e and c through `e_desc` and `c_desc`
     (`tensor_descriptors`; their presence, HAS_DESCRIPTORS, keys the autotuner).
     """
@@ -180,6 +183,10 @@ def lse_backward_kernel(
     grad_lse = tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0)
     grad_target = tl.load(grad_target_ptr + rows, mask=row_mask, other=0.0)
     is_target = positions[None, :] == target_positions[:, None]
+    if HAS_OUTSIDE:
+        grad_outside = tl.load(grad_outside_ptr + rows, mask=row_mask, other=0.0)
+        outside = outside_support(support_ptr, rows, row_mask, vocab, support_k)
+        outside_terms = tl.where(outside, probs * grad_outside[:, None], 0.0)
     if HAS_PLOGP:
         grad_plogp = tl.load(grad_plogp_ptr + rows, mask=row_mask, other=0.0)
         log_p = tl.where(probs > 0, (z - lse[:, None]) - lse_lo[:, None], 0.0)
@@ -195,6 +202,8 @@ def lse_backward_kernel(
             probs += grad_sum[:, None]
     if TEACHER:
         probs += teacher_terms
+    if HAS_OUTSIDE:
+        probs += outside_terms
     d = tl.where(is_target, probs + grad_target[:, None], probs)
     if HAS_SOFTCAP:
         d *= slope
@@ -263,6 +272,8 @@ def lse_backward(
     teacher: Teacher | None = None,
     teacher_terms: dict[str, torch.Tensor] | None = None,
     descriptors: dict[str, object] | None = None,
+    grad_outside: torch.Tensor | None = None,
+    support: torch.Tensor | None = None,
 ) -> None:
     """Write the logits' gradient at vocabulary positions [begin, end) into `d` (N, end - begin).
 
@@ -272,7 +283,8 @@ def lse_backward(
     `grad_lse`, `grad_plogp`, `grad_target` and `grad_sum` are the coefficients a, b, t and s of
     the gradient formula, `weight` the column weight of the s term (by vocabulary row).
     `teacher_terms` holds the teacher's coefficient rows present (`q`, `plogpq`, `plogr`: g, b_pq
-    and b_r), with `teacher` (whose `lse` the `q` and `plogr` terms need).
+    and b_r), with `teacher` (whose `lse` the `q` and `plogr` terms need); `grad_outside` is o,
+    the coefficient of p outside each row's `support` ((N, k) classes, -1 for none).
 
     Position p is vocabulary row `order[p]` (p itself without order); `target_positions` holds
     each row's target as a position, -1 for none. With `filter_eps`, negligible tiles are written
@@ -301,6 +313,7 @@ def lse_backward(
         HAS_PLOGP=grad_plogp is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
+        **_outside_arguments(grad_outside, support),
         **(descriptors if descriptors and order is None else {"HAS_DESCRIPTORS": False}),
     )  # fmt: skip
 
@@ -309,6 +322,19 @@ def _grid(meta: dict, n: int, positions: int) -> tuple[int, ...]:
     """(row blocks, vocabulary blocks), or their product for a grouped launch (GROUP_N)."""
     blocks = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(positions, meta["BLOCK_V"]))
     return (blocks[0] * blocks[1],) if meta.get("GROUP_N") else blocks
+
+
+def _outside_arguments(
+    grad_outside: torch.Tensor | None, support: torch.Tensor | None
+) -> dict[str, object]:
+    """The kernel's arguments for the `outside` term (none without)."""
+    if grad_outside is None:
+        return {}
+    support = support.contiguous()
+    return dict(
+        grad_outside_ptr=grad_outside.contiguous(), support_ptr=support,
+        support_k=support.shape[1], HAS_OUTSIDE=True,
+    )  # fmt: skip
 
 
 def _teacher_arguments(

@@ -33,6 +33,7 @@ from logitless.kernels._tiles import (
     logit_tile,
     logit_tile_from_descriptors,
     offsets,
+    outside_support,
     set_descriptor_blocks,
     tensor_descriptors,
 )
@@ -115,6 +116,7 @@ def lse_forward_kernel(
     TEACHER_SOFTCAP: tl.constexpr = False, MIXTURE: tl.constexpr = False,
     FLATTEN: tl.constexpr = False,
     e_desc=None, c_desc=None, HAS_DESCRIPTORS: tl.constexpr = False, TMA: tl.constexpr = False,
+    support_ptr=None, support_k=0, HAS_SUPPORT: tl.constexpr = False,
 ):  # fmt: skip
     """Partials (max, sum of exp(z - max), target logit, [logit sum], [sum of exp(z - max)
     (z - max)]) of a row block on a split; the logit sum weighs column v by weight[v] when
@@ -133,12 +135,17 @@ def lse_forward_kernel(
     MIXTURE instead, given both log-sum-exps, the JSD's sums (sum p log(m / p), sum q
     log(m / q)) for m = beta q + (1 - beta) p.
 
-    FLATTEN (neither TEACHER nor TOP_K) sweeps the split as one software-pipelined loop over
-    (tile, D step), so that the next tile's loads overlap the current tile's softmax update.
+    With HAS_SUPPORT, the partials have one more plane before the teacher's: the sum of
+    exp(z - max) over the classes outside each row's support (`support_ptr`, (N, support_k)
+    classes, -1 for none), summed as such so that a small remainder keeps its digits.
+
+    FLATTEN (neither TEACHER, TOP_K nor HAS_SUPPORT) sweeps the split as one software-pipelined
+    loop over (tile, D step), so that the next tile's loads overlap the current tile's softmax
+    update.
     TMA (idem) reads e and c through `e_desc` and `c_desc` (`tensor_descriptors`; their presence,
     HAS_DESCRIPTORS, keys the autotuner).
     """
-    tl.static_assert(not ((FLATTEN or TMA) and (TEACHER or TOP_K)), "plain logits only")
+    tl.static_assert(not ((FLATTEN or TMA) and (TEACHER or TOP_K or HAS_SUPPORT)), "plain only")
     tl.static_assert(not TMA or HAS_DESCRIPTORS, "TMA reads through e_desc and c_desc")
     row_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -157,6 +164,7 @@ def lse_forward_kernel(
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     weighted_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    outside_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if TEACHER:
         teacher_rows = offsets(rows, stride_ten)
         teacher_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -201,6 +209,9 @@ def lse_forward_kernel(
                     target_logit, logit_sum, weighted_sum, WITH_SUM, HAS_WEIGHT, WITH_ENTROPY,
                 )
             )  # fmt: skip
+            if HAS_SUPPORT:
+                outside = outside_support(support_ptr, rows, row_mask, vocab, support_k)
+                outside_sum = outside_sum * rescale + tl.sum(tl.where(outside, exps, 0.0), axis=1)
             if TOP_K:
                 top_values, top_indices = _merge_top_k(
                     top_values, top_indices, z, vocab, col_mask, TOP_K, TOP_K_SLOTS, BLOCK_V
@@ -257,8 +268,10 @@ def lse_forward_kernel(
         tl.store(out + 3 * plane, logit_sum, mask=row_mask)
     if WITH_ENTROPY:
         tl.store(out + (3 + WITH_SUM) * plane, weighted_sum, mask=row_mask)
+    if HAS_SUPPORT:
+        tl.store(out + (3 + WITH_SUM + WITH_ENTROPY) * plane, outside_sum, mask=row_mask)
     if TEACHER:
-        out += (3 + WITH_SUM + WITH_ENTROPY) * plane
+        out += (3 + WITH_SUM + WITH_ENTROPY + HAS_SUPPORT) * plane
         tl.store(out, student_weighted, mask=row_mask)
         tl.store(out + plane, teacher_weighted, mask=row_mask)
         if not MIXTURE:
@@ -369,6 +382,7 @@ def lse_forward(
     top_k: int = 0,
     teacher: Teacher | None = None,
     lse: torch.Tensor | None = None,
+    support: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """fp32 per-row `lse` (with `lse_residual`), `target` and, if asked, `sum` (weighted by
     `weight`) and `entropy` of e; see `logitless.backends`. With `top_k` (at most
@@ -377,14 +391,17 @@ def lse_forward(
 
     With a `teacher`, also `teacher_lse` (and its residual), `forward_kl` and `reverse_kl`;
     with the student's `lse` given (and the teacher's in `teacher.lse`),
-    each a (2, N) pair with its residual, the second sweep's `jsd` and `jsd_p` instead.
+    each a (2, N) pair with its residual, the second sweep's `jsd` and `jsd_p` instead. With a
+    `support` ((N, k) classes per row, -1 for none), also `support_tail`: the log of the softmax
+    mass outside it.
     """
     n, dim = e.shape
     vocab = c.shape[0]
     splits = vocabulary_splits(n, vocab, e.device)
     mixture = lse is not None
     teacher_planes = 0 if teacher is None else 2 if mixture else 4
-    planes = 3 + with_sum + with_entropy + teacher_planes
+    with_support = support is not None
+    planes = 3 + with_sum + with_entropy + with_support + teacher_planes
     partials = torch.empty(planes, splits, n, device=e.device, dtype=torch.float32)
     teacher_args = {}
     if teacher is not None:
@@ -416,6 +433,7 @@ def lse_forward(
             HAS_WEIGHT=weight is not None, WITH_ENTROPY=with_entropy,
             TOP_K=top_k, TOP_K_SLOTS=triton.next_power_of_2(max(1, top_k)),
             **dot_options(e.dtype), **tensor_descriptors(e, c), **teacher_args,
+            **_support_arguments(support),
         )  # fmt: skip
     split_max, split_sum = partials[0], partials[1]
     peak, rescale, total = _merged_sums(split_max, split_sum)
@@ -428,10 +446,13 @@ def lse_forward(
         shifted = torch.where(rescale > 0, (split_max - peak) * split_sum, 0.0)
         relative_mean = _softmax_mean(partials[3 + with_sum] + shifted, rescale, total)
         found["entropy"] = log_total - relative_mean
+    if with_support:  # both sums relative to the same maxima: no lse's rounding in between
+        outside = (partials[3 + with_sum + with_entropy] * rescale).sum(0)
+        found["support_tail"] = outside.log() - log_total
     if teacher is not None:
         student = (split_max, split_sum, peak, rescale, total)
-        found.update(_teacher_statistics(partials[3 + with_sum + with_entropy :], student,
-                                         teacher.beta, mixture))  # fmt: skip
+        teacher_planes = partials[3 + with_sum + with_entropy + with_support :]
+        found.update(_teacher_statistics(teacher_planes, student, teacher.beta, mixture))
     if top_k:
         candidates = top_values.permute(1, 0, 2).reshape(n, splits * top_k)
         best_logits, best = candidates.topk(top_k, dim=1)
@@ -441,6 +462,14 @@ def lse_forward(
         best_logits.masked_fill_(best_logits == torch.finfo(torch.float32).min, float("-inf"))
         found["top_log_probs"] = best_logits.sub_(peak[:, None]).sub_(log_total[:, None])
     return found
+
+
+def _support_arguments(support: torch.Tensor | None) -> dict[str, object]:
+    """The kernels' arguments for a support (none without)."""
+    if support is None:
+        return {}
+    support = support.contiguous()
+    return {"support_ptr": support, "support_k": support.shape[1], "HAS_SUPPORT": True}
 
 
 def _teacher_statistics(

@@ -13,6 +13,7 @@ from helpers import (
     check_results,
     confident_targets,
     device_for,
+    gpu,
     make_inputs,
     masked,
     outputs_and_grads,
@@ -427,11 +428,27 @@ def test_top_k_distillation_of_a_confident_student_keeps_its_tail(request, impl,
     backend_fixture(request, impl)
     inputs = make_inputs((ROWS,), DIM, VOCAB, dtype, bias=True, scale=12.0, seed=8,
                          device=device_for(impl))  # fmt: skip
+    check_top_k_distillation_on_the_students_top(inputs, 5, impl)
+
+
+@gpu
+def test_top_k_distillation_on_the_kernels_at_a_larger_shape():
+    """The support's mask and the `outside` term compiled for the GPU, at a ragged shape of
+    several tiles and splits, bf16, with a confident student."""
+    inputs = make_inputs((1027,), 336, 20011, torch.bfloat16, bias=True, scale=12.0, seed=4,
+                         ignore_fraction=0.1, device="cuda")  # fmt: skip
+    check_top_k_distillation_on_the_students_top(inputs, 20, "triton")
+
+
+def check_top_k_distillation_on_the_students_top(inputs, k: int, impl: str) -> None:
+    """Per-token losses and gradients against float64, the cached teacher's support the
+    student's own top k (float64 logits) with a tail of its own (random log-probs of k + 1
+    buckets, the last left out)."""
     e, c, _, bias = (x.double() for x in inputs)
-    support = (e @ c.T + bias).topk(5, dim=-1).indices
+    support = (e @ c.T + bias).topk(k, dim=-1).indices
     gen = torch.Generator().manual_seed(2)
-    log_q = torch.log_softmax(torch.randn(ROWS, 6, generator=gen), -1)[:, :5]
-    teacher = (support, log_q.to(device_for(impl)))
+    log_q = torch.log_softmax(torch.randn(e.shape[0], k + 1, generator=gen), -1)[:, :k]
+    teacher = (support, log_q.to(e.device))
     options = {"reduction": "none"}
     ours = outputs_and_grads(
         top_k_adapter(linear_top_k_distillation_loss, teacher), inputs, 1, impl=impl, **options

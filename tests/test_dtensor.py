@@ -273,6 +273,40 @@ def test_communication(ranks):
         assert data_parallel == (forward, 8 * gathered + 4 * gathered * DIM)
 
 
+def _hybrid_worker(rank: int, world: int, out_dir: str) -> None:
+    """A classifier as HSDP lays it out, replicated over the first dimension of a (2, 2) mesh
+    and sharded by rows over the second, and a replicated one over the whole mesh (DDP's
+    layout); each rank its own tokens."""
+    os.environ[BLOCK_MB_ENV] = "0.01"
+    join_gloo_group(rank, world, out_dir, TIMEOUT_S)
+    try:
+        mesh = init_device_mesh("cpu", (2, world // 2))
+        inputs = _rank_inputs(rank)
+        results = {}
+        for name, placements in (("hsdp", [Replicate(), Shard(0)]), ("ddp", [Replicate()] * 2)):
+            e, c, targets, bias = inputs
+            c, bias = (distribute_tensor(x, mesh, placements) for x in (c, bias))
+            outs, grads = outputs_and_grads(linear_cross_entropy, (e, c, targets, bias), 1)
+            results[name] = outs, [grads[0], *(g.full_tensor() for g in grads[1:])]
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replicated_mesh_dimensions_average_the_classifier_gradient(tmp_path):
+    """Under HSDP (and DDP's layout) the classifier's gradient is the mean over every rank's
+    tokens, not over its shard group's only (before: each replica kept its own group's mean,
+    so replicas drifted apart after a step)."""
+    world = 4
+    ranks = spawn(_hybrid_worker, world, tmp_path)
+    singles = [outputs_and_grads(linear_cross_entropy, _rank_inputs(r), 1) for r in range(world)]
+    mean_grads = [sum(single[1][i] for single in singles) / world for i in (1, 2)]
+    for rank, results in enumerate(ranks):
+        outs, grads = singles[rank]
+        for name in ("hsdp", "ddp"):
+            _assert_agrees(results[name], (outs, [grads[0], *mean_grads]), f"{name} rank {rank}")
+
+
 def _tiny_llama(seed: int = 0):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(

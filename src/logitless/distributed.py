@@ -15,7 +15,10 @@ Per call that is, in bytes, with N rows, D hidden and fp32 statistics:
 A classifier that is a DTensor sharded by rows (`Shard(0)`, as FSDP2 and a colwise-parallel
 lm_head leave it) implies such a shard over that mesh dimension's group. Its ranks may hold
 different tokens (data parallel): then every rank's tokens are gathered (`TokenGather`) and the
-classifier's gradient is the average over the ranks of each one's, as FSDP reduces it.
+classifier's gradient is the average over the ranks of each one's, as FSDP reduces it. A
+classifier replicated on a mesh dimension (`Replicate()`: HSDP's replicas, a data-parallel
+DTensor) gets its gradient averaged over that dimension's ranks too, as DDP and HSDP reduce it:
+their tokens differ (else the mean of equal gradients is each of them).
 
 The backends know nothing of this: they see a classifier of stop - start rows and targets already
 translated to those rows (-1 where the target lives on another rank).
@@ -329,10 +332,49 @@ def local_inputs(
     if shard_dim is not None:
         shard = VocabParallel.of_row_sharding(c.shape[0], c.device_mesh, shard_dim)
         options = replace(options, vocab_parallel=shard)
+    replicas = _replica_groups(c)
     e, c, targets, bias = (
         x.to_local() if isinstance(x, DTensor) else x for x in (e, c, targets, bias)
     )
+    if replicas:
+        c = _ReplicaMean.apply(c, replicas)
+        bias = None if bias is None else _ReplicaMean.apply(bias, replicas)
     return e, c, targets, bias, options
+
+
+def _replica_groups(c: torch.Tensor) -> tuple[dist.ProcessGroup, ...]:
+    """The process groups of the mesh dimensions on which a DTensor `c` is replicated (of more
+    than one rank)."""
+    if not isinstance(c, DTensor):
+        return ()
+    mesh = c.device_mesh
+    return tuple(
+        mesh.get_group(dim)
+        for dim, placement in enumerate(c.placements)
+        if placement.is_replicate() and mesh.size(dim) > 1
+    )
+
+
+class _ReplicaMean(torch.autograd.Function):
+    """The identity, whose backward averages the gradient over each of `groups`: the mean over
+    a classifier's replicas of each one's gradient, as DDP and HSDP reduce a replicated
+    parameter's."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, groups: tuple[dist.ProcessGroup, ...]) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.groups = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        for group in ctx.groups:
+            dist.all_reduce(grad, group=group)
+            grad.div_(dist.get_world_size(group))
+        return grad, None
 
 
 def _weighted(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:

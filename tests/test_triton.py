@@ -571,6 +571,15 @@ def test_float16_gradients_below_the_normal_range_keep_their_digits(options):
     assert ours < eager / 4
 
 
+def test_float16_gradients_of_a_tiny_upstream_are_finite():
+    """An upstream gradient of 1e-38 (a loss term weighted that small) puts every coefficient
+    below float32's normal range: the gain that lifts them was 2^131, inf in float32, and every
+    gradient NaN. Now zeros where float16 cannot hold the values, as eager's."""
+    check_against_reference(
+        inputs_for(torch.float16, bias=True), impl="triton", upstream_scale=1e-38
+    )
+
+
 @pytest.mark.parametrize("k", [1, 17])
 def test_top_k_comes_from_the_forward_kernel(monkeypatch, k):
     """The running top-k of the forward kernel (no portable fallback), across splits and tiles,

@@ -293,11 +293,16 @@ def _float16_gain(*coefficients: torch.Tensor | None) -> float:
     float16's normal range ends at 6e-5: a logit gradient of softmax / N is mostly subnormal at a
     large vocabulary and loses its digits when stored. The backward writes d times this gain and
     divides it out of the fp32 matmul results, exactly (a power of two). One synchronization.
+    At most 2^MAX_GAIN_EXPONENT, so that fp32 coefficients below its normal range (an upstream
+    gradient of 1e-38) stay finite, not inf (whose product with 0 is NaN).
     """
     largest = torch.stack([x.abs().max() for x in coefficients if x is not None]).max().item()
     if not 0 < largest < float("inf"):
         return 1
-    return 2.0 ** -math.floor(math.log2(largest))
+    return 2.0 ** min(MAX_GAIN_EXPONENT, -math.floor(math.log2(largest)))
+
+
+MAX_GAIN_EXPONENT = 126
 
 
 def _chunk_positions(n: int, vocab: int, itemsize: int) -> int:

@@ -74,6 +74,7 @@ def backward_signature(dtype: str) -> dict[str, str]:
         "filter_mass_per_entry": "fp32",
         **teacher_signature(dtype, ("teacher_lse", "grad_q", "grad_plogpq", "grad_plogr")),
         "grad_outside_ptr": "*fp32",
+        "support_grad_ptr": "*fp32",
         **SUPPORT_SIGNATURE,
     }
 
@@ -83,7 +84,8 @@ FLAGS = {
     "forward": ("HAS_BIAS", "HAS_SOFTCAP", "WITH_SUM", "HAS_WEIGHT", "WITH_ENTROPY", "TOP_K",
                 *TEACHER_FLAGS, "MIXTURE", "HAS_SUPPORT"),
     "backward": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUM", "HAS_PLOGP", "HAS_WEIGHT", "SORTED",
-                 "FILTER", *TEACHER_FLAGS, "HAS_Q", "HAS_PLOGPQ", "HAS_PLOGR", "HAS_OUTSIDE"),
+                 "FILTER", *TEACHER_FLAGS, "HAS_Q", "HAS_PLOGPQ", "HAS_PLOGR", "HAS_OUTSIDE",
+                 "HAS_SUPPORT_GRAD"),
 }  # fmt: skip
 VARIANTS = {
     "forward": {
@@ -100,7 +102,8 @@ VARIANTS = {
         "entropy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP"),
         "distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_PLOGP", *TEACHER_FLAGS, "HAS_Q",
                          "HAS_PLOGPQ", "HAS_PLOGR"),
-        "top_k_distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_OUTSIDE"),
+        "top_k": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SUPPORT_GRAD"),
+        "top_k_distillation": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_OUTSIDE", "HAS_SUPPORT_GRAD"),
     },
 }  # fmt: skip
 """The register worst cases of real calls, every option a call can set together: label

@@ -431,6 +431,25 @@ def test_top_k_distillation_of_a_confident_student_keeps_its_tail(request, impl,
     check_top_k_distillation_on_the_students_top(inputs, 5, impl)
 
 
+@pytest.mark.parametrize(("impl", "dtype"), BACKENDS, ids=str)
+@pytest.mark.parametrize("targets", [True, False], ids=["targets", "no-targets"])
+def test_top_k_distillation_of_a_confident_class(request, impl, dtype, targets):
+    """One class holds all but 4e-5 of the student's mass (a bias of 16) and about as much of
+    the teacher's: its gradient, p (sum q) - q at the class, is formed in the backend's tile
+    before any 16-bit rounding (bf16 dbias was 100% off, eager's 5%, when -q came through the
+    gathered logits in float32 and p was rounded apart), and its log-prob is anchored at the
+    target's, or without targets at the teacher's likeliest class (float32 losses 4.5x eager's
+    error when anchored at class 0)."""
+    backend_fixture(request, impl)
+    inputs = list(make_inputs((ROWS,), DIM, VOCAB, dtype, bias=True, seed=6,
+                              device=device_for(impl)))  # fmt: skip
+    inputs[3][7] = 16.0
+    inputs[2] = torch.full_like(inputs[2], 7) if targets else None
+    check_top_k_distillation_on_the_students_top(
+        tuple(inputs), 3, impl, noise=0.01, reduction="mean"
+    )
+
+
 @gpu
 def test_top_k_distillation_on_the_kernels_at_a_larger_shape():
     """The support's mask and the `outside` term compiled for the GPU, at a ragged shape of
@@ -440,16 +459,23 @@ def test_top_k_distillation_on_the_kernels_at_a_larger_shape():
     check_top_k_distillation_on_the_students_top(inputs, 20, "triton")
 
 
-def check_top_k_distillation_on_the_students_top(inputs, k: int, impl: str) -> None:
+def check_top_k_distillation_on_the_students_top(
+    inputs, k: int, impl: str, noise: float | None = None, reduction: str = "none"
+) -> None:
     """Per-token losses and gradients against float64, the cached teacher's support the
-    student's own top k (float64 logits) with a tail of its own (random log-probs of k + 1
+    student's own top k (float64 logits): with `noise`, its log-probs moved by that times unit
+    noise (a teacher near the student), else a tail of its own (random log-probs of k + 1
     buckets, the last left out)."""
-    e, c, _, bias = (x.double() for x in inputs)
-    support = (e @ c.T + bias).topk(k, dim=-1).indices
+    e, c, bias = (inputs[i].double() for i in (0, 1, 3))
     gen = torch.Generator().manual_seed(2)
-    log_q = torch.log_softmax(torch.randn(e.shape[0], k + 1, generator=gen), -1)[:, :k]
-    teacher = (support, log_q.to(e.device))
-    options = {"reduction": "none"}
+    log_q, support = torch.log_softmax(e @ c.T + bias, -1).topk(k, dim=-1)
+    if noise is None:
+        log_q = torch.log_softmax(torch.randn(e.shape[0], k + 1, generator=gen), -1)[:, :k]
+    else:  # at most all the mass (less 1e-6, rounded to float32)
+        log_q = log_q + noise * torch.randn(log_q.shape, generator=gen).to(log_q.device)
+        log_q -= torch.logsumexp(log_q, -1, keepdim=True).clamp(min=0) + 1e-6
+    teacher = (support, log_q.float())
+    options = {"reduction": reduction}
     ours = outputs_and_grads(
         top_k_adapter(linear_top_k_distillation_loss, teacher), inputs, 1, impl=impl, **options
     )

@@ -143,6 +143,22 @@ def test_top_k(impl, dtype, k, options):
     assert (picked - exact[0][..., :k]).abs().max() <= slack
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_top_1_gradient_of_confident_rows_in_bfloat16(impl):
+    """k = 1 where one class holds all but 4e-5 of every row's mass (a bias of 16): the
+    value's gradient, a one-hot less p, is formed in the backend's gradient tile before any
+    16-bit rounding. Its two parts came apart before (the one-hot through gathered logits in
+    float32, p rounded to bf16 in the sweep), and cancelled after rounding: dE 97 times the
+    gradient's size from float64 (eager's error 0.86). (In float32 the value itself, near 0,
+    is 1.1-1.3x eager's relative error, as `test_top_k_of_confident_rows_keeps_relative_precision`
+    bounds it.)"""
+    inputs = make_inputs((32,), 16, 130, torch.bfloat16, bias=True, seed=4, device=DEVICE)
+    inputs[3][7] = 16.0
+    ours = outputs_and_grads(_top_k(1), inputs, 1, impl=impl)
+    assert (ours[0][1] == 7).all()
+    check_results(ours, inputs, reference=_reference_top_k(1))
+
+
 def confident_rows():
     """Inputs whose logits (std 12) make many rows confident: a largest probability near 1."""
     return make_inputs((211,), 64, 1009, bias=True, scale=12.0, seed=9, device=DEVICE)

@@ -65,15 +65,17 @@ def filters(terms: tuple[str, ...], softcap: float | None) -> bool:
 
 
 class LinearLogitStats(torch.autograd.Function):
-    """The statistics `names` per row, (len(names), N), with `top_k` the indices of each row's
-    largest logits and their log-probabilities (not differentiable here: see `SweepValues`),
-    and (for backward) every statistic computed; backward recomputes the logits block by
-    block."""
+    """The statistics `names` per row, (len(names), N); the log-probabilities at k classes per
+    row, (N, k): with `top_k`, each row's largest logits (their classes the second output),
+    with `plan.support`, its classes (`_support_log_probs`); and (for backward) every
+    statistic computed. Backward recomputes the logits block by block; the log-probabilities'
+    gradient, a one-hot at each class less p, is formed in the backend's gradient tile with the
+    statistics' (a confident class's 1 - p there, before any 16-bit rounding)."""
 
     @staticmethod
     def forward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, plan: Plan,
                 names: tuple[str, ...], top_k: int):  # fmt: skip
-        first = _first_sweep(names, teacher_e is not None)
+        first = _first_sweep(names, teacher_e is not None, plan.support is not None)
         teacher = (teacher_e, teacher_c, teacher_bias, plan.teacher_softcap, plan.beta)
         found, top, top_log_probs = ops.stats(
             e, c, bias, targets, plan.impl, plan.softcap, plan.scale, plan.column_weight,
@@ -92,6 +94,8 @@ class LinearLogitStats(torch.autograd.Function):
             if shard is not None:
                 second = shard.sum_stats(second)
             values.update(zip(MIXTURE, second, strict=True))
+        if plan.support is not None:
+            top_log_probs = _support_log_probs(e, c, bias, targets, plan, values)
         kept = torch.stack(list(values.values()))
         return torch.stack([values[name] for name in names]), top, top_log_probs, kept
 
@@ -99,14 +103,20 @@ class LinearLogitStats(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         e, c, bias, targets, teacher_e, teacher_c, teacher_bias, plan, names, _ = inputs
         ctx.plan, ctx.names = plan, names
-        ctx.kept = _first_sweep(names, teacher_e is not None) + (MIXTURE if "jsd" in names else ())
-        ctx.save_for_backward(e, c, bias, targets, teacher_e, teacher_c, teacher_bias, output[3])
-        ctx.mark_non_differentiable(targets, *output[1:])
+        with_teacher, with_support = teacher_e is not None, plan.support is not None
+        ctx.kept = _first_sweep(names, with_teacher, with_support) + (
+            MIXTURE if "jsd" in names else ()
+        )
+        classes = plan.support if with_support else output[1]
+        ctx.save_for_backward(
+            e, c, bias, targets, teacher_e, teacher_c, teacher_bias, output[3], classes
+        )
+        ctx.mark_non_differentiable(targets, output[1], output[3])
 
     @staticmethod
-    def backward(ctx, grad_stats, *_):
+    def backward(ctx, grad_stats, _, grad_log_probs, __):
         check_not_double_backward()
-        e, c, bias, targets, teacher_e, teacher_c, teacher_bias, kept = ctx.saved_tensors
+        e, c, bias, targets, teacher_e, teacher_c, teacher_bias, kept, classes = ctx.saved_tensors
         plan: Plan = ctx.plan
         values = dict(zip(ctx.kept, kept, strict=True))
         grads = {  # a rounding's residual has no gradient
@@ -118,6 +128,11 @@ class LinearLogitStats(torch.autograd.Function):
             summed = plan.token_gather.sum_coefficients(*grads.values())
             grads = dict(zip(grads, summed, strict=True))
         coefficients = statistic_coefficients(grads, values, plan.beta)
+        support = support_grad = None
+        if classes.shape[1]:  # log p at the classes: a one-hot at each, less p times their sum
+            support, support_grad = classes, grad_log_probs
+            p_term = coefficients.get("p", 0.0) - support_grad.sum(1)
+            coefficients["p"] = p_term
         terms = tuple(coefficients)
         needs = ctx.needs_input_grad[:3]
         filter_eps = plan.filter_eps if filters(terms, plan.softcap) else None
@@ -127,7 +142,7 @@ class LinearLogitStats(torch.autograd.Function):
                 e, c, bias, targets, _lse_pair(values, "lse"),
                 torch.stack(list(coefficients.values())), ",".join(terms), plan.impl,
                 plan.softcap, plan.scale, plan.column_weight, *teacher,
-                _lse_pair(values, "teacher_lse"), filter_eps, list(needs), plan.support,
+                _lse_pair(values, "teacher_lse"), filter_eps, list(needs), support, support_grad,
             )  # fmt: skip
         if plan.vocab_parallel is not None and needs[0]:
             grad_e = plan.vocab_parallel.reduce_grad_e(grad_e)
@@ -144,12 +159,42 @@ def _lse_pair(values: dict[str, torch.Tensor], name: str) -> torch.Tensor | None
     return torch.stack([values[name], values[f"{name}_residual"]])
 
 
-def _first_sweep(names: tuple[str, ...], with_teacher: bool) -> tuple[str, ...]:
+def _first_sweep(
+    names: tuple[str, ...], with_teacher: bool, with_support: bool = False
+) -> tuple[str, ...]:
     """The statistics of the first sweep for `names`: every one but the JSD's, and always the
-    log-sum-exps (with their residuals) the backward (and the JSD's sweep) need."""
+    log-sum-exps (with their residuals) the backward (and the JSD's sweep) need, and the
+    target logit a support's log-probabilities are anchored at."""
     normalizers = ["lse", *(["teacher_lse"] if with_teacher else [])]
     first = [*normalizers, *(f"{name}_residual" for name in normalizers)]
+    first += ["target"] if with_support else []
     return tuple(first + [name for name in names if name not in first and name not in MIXTURE])
+
+
+def _support_log_probs(e, c, bias, targets, plan: Plan, values: dict) -> torch.Tensor:
+    """The log-probabilities at `plan.support`'s classes (N, k), 0 at its padding (-1).
+
+    Its logits and the target's are gathered (N x (k + 1) dot products) apart from the sweep,
+    whose lse they would not cancel as log_softmax's logits do: a confident class's log-prob
+    (near 0) would keep an ulp of lse. So where a row has a target they are taken relative to
+    it, (z - z_target) + log p_target, the target's from the sweep ((target - lse) - residual,
+    as precise as log_softmax's); elsewhere (z - lse) - residual.
+    """
+    support = plan.support
+    classes = torch.cat((support, targets.unsqueeze(1)), dim=1).clamp(min=0)
+    z = ops.gathered_dots(e, c, classes)
+    if bias is not None:
+        z = z + bias.to(z.dtype)[classes]
+    if plan.softcap is not None:
+        z = plan.softcap * torch.tanh(z / plan.softcap)
+    z = z * plan.scale
+    z, anchor = z[:, :-1], z[:, -1:]
+    lse, residual, target = (
+        values[name].unsqueeze(1) for name in ("lse", "lse_residual", "target")
+    )
+    anchored = (z - anchor) + ((target - lse) - residual)
+    log_p = torch.where(targets.unsqueeze(1) >= 0, anchored, (z - lse) - residual)
+    return torch.where(support >= 0, log_p, 0.0)
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -240,50 +285,6 @@ class FusedLinearDivergence(_FusedLoss):
         )
         loss = torch.where(token_weights != 0, token_weights * losses, 0.0).sum()
         return loss, *grads
-
-
-class GatheredDots(torch.autograd.Function):
-    """(N, k) dot products `e[n] . c[indices[n, j]]`, in the accumulation dtype, for a few
-    classes per row (a top-k, a cached teacher's support): `ops.gathered_dots`, which gathers
-    at most a memory budget of classifier rows at a time (the portable backend's,
-    `LOGITLESS_BLOCK_MB`), in forward and again in backward, with autocast off.
-    """
-
-    @staticmethod
-    def forward(e, c, indices):
-        return ops.gathered_dots(e, c, indices)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        e, c, indices = inputs
-        ctx.save_for_backward(e, c, indices)
-
-    @staticmethod
-    def backward(ctx, grad):
-        check_not_double_backward()
-        e, c, indices = ctx.saved_tensors
-        need_e, need_c, _ = ctx.needs_input_grad
-        grad_e, grad_c = ops.gathered_dots_backward(grad, e, c, indices, need_e, need_c)
-        return grad_e.to(e.dtype) if need_e else None, grad_c if need_c else None, None
-
-
-class SweepValues(torch.autograd.Function):
-    """`values` forward, with the gradient of `differentiable`: the same function of the
-    inputs, computed another way. A top-k's log-probabilities come from the sweep, where the
-    largest is exact relative to the row's log-sum-exp; the gathered logits carry their
-    gradient."""
-
-    @staticmethod
-    def forward(values, differentiable):
-        return values.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, grad
 
 
 SCALE_CHUNK_ELEMENTS = 2**18

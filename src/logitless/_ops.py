@@ -86,6 +86,7 @@ def grads(
     filter_eps: float | None,
     needs: list[bool],
     support: Tensor | None,
+    support_grad: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of `backends.grads` (`terms` comma-separated), the rank-one `sum` term
     added here without softcap."""
@@ -97,7 +98,7 @@ def grads(
         out = get_backend(impl).grads(
             e, c, bias, targets, lse, coefficients[in_tiles], tuple(terms[i] for i in in_tiles),
             logits=Logits(softcap, scale, column_weight), teacher=teacher,
-            filter_eps=filter_eps, needs=tuple(needs), support=support,
+            filter_eps=filter_eps, needs=tuple(needs), support=support, support_grad=support_grad,
         )  # fmt: skip
         if uniform:
             grad_sum = coefficients[terms.index("sum")]
@@ -108,7 +109,7 @@ def grads(
 @grads.register_fake
 def _(e, c, bias, targets, lse, coefficients, terms, impl, softcap, scale, column_weight,
       teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse, filter_eps,
-      needs, support):  # fmt: skip
+      needs, support, support_grad):  # fmt: skip
     return _fake_grads(e, c, bias, needs)
 
 
@@ -246,39 +247,6 @@ def _(e, c, indices):
     return e.new_empty(indices.shape, dtype=accumulation_dtype(e.dtype))
 
 
-@torch.library.custom_op("logitless::gathered_dots_backward", mutates_args=())
-def gathered_dots_backward(
-    grad: Tensor, e: Tensor, c: Tensor, indices: Tensor, need_e: bool, need_c: bool
-) -> tuple[Tensor, Tensor]:
-    """(grad_e in the accumulation dtype, grad_c in c's dtype) of `gathered_dots`, empty where
-    not needed; grad_c is accumulated over the distinct classes hit only, then rounded once."""
-    acc = grad.dtype
-    grad_e = torch.zeros(e.shape, device=e.device, dtype=acc) if need_e else e.new_empty(0)
-    grad_c = c.new_empty(0)
-    if need_c:
-        classes, slots = torch.unique(indices, return_inverse=True)
-        grad_rows = torch.zeros(len(classes), c.shape[1], device=c.device, dtype=acc)
-    with _no_autocast(e):
-        for rows in _gather_blocks(indices, c.shape[1]):
-            g = grad[rows]
-            if need_e:
-                grad_e[rows] = (g.unsqueeze(1) @ c[indices[rows]].to(acc)).squeeze(1)
-            if need_c:
-                outer = g.unsqueeze(2) * e[rows].to(acc).unsqueeze(1)  # (rows, k, D)
-                grad_rows.index_add_(0, slots[rows].reshape(-1), outer.flatten(0, 1))
-        if need_c:
-            grad_c = torch.zeros_like(c).index_copy_(0, classes, grad_rows.to(c.dtype))
-    return grad_e, grad_c
-
-
-@gathered_dots_backward.register_fake
-def _(grad, e, c, indices, need_e, need_c):
-    return (
-        e.new_empty(e.shape, dtype=grad.dtype) if need_e else e.new_empty(0),
-        c.new_empty(c.shape) if need_c else c.new_empty(0),
-    )
-
-
 def _gather_blocks(indices: Tensor, dim: int) -> list[slice]:
     """Row blocks whose gathered (rows, k, D) classifier rows fit the portable backend's
     memory budget."""
@@ -335,7 +303,7 @@ def _outside_compile(op):
     return call
 
 
-stats, grads, stats_and_grads, linear_stats_and_grads, gathered_dots, gathered_dots_backward = map(
+stats, grads, stats_and_grads, linear_stats_and_grads, gathered_dots = map(
     _outside_compile,
-    (stats, grads, stats_and_grads, linear_stats_and_grads, gathered_dots, gathered_dots_backward),
+    (stats, grads, stats_and_grads, linear_stats_and_grads, gathered_dots),
 )

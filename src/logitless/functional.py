@@ -12,10 +12,8 @@ import torch
 from logitless._autograd import (
     FusedLinearCrossEntropy,
     FusedLinearDivergence,
-    GatheredDots,
     LinearLogitStats,
     Plan,
-    SweepValues,
 )
 from logitless._loss import (
     DIVERGENCES,
@@ -313,11 +311,10 @@ def linear_top_k(
     `softmax(softcap(e @ c.T + bias) / temperature)`, without forming the logits.
 
     One sweep over the vocabulary keeps a running top-k of the logits and their log-sum-exp,
-    and gives the values as log_softmax does. They are differentiable in e, c and bias: the
-    gradient flows through the logits recomputed from the k selected rows of `c` (gathered in
-    row blocks, never N x k x D at once, and only when a gradient is needed), and through the
-    log-sum-exp, whose gradient is one more sweep. k = 1 gives argmax predictions (and
-    accuracy) without logits.
+    and gives the values as log_softmax does. They are differentiable in e, c and bias: their
+    gradient, a one-hot at each class less the softmax, is one more sweep that recomputes the
+    logits and forms both parts in one tile before any 16-bit rounding (a confident class's
+    1 - p keeps its digits). k = 1 gives argmax predictions (and accuracy) without logits.
 
     Returns:
         (values, indices), both (..., k): float32 log-probabilities (float64 for float64 inputs)
@@ -339,12 +336,9 @@ def linear_top_k(
         filter_eps=None,
         scale=scale,
     )
-    found, indices, values, _ = LinearLogitStats.apply(
+    _, indices, values, _ = LinearLogitStats.apply(
         rows, c, bias, no_targets.reshape(-1), None, None, None, plan, ("lse",), k
     )
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (e, c, bias)):
-        logits = gathered_logits(rows, c, bias, indices, softcap=options.softcap, scale=scale)
-        values = SweepValues.apply(values, logits - found[0].unsqueeze(1))
     lead = e.shape[:-1]
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 
@@ -552,66 +546,35 @@ def linear_top_k_distillation_loss(
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
     check_inputs(e, c, labels, bias, options)
     check_teacher_top_k(e, c, teacher_indices, teacher_log_probs)
+    if targets is None:  # every row kept; the teacher's likeliest class anchors the support's
+        likeliest = teacher_log_probs.argmax(-1, keepdim=True)
+        labels = teacher_indices.gather(-1, likeliest).squeeze(-1).long().clamp(min=0)
+        options = dataclasses.replace(options, ignore_index=NO_TARGET)
     rows, row_targets, kept = _rows_with_target(
         e.reshape(-1, e.shape[-1]), _row_targets(labels, options)
     )
     k = teacher_indices.shape[-1]
-    indices = teacher_indices.reshape(-1, k).long()
     teacher_log_q = teacher_log_probs.detach().reshape(-1, k).to(accumulation_dtype(e.dtype))
-    padding = teacher_log_q.isneginf()
-    support = indices.masked_fill(padding, NO_TARGET)
-    indices = indices.masked_fill(padding, 0)  # padding weighs nothing
+    support = teacher_indices.reshape(-1, k).long().masked_fill(teacher_log_q.isneginf(), -1)
     if kept is not None:
-        indices, support, teacher_log_q = indices[kept], support[kept], teacher_log_q[kept]
+        support, teacher_log_q = support[kept], teacher_log_q[kept]
     valid = row_targets != NO_TARGET
     plan = Plan(
         impl=check_impl(impl, e.device, e.dtype), softcap=options.softcap,
         filter_eps=_filter_eps(options, c.shape[0]), scale=scale, support=support,
     )  # fmt: skip
     shared = hard_weight if scale == 1.0 else 0.0  # the hard loss's statistics in the same sweep
-    found = _stats(rows, c, bias, row_targets, plan, (*HARD_LOSS_STATISTICS, "support_tail"))
-    anchored = torch.cat((indices, row_targets.clamp(min=0).unsqueeze(1)), dim=1)
-    logits = gathered_logits(rows, c, bias, anchored, softcap=options.softcap, scale=scale)
-    divergence = top_k_forward_kl(
-        teacher_log_q, _anchored_log_probs(logits, found), found["support_tail"]
+    names = (*HARD_LOSS_STATISTICS, "support_tail")
+    stats, _, log_p, _ = LinearLogitStats.apply(
+        rows, c, bias, row_targets, None, None, None, plan, names, 0
     )
+    found = dict(zip(names, stats, strict=True))
+    divergence = top_k_forward_kl(teacher_log_q, log_p, found["support_tail"])
     losses = _with_hard_loss(
         divergence, found, hard_weight, shared,
         (rows, c, bias, row_targets, dataclasses.replace(plan, scale=1.0, support=None)),
     )  # fmt: skip
     return _reduce(torch.where(valid, losses, 0.0), valid, reduction, labels, shift, kept)
-
-
-def _anchored_log_probs(logits: torch.Tensor, found: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The student's log-probs at gathered logits (N, k + 1) whose last column is each row's
-    target's: valued as (z - z_target) + log p_target, the target's log-prob from the sweep
-    ((target - lse) - residual, as precise as log_softmax's), so that a confident target's,
-    near 0, keeps its relative precision, which z less the sweep's lse loses where z is
-    gathered apart from it (rounded another way); differentiated as z - lse."""
-    support, anchor = logits[:, :-1], logits[:, -1:]
-    lse, residual, target = (found[name].unsqueeze(1) for name in ("lse", "lse_residual", "target"))
-    anchor_log_p = (target - lse) - residual
-    return SweepValues.apply((support - anchor) + anchor_log_p, (support - lse) - residual)
-
-
-def gathered_logits(
-    rows: torch.Tensor,
-    c: torch.Tensor,
-    bias: torch.Tensor | None,
-    indices: torch.Tensor,
-    *,
-    softcap: float | None,
-    scale: float,
-) -> torch.Tensor:
-    """Differentiable logits `scale * softcap(rows @ c[indices].T + bias[indices])` at (N, k)
-    indices, in the accumulation dtype (under autocast too): N x k dot products over row blocks
-    (`GatheredDots`)."""
-    x = GatheredDots.apply(rows, c, indices)
-    if bias is not None:
-        x = x + bias.to(x.dtype)[indices]
-    if softcap is not None:
-        x = softcap * torch.tanh(x / softcap)
-    return x * scale if scale != 1.0 else x
 
 
 def _with_hard_loss(

@@ -89,14 +89,15 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
     support: torch.Tensor | None = None,
+    support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    if _in_tiles(e, (), terms, teacher, 0):
+    if _in_tiles(e, (), terms, teacher, 0) and support_grad is None:
         rows = dict(zip(terms, coefficients, strict=True))
         return _tiled_grads(e, c, bias, targets, lse, rows, logits, filter_eps, needs)
     _, grad_e, grad_c, grad_bias, *_ = _sweep(
         e, c, bias, targets, logits=logits, names=(), teacher=teacher, lse=lse,
         coefficients=lambda rows, _: coefficients[:, rows], terms=terms,
-        filter_eps=filter_eps, needs=needs, support=support,
+        filter_eps=filter_eps, needs=needs, support=support, support_grad=support_grad,
     )  # fmt: skip
     return grad_e, grad_c, grad_bias
 
@@ -218,6 +219,7 @@ def _sweep(
     needs: tuple[bool, bool, bool] = (False, False, False),
     top_k: int = 0,
     support: torch.Tensor | None = None,
+    support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """One pass over row blocks: the statistics `names` (the forward sweep when `lse` is None),
     and gradients when `coefficients` are given. Returns (stats, grad_e, grad_c, grad_bias,
@@ -337,8 +339,11 @@ def _sweep(
         log_p = None
         if "plogp" in coefs:  # log p = (z - max) - log sum exp(z - max): precise near p = 1
             log_p = _log_probs(z_kept, log_normalizer)
-        s = None if support is None else support[rows]
-        d = _softmax_to_grad(p, t, s, coefs, log_p, gap, q, ratio, weight32, deriv, scale)
+        d = _softmax_to_grad(
+            p, t, coefs, log_p, gap, q, ratio, weight32, deriv, scale,
+            support=None if support is None else support[rows],
+            support_grad=None if support_grad is None else support_grad[rows],
+        )  # fmt: skip
         e_rows32 = e_rows.to(acc) if half and needs[1] else e_rows
         for lo, hi in ranges:
             d_part = d[:, lo:hi]
@@ -522,7 +527,7 @@ def _tiled_grads(
             if filter_eps and _negligible(p, local, filter_eps, vocab):
                 continue
             coefs = {name: values[rows] for name, values in coefficients.items()}
-            d = _softmax_to_grad(p, local, None, coefs, None, None, None, None, weight, deriv,
+            d = _softmax_to_grad(p, local, coefs, None, None, None, None, weight, deriv,
                                  logits.scale)  # fmt: skip
             if grad_e is not None:
                 grad_e[rows].addmm_(d, c32)
@@ -681,7 +686,6 @@ def _exp_in_place(z: torch.Tensor, *, normalize: bool) -> tuple[torch.Tensor, to
 def _softmax_to_grad(
     p: torch.Tensor,
     t: torch.Tensor,
-    support: torch.Tensor | None,
     coefs: dict[str, torch.Tensor],
     log_p: torch.Tensor | None,
     gap: torch.Tensor | None,
@@ -690,13 +694,16 @@ def _softmax_to_grad(
     weight32: torch.Tensor | None,
     deriv: torch.Tensor | None,
     scale: float,
+    support: torch.Tensor | None = None,
+    support_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In place: softmax p -> the gradient of the pre-softcap logits,
 
-        (p (a + b log p + b_pq log(p / q) + b_r log(m / p) + o [v not in support]) + g q
-         + t onehot + s w) * scale * softcap'
+        (p (a + b log p + b_pq log(p / q) + b_r log(m / p) + o [v not in S]) + g q
+         + t onehot + sum_j u_j [v = S_j] + s w) * scale * softcap'
 
-    with the coefficient rows present in `coefs`, `gap` log p - log q (the other buffers are
+    with the coefficient rows present in `coefs`, `support` the classes S (rows, k) and
+    `support_grad` their coefficients u; `gap` log p - log q (the other buffers are
     overwritten)."""
     column = lambda name: coefs[name].unsqueeze(1)  # noqa: E731
     inner = None
@@ -710,8 +717,9 @@ def _softmax_to_grad(
                 inner.addcmul_(values, column(name))
     if "p" in coefs:
         inner = column("p") if inner is None else inner.add_(column("p"))
-    if "outside" in coefs:  # S's entries keep p times the rest, o never added to them
+    if support is not None:
         inside = _Support(support)
+    if "outside" in coefs:  # S's entries keep p times the rest, o never added to them
         kept = inside.take(p) * (0.0 if inner is None else inside.take(inner))
         if inner is None or inner.shape[1] == 1:  # a column of `coefs`, not to be written
             inner = column("outside") if inner is None else inner + column("outside")
@@ -725,6 +733,8 @@ def _softmax_to_grad(
     if "target" in coefs:
         at_target = torch.where(t >= 0, coefs["target"], 0.0).unsqueeze(1)
         d.scatter_add_(1, t.clamp(min=0).unsqueeze(1), at_target)
+    if support_grad is not None:
+        d.scatter_add_(1, inside.positions, torch.where(support >= 0, support_grad, 0.0))
     if "sum" in coefs:
         if weight32 is None:
             d.add_(column("sum"))

@@ -78,21 +78,22 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
     support: torch.Tensor | None = None,
+    support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The gradients from the backward kernel, the teacher's terms (`q`, `plogpq`, `plogr`) and
-    the `outside` term included."""
+    the support's (`outside`, `support_grad`) included."""
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse[0])
     teacher_terms = {term: rows[term] for term in ("q", "plogpq", "plogr") if term in rows}
-    if "sum" in rows or "plogp" in rows or "outside" in rows or teacher_terms:
-        filter_eps = None  # these gradients reach every logit: no tile is negligible
+    if {"sum", "plogp", "outside"} & rows.keys() or teacher_terms or support_grad is not None:
+        filter_eps = None  # these gradients reach every logit, or classes no tile check knows
     order = vocabulary_order(e, c, bias) if filter_eps else None
     return _sweep(
         e, c, bias, targets, lse, rows.get("p", zeros), rows.get("target", zeros),
         rows.get("sum"), softcap=logits.softcap, filter_eps=filter_eps, needs=needs, order=order,
         scale=logits.scale, grad_plogp=rows.get("plogp"), weight=logits.column_weight,
         teacher=teacher, teacher_terms=teacher_terms, grad_outside=rows.get("outside"),
-        support=support,
+        support=support, support_grad=support_grad,
     )  # fmt: skip
 
 
@@ -155,6 +156,7 @@ def _sweep(
     teacher_terms: dict[str, torch.Tensor] | None = None,
     grad_outside: torch.Tensor | None = None,
     support: torch.Tensor | None = None,
+    support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias).
 
@@ -190,16 +192,10 @@ def _sweep(
         term: x * correction if term in ("plogpq", "plogr") else x
         for term, x in teacher_terms.items()
     }
-    gain = (
-        _float16_gain(
-            grad_lse, grad_target, grad_sum, grad_plogp, grad_outside, *teacher_terms.values()
-        )
-        if e.dtype == torch.float16
-        else 1
-    )
-    grad_lse, grad_target, grad_sum, grad_plogp, grad_outside = (
-        None if x is None else (x * gain if gain != 1 else x).contiguous()
-        for x in (grad_lse, grad_target, grad_sum, grad_plogp, grad_outside)
+    rows = (grad_lse, grad_target, grad_sum, grad_plogp, grad_outside, support_grad)
+    gain = _float16_gain(*rows, *teacher_terms.values()) if e.dtype == torch.float16 else 1
+    grad_lse, grad_target, grad_sum, grad_plogp, grad_outside, support_grad = (
+        None if x is None else (x * gain if gain != 1 else x).contiguous() for x in rows
     )
     teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
     row_vectors = [lse.contiguous(), grad_lse, grad_target]
@@ -234,7 +230,7 @@ def _sweep(
             order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
             scale=scale, grad_plogp=grad_plogp, weight=weight, teacher=teacher,
             teacher_terms=teacher_terms, descriptors=descriptors, grad_outside=grad_outside,
-            support=support,
+            support=support, support_grad=support_grad,
         )  # fmt: skip
         if counts is None:
             products(begin, end, d)

@@ -100,7 +100,7 @@ LARGE_TILE = 128 * 128
 
 SPILLING_OPTIONS = (
     "HAS_SOFTCAP", "WITH_SUM", "WITH_ENTROPY", "HAS_PLOGP", "HAS_WEIGHT", "TOP_K", "TEACHER",
-    "HAS_SUPPORT", "HAS_OUTSIDE",
+    "HAS_SUPPORT", "HAS_OUTSIDE", "HAS_SUPPORT_GRAD",
 )  # fmt: skip
 """Options whose extra tile math spills a large tile's registers on Hopper."""
 
@@ -326,3 +326,14 @@ def outside_support(support_ptr, rows, row_mask, classes, support_k):
         member = tl.load(support_ptr + rows * support_k + j, mask=row_mask, other=-1)
         outside = outside & (classes[None, :] != member[:, None])
     return outside
+
+
+@triton.jit
+def add_at_support(tile, support_ptr, support_grad_ptr, rows, row_mask, classes, support_k):
+    """`tile` plus, at each class of each row's support (`support_ptr`, (N, support_k), -1 for
+    none), its coefficient (`support_grad_ptr`, the same shape)."""
+    for j in range(0, support_k):
+        member = tl.load(support_ptr + rows * support_k + j, mask=row_mask, other=-1)
+        grad = tl.load(support_grad_ptr + rows * support_k + j, mask=row_mask, other=0.0)
+        tile += tl.where(classes[None, :] == member[:, None], grad[:, None], 0.0)
+    return tile

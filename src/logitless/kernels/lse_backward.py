@@ -35,6 +35,7 @@ from logitless.backends import Teacher
 from logitless.kernels._tiles import (
     INTERPRETER_BLOCKS,
     TensorDescriptor,
+    add_at_support,
     autotune_by_dtype,
     dot_options,
     launch,
@@ -103,6 +104,7 @@ def lse_backward_kernel(
     GROUP_N: tl.constexpr = 0,
     e_desc=None, c_desc=None, HAS_DESCRIPTORS: tl.constexpr = False, TMA: tl.constexpr = False,
     grad_outside_ptr=None, support_ptr=None, support_k=0, HAS_OUTSIDE: tl.constexpr = False,
+    support_grad_ptr=None, HAS_SUPPORT_GRAD: tl.constexpr = False,
 ):  # fmt: skip
     """Write one tile of d into `d_ptr` (rows, positions - position_begin), zeros if filtered.
 
@@ -111,7 +113,9 @@ def lse_backward_kernel(
     D_t, bias and softcap) adds the terms g q (HAS_Q), p b_pq log(p / q) (HAS_PLOGPQ) and
     p b_r log(m / p) (HAS_PLOGR) of the gradient formula, q = exp(y - teacher_lse),
     m = beta q + (1 - beta) p. HAS_OUTSIDE adds p o [v not in S] (o from `grad_outside_ptr`, S
-    each row's support: `support_ptr`, (N, support_k) classes, -1 for none).
+    each row's support: `support_ptr`, (N, support_k) classes, -1 for none), HAS_SUPPORT_GRAD
+    sum_j u_j [v = S_j] (u from `support_grad_ptr`, (N, support_k)): a gathered log-prob's
+    one-hot, formed in the tile with its p term and rounded once with it.
     TMA (neither SORTED nor TEACHER) reads e and c through `e_desc` and `c_desc`
     (`tensor_descriptors`; their presence, HAS_DESCRIPTORS, keys the autotuner).
     """
@@ -204,6 +208,10 @@ def lse_backward_kernel(
         probs += teacher_terms
     if HAS_OUTSIDE:
         probs += outside_terms
+    if HAS_SUPPORT_GRAD:
+        probs = add_at_support(
+            probs, support_ptr, support_grad_ptr, rows, row_mask, vocab, support_k
+        )
     d = tl.where(is_target, probs + grad_target[:, None], probs)
     if HAS_SOFTCAP:
         d *= slope
@@ -274,6 +282,7 @@ def lse_backward(
     descriptors: dict[str, object] | None = None,
     grad_outside: torch.Tensor | None = None,
     support: torch.Tensor | None = None,
+    support_grad: torch.Tensor | None = None,
 ) -> None:
     """Write the logits' gradient at vocabulary positions [begin, end) into `d` (N, end - begin).
 
@@ -284,7 +293,8 @@ def lse_backward(
     the gradient formula, `weight` the column weight of the s term (by vocabulary row).
     `teacher_terms` holds the teacher's coefficient rows present (`q`, `plogpq`, `plogr`: g, b_pq
     and b_r), with `teacher` (whose `lse` the `q` and `plogr` terms need); `grad_outside` is o,
-    the coefficient of p outside each row's `support` ((N, k) classes, -1 for none).
+    the coefficient of p outside each row's `support` ((N, k) classes, -1 for none), and
+    `support_grad` (N, k) the coefficients u of its one-hot term.
 
     Position p is vocabulary row `order[p]` (p itself without order); `target_positions` holds
     each row's target as a position, -1 for none. With `filter_eps`, negligible tiles are written
@@ -313,7 +323,7 @@ def lse_backward(
         HAS_PLOGP=grad_plogp is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
-        **_outside_arguments(grad_outside, support),
+        **_support_arguments(support, grad_outside, support_grad),
         **(descriptors if descriptors and order is None else {"HAS_DESCRIPTORS": False}),
     )  # fmt: skip
 
@@ -324,17 +334,22 @@ def _grid(meta: dict, n: int, positions: int) -> tuple[int, ...]:
     return (blocks[0] * blocks[1],) if meta.get("GROUP_N") else blocks
 
 
-def _outside_arguments(
-    grad_outside: torch.Tensor | None, support: torch.Tensor | None
+def _support_arguments(
+    support: torch.Tensor | None,
+    grad_outside: torch.Tensor | None,
+    support_grad: torch.Tensor | None,
 ) -> dict[str, object]:
-    """The kernel's arguments for the `outside` term (none without)."""
-    if grad_outside is None:
+    """The kernel's arguments for the support's terms, `outside` and the one-hot (none
+    without)."""
+    if grad_outside is None and support_grad is None:
         return {}
     support = support.contiguous()
-    return dict(
-        grad_outside_ptr=grad_outside.contiguous(), support_ptr=support,
-        support_k=support.shape[1], HAS_OUTSIDE=True,
-    )  # fmt: skip
+    arguments = {"support_ptr": support, "support_k": support.shape[1]}
+    if grad_outside is not None:
+        arguments.update(grad_outside_ptr=grad_outside.contiguous(), HAS_OUTSIDE=True)
+    if support_grad is not None:
+        arguments.update(support_grad_ptr=support_grad.contiguous(), HAS_SUPPORT_GRAD=True)
+    return arguments
 
 
 def _teacher_arguments(

@@ -140,6 +140,19 @@ def _error_calls(rank: int, world: int, vp: VocabParallel):
         "targets differ": lambda: call(e, c[rows], targets.flip(0) if last else targets),
         "rows differ": lambda: call(e[first:], c[rows], targets[first:]),
         "hidden size differs": lambda: call(e[:, first:], c[rows, first:], targets),
+        "e differs": lambda: call(e * (1 + last), c[rows], targets),
+        "softcap differs": lambda: call(e, c[rows], targets, softcap=3.0 if last else None),
+        "smoothing differs": lambda: call(e, c[rows], targets, label_smoothing=0.1 * last),
+        "dtype differs": lambda: call(
+            *(x.double() if last else x for x in (e, c[rows])), targets, impl="torch"
+        ),
+        "weight differs": lambda: call(e, c[rows], targets, weight=torch.ones(VOCAB) + last),
+        "e needs a gradient on one rank": lambda: call(
+            e.detach().requires_grad_(last), c[rows], targets
+        ),
+        "temperature differs": lambda: linear_log_probs(
+            e, c[rows], targets, temperature=1.0 + last, vocab_parallel=vp
+        ),
         "target out of range": lambda: call(e, c[rows], out_of_range),
         "c rows": lambda: call(e, c[vp.start : vp.stop - first], targets),
         "bias length": lambda: call(e, c[rows], targets, bias[vp.start : vp.stop - last]),
@@ -161,11 +174,19 @@ def _error_calls(rank: int, world: int, vp: VocabParallel):
 
 
 ANY_RANK = "another rank failed its argument checks"
+OPTIONS_DIFFER = (
+    "softcap differs", "smoothing differs", "dtype differs", "weight differs",
+    "e needs a gradient on one rank", "temperature differs",
+)  # fmt: skip
+"""Calls whose ranks differ in options, dtypes or gradients needed: before, gloo aborted on
+tensors of different sizes, or each rank computed with the options mixed."""
 EXPECTED_ERRORS = {
     # name: (rank with the bad argument or None, its error, the error of the other ranks)
     "targets differ": (None, None, ("ValueError", "targets must be the same on every rank")),
     "rows differ": (None, None, ("ValueError", "same number of rows on every rank")),
     "hidden size differs": (None, None, ("ValueError", "same hidden size on every rank")),
+    "e differs": (None, None, ("ValueError", "e must be the same on every rank")),
+    **dict.fromkeys(OPTIONS_DIFFER, (None, None, ("ValueError", "the ranks differ in their"))),
     "target out of range": (None, None, ("ValueError", r"targets must lie in \[0, 1031\)")),
     "c rows": (0, ("ValueError", "c must hold the"), ("ValueError", ANY_RANK)),
     "bias length": (-1, ("ValueError", "bias must have shape"), ("ValueError", ANY_RANK)),
@@ -374,11 +395,11 @@ def test_bad_arguments_raise_on_every_rank(ranks, name):
 
 def test_communication_is_linear_in_rows_not_in_vocabulary(ranks):
     """For the N rows with a target (ignored rows are dropped first): 4N (max) + 12N (sums, with
-    smoothing) + 56 (agreement) forward, 4ND (grad_e) backward."""
+    smoothing) + 88 (agreement) forward, 4ND (grad_e) backward."""
     rows = int((Case({}).inputs()[2] != -100).sum())
     assert rows < ROWS
     for forward, backward in (rank["bytes"] for rank in ranks):
-        assert forward == 56 + 4 * rows + 12 * rows
+        assert forward == 88 + 4 * rows + 12 * rows
         assert backward == 4 * rows * DIM
 
 

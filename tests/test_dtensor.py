@@ -260,16 +260,16 @@ def test_bad_layouts_raise_on_every_rank(ranks):
 
 
 def test_communication(ranks):
-    """Same tokens: the vocabulary-parallel bytes with a 9-integer agreement (72 B) and no
+    """Same tokens: the vocabulary-parallel bytes with an 11-integer agreement (88 B) and no
     gathering. Different tokens: also the gathered rows and targets forward, the summed
     coefficients and the all-reduce of every rank's grad_e rows backward."""
     world = len(ranks)
     rows, padded = 45, 40
     for results in ranks:
         same, data_parallel = results["bytes"]["same tokens"], results["bytes"]["data parallel"]
-        assert same == (72 + 4 * rows + 8 * rows, 4 * rows * DIM)
+        assert same == (88 + 4 * rows + 8 * rows, 4 * rows * DIM)
         gathered = world * padded  # rows of every rank, each rank's padded to the longest
-        forward = 72 + padded * (4 * DIM + 8) + 12 * gathered  # + own rows and targets sent
+        forward = 88 + padded * (4 * DIM + 8) + 12 * gathered  # + own rows and targets sent
         assert data_parallel == (forward, 8 * gathered + 4 * gathered * DIM)
 
 

@@ -6,7 +6,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -86,14 +86,17 @@ def check_inputs(
     options: LossOptions,
     more: Callable[[], None] | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    agreed: tuple = (),
 ) -> TokenGather | None:
     """Raise TypeError/ValueError naming the first bad argument of a call (`more`: the call's
     further checks, such as its class weights or its teacher; a `num_items_in_batch` tensor's
     value is read with the targets', see `check_num_items_in_batch`).
 
     Under vocabulary parallelism every rank raises when any rank does, instead of leaving the
-    others waiting in a collective; the `TokenGather` there if the ranks' tokens differ (only
-    a shard from a DTensor classifier allows that).
+    others waiting in a collective, and when the ranks differ in `options`, in the dtypes, in
+    which of e, c and bias need gradients or in `agreed` (the call's further options); the
+    `TokenGather` there if the ranks' tokens differ (only a shard from a DTensor classifier
+    allows that).
     """
     error = None
     try:
@@ -106,7 +109,12 @@ def check_inputs(
         error = exc
     if options.vocab_parallel is None:
         return None
-    return options.vocab_parallel.check_ranks_agree(e, targets, error)
+    if error is None:
+        tensors = (e, c, bias)
+        needs = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in tensors]
+        dtypes = [None if x is None else x.dtype for x in tensors]
+        agreed = (replace(options, vocab_parallel=None), dtypes, needs, *agreed)
+    return options.vocab_parallel.check_ranks_agree(e, targets, error, agreed)
 
 
 def check_dtensors(

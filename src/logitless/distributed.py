@@ -10,7 +10,7 @@ summed (N x D values, as for any vocabulary-parallel output layer); grad_c and g
 their shard. Nothing of size N x V is ever communicated.
 
 Per call that is, in bytes, with N rows, D hidden and fp32 statistics:
-    56 (argument agreement) + 4N (max) + 8N, or 12N with label smoothing (sum) + 4ND (grad_e).
+    88 (argument agreement) + 4N (max) + 8N, or 12N with label smoothing (sum) + 4ND (grad_e).
 
 A classifier that is a DTensor sharded by rows (`Shard(0)`, as FSDP2 and a colwise-parallel
 lm_head leave it) implies such a shard over that mesh dimension's group. Its ranks may hold
@@ -27,6 +27,7 @@ translated to those rows (-1 where the target lives on another rank).
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -103,21 +104,27 @@ class VocabParallel:
         return self
 
     def check_ranks_agree(
-        self, e: torch.Tensor, targets: torch.Tensor, local_error: Exception | None
+        self,
+        e: torch.Tensor,
+        targets: torch.Tensor,
+        local_error: Exception | None,
+        agreed: tuple = (),
     ) -> TokenGather | None:
         """Raise on every rank if any rank's arguments failed their checks (`local_error` on
-        that rank) or if the ranks differ in hidden size, or (unless `tokens_may_differ`) in row
-        count or targets. Where tokens may differ and do, the `TokenGather` for this call.
+        that rank) or if the ranks differ in hidden size or in `agreed` (the call's options,
+        dtypes and which inputs need gradients: ranks that differ there would exchange
+        tensors of different sizes, or wait in different collectives), or (unless
+        `tokens_may_differ`) in row count, targets or e. Where tokens may differ and do, the
+        `TokenGather` for this call.
 
-        One all-reduce of 7 integers (9 where tokens may differ, with a checksum of e): a
-        failure flag and the maximum of (n, d, checksums) and of their complements, whose
-        negation is the minimum, so equality is max == min.
+        One all-reduce of 11 integers: a failure flag and the maximum of (n, d, checksums of
+        the targets, of e and of `agreed`) and of their complements, whose negation is the
+        minimum, so equality is max == min.
         """
-        facts = [0] * (4 if self.tokens_may_differ else 3)
+        facts = [0] * 5
         if local_error is None:
-            facts = [targets.numel(), e.shape[-1], _checksum(targets)]
-            if self.tokens_may_differ:
-                facts.append(_row_checksum(e))
+            facts = [targets.numel(), e.shape[-1], _checksum(targets), _row_checksum(e)]
+            facts.append(_fingerprint(agreed))
         summary = [local_error is not None, *facts, *(~x for x in facts)]
         summary = torch.tensor(summary, dtype=torch.int64, device=self._control_device())
         dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=self.group)
@@ -129,6 +136,11 @@ class VocabParallel:
         if failed:
             raise ValueError(
                 "vocab_parallel: another rank failed its argument checks (its error says which)"
+            )
+        if highest[4] != lowest[4]:
+            raise ValueError(
+                "vocab_parallel: the ranks differ in their options, their dtypes or which of e, "
+                "c and bias need gradients (every rank must make the same call)"
             )
         if self.tokens_may_differ:
             if highest[1] != lowest[1]:
@@ -151,6 +163,8 @@ class VocabParallel:
             )
         if highest[2] != lowest[2]:
             raise ValueError("targets must be the same on every rank of vocab_parallel")
+        if highest[3] != lowest[3]:
+            raise ValueError("e must be the same on every rank of vocab_parallel")
         return None
 
     def localize(self, row_targets: torch.Tensor) -> torch.Tensor:
@@ -410,6 +424,16 @@ def _row_checksum(e: torch.Tensor) -> int:
     rows = e.reshape(-1, e.shape[-1]).float()
     probe = torch.linspace(1.0, 2.0, rows.shape[1], device=rows.device)
     return _mixed_sum((rows @ probe).double().view(torch.int64))
+
+
+def _fingerprint(values: tuple) -> int:
+    """A checksum of a call's options: tensors by their values (`_mixed_sum` of their float64
+    bits), everything else by its repr (CRC-32: the same in every process, unlike `hash`)."""
+    parts = [
+        _mixed_sum(x.detach().double().view(torch.int64)) if isinstance(x, torch.Tensor) else x
+        for x in values
+    ]
+    return zlib.crc32(repr(parts).encode())
 
 
 def _checksum(targets: torch.Tensor) -> int:

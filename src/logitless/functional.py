@@ -171,7 +171,7 @@ def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weig
     """The loss of checked local tensors."""
     gather = check_inputs(
         e, c, targets, bias, options, more=lambda: check_weight(weight, e, c, options),
-        num_items_in_batch=num_items_in_batch,
+        num_items_in_batch=num_items_in_batch, agreed=(weight,),
     )  # fmt: skip
     impl = check_impl(options.impl, e.device, e.dtype)
     rows, row_targets, kept = _backend_rows(e, targets, options, gather)
@@ -270,7 +270,7 @@ def linear_log_probs(
     scale = temperature_scale(temperature)
     check_bool("return_entropy", return_entropy)
     e, c, targets, bias, options = _local_inputs(e, c, targets, bias, options)
-    gather = check_inputs(e, c, targets, bias, options)
+    gather = check_inputs(e, c, targets, bias, options, agreed=(scale, return_entropy))
     rows, row_targets, kept = _backend_rows(e, targets, options, gather)
     valid = row_targets != NO_TARGET
     shard = options.vocab_parallel
@@ -418,9 +418,14 @@ def linear_distillation_loss(
         )
     )
     e, c, labels, bias, options = _local_inputs(e, c, labels, bias, options)
+    teacher_layout = [  # the hidden size and dtypes (bias shards may differ in length)
+        teacher_e.shape[-1] if isinstance(teacher_e, torch.Tensor) else None,
+        *(getattr(x, "dtype", None) for x in (teacher_e, teacher_c, teacher_bias)),
+    ]
     gather = check_inputs(
         e, c, labels, bias, options,
         more=lambda: check_teacher(e, c, teacher_e, teacher_c, teacher_bias),
+        agreed=(dataclasses.replace(distillation, vocab_parallel=None), teacher_layout),
     )  # fmt: skip
     rows, row_targets, kept = _backend_rows(e, labels, options, gather)
     teacher_rows = teacher_e.detach().reshape(-1, teacher_e.shape[-1])

@@ -308,6 +308,7 @@ def test_tensor_descriptors_only_for_rows_laid_out_for_them():
     assert tensor_descriptors(wide[:, :ALIGNED_DIM], c)["HAS_DESCRIPTORS"] is False  # 82-byte rows
     assert tensor_descriptors(shifted.view(9, ALIGNED_DIM), c)["HAS_DESCRIPTORS"] is False
     assert tensor_descriptors(c.t().contiguous().t(), c)["HAS_DESCRIPTORS"] is False  # columns
+    assert tensor_descriptors(c[:1].expand(9, -1), c)["HAS_DESCRIPTORS"] is False  # one row
     found = tensor_descriptors(c[2:], c)
     assert found["HAS_DESCRIPTORS"] is True
     assert list(found["e_desc"].shape) == [48, ALIGNED_DIM]

@@ -82,9 +82,12 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def _tma_layout(tensor: torch.Tensor) -> bool:
-    """Whether a 2-D tensor's rows are contiguous and start at 16-byte aligned addresses."""
+    """Whether a 2-D tensor's rows are contiguous, distinct (not one row expanded: a stride of
+    0, which a descriptor's global strides do not describe) and start at 16-byte aligned
+    addresses."""
     row_bytes = tensor.stride(0) * tensor.element_size()
-    return tensor.stride(1) == 1 and tensor.data_ptr() % 16 == 0 and row_bytes % 16 == 0
+    aligned = tensor.data_ptr() % 16 == 0 and row_bytes % 16 == 0
+    return tensor.stride(1) == 1 and row_bytes > 0 and aligned
 
 
 def set_descriptor_blocks(args: dict[str, object]) -> None:

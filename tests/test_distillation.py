@@ -450,6 +450,81 @@ def test_top_k_distillation_of_a_confident_class(request, impl, dtype, targets):
     )
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("far", [float("-inf"), -1e9])
+def test_top_k_distillation_of_a_target_far_below_the_rest(impl, far):
+    """A target whose logit a bias puts far below every other (masked, or -1e9; with
+    hard_weight 0 targets only mark rows): the support's log-probs are not taken relative to
+    it (NaN, and a negative KL, when they were)."""
+    e, c, targets, bias = make_inputs((ROWS,), DIM, VOCAB, bias=True, seed=12)
+    bias[targets[:5]] = far
+    teacher = cached_teacher(5, 1.0, pad_rows=2)
+    function, reference = (
+        top_k_adapter(f, teacher)
+        for f in (linear_top_k_distillation_loss, reference_linear_top_k_distillation_loss)
+    )
+    ours = function(e, c, targets, bias, impl=impl, reduction="none")
+    exact = reference(e.double(), c.double(), targets, bias.double(), reduction="none")
+    assert_equal_with_infinities(ours, exact)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_top_k_distillation_without_targets_anchors_each_row_at_its_own_teacher(impl):
+    """Without targets, row t's support log-probs are taken relative to the teacher's
+    likeliest class of row t, with a shift too (they were anchored at row t + shift's, and a
+    student mask on that class made row t NaN)."""
+    e, c, _, bias = make_inputs((1, 6), DIM, VOCAB, bias=True, seed=13)
+    indices = torch.arange(24).view(1, 6, 4)  # disjoint supports
+    log_q = torch.tensor([0.5, 0.2, 0.1, 0.05]).log().expand(1, 6, 4)
+    bias[indices[0, 1, 0]] = float("-inf")  # row 1's likeliest class: row 1's KL is infinite
+    options = {"shift": 1, "reduction": "none"}
+    ours = linear_top_k_distillation_loss(e, c, indices, log_q, None, bias, impl=impl, **options)
+    exact = reference_linear_top_k_distillation_loss(
+        e.double(), c.double(), indices, log_q, None, bias.double(), **options
+    )
+    assert_equal_with_infinities(ours, exact)
+
+
+def assert_equal_with_infinities(ours: torch.Tensor, exact: torch.Tensor) -> None:
+    """Per-token losses: infinite where float64's are (a teacher's class the student masks),
+    never NaN, and float32's precision elsewhere."""
+    assert torch.equal(ours.isinf(), exact.isinf()) and not ours.isnan().any()
+    finite = exact.isfinite()
+    assert finite.any() and rel_error(ours[finite], exact[finite]) < 1e-6
+
+
+def test_supports_of_more_than_64_classes_skip_the_kernels(monkeypatch):
+    """The kernels compare every logit with each support class: beyond MAX_TOP_K (64) classes,
+    a support's statistics and gradients come from the portable backend, whose work does not
+    grow with k (a top-k backward at k = V took 22 times k = 4's time on the interpreter)."""
+    kernels = {
+        "lse_forward": triton_backend.lse_forward,
+        "lse_backward": triton_backend.lse_backward,
+    }
+
+    def without_support(name):
+        def launch(*args, support=None, support_grad=None, **kwargs):
+            assert support is None and support_grad is None, f"{name} got a support"
+            return kernels[name](*args, **kwargs)
+
+        return launch
+
+    for name in kernels:
+        monkeypatch.setattr(triton_backend, name, without_support(name))
+    inputs = make_inputs((ROWS,), DIM, VOCAB, bias=True, ignore_fraction=0.2, seed=14)
+    teacher = cached_teacher(70, 1.0, pad_rows=3)
+    ours = outputs_and_grads(
+        top_k_adapter(linear_top_k_distillation_loss, teacher), inputs, 1, impl="triton"
+    )
+    check_results(
+        ours, inputs, reference=top_k_adapter(reference_linear_top_k_distillation_loss, teacher)
+    )
+    e = inputs[0].clone().requires_grad_()
+    values, _ = functional.linear_top_k(e, inputs[1], 70, inputs[3], impl="triton")
+    values.sum().backward()
+    assert e.grad.isfinite().all()
+
+
 @gpu
 def test_top_k_distillation_on_the_kernels_at_a_larger_shape():
     """The support's mask and the `outside` term compiled for the GPU, at a ragged shape of

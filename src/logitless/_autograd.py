@@ -176,9 +176,10 @@ def _support_log_probs(e, c, bias, targets, plan: Plan, values: dict) -> torch.T
 
     Its logits and the target's are gathered (N x (k + 1) dot products) apart from the sweep,
     whose lse they would not cancel as log_softmax's logits do: a confident class's log-prob
-    (near 0) would keep an ulp of lse. So where a row has a target they are taken relative to
-    it, (z - z_target) + log p_target, the target's from the sweep ((target - lse) - residual,
-    as precise as log_softmax's); elsewhere (z - lse) - residual.
+    (near 0) would keep an ulp of lse. So where a row's target is likely (log p_target > -1)
+    they are taken relative to it, (z - z_target) + log p_target, the target's from the sweep
+    ((target - lse) - residual, as precise as log_softmax's); elsewhere (a target far below the
+    others, even masked, whose logit no difference should pass through) (z - lse) - residual.
     """
     support = plan.support
     classes = torch.cat((support, targets.unsqueeze(1)), dim=1).clamp(min=0)
@@ -192,8 +193,9 @@ def _support_log_probs(e, c, bias, targets, plan: Plan, values: dict) -> torch.T
     lse, residual, target = (
         values[name].unsqueeze(1) for name in ("lse", "lse_residual", "target")
     )
-    anchored = (z - anchor) + ((target - lse) - residual)
-    log_p = torch.where(targets.unsqueeze(1) >= 0, anchored, (z - lse) - residual)
+    target_log_p = (target - lse) - residual
+    likely = (targets.unsqueeze(1) >= 0) & (target_log_p > -1.0)
+    log_p = torch.where(likely, (z - anchor) + target_log_p, (z - lse) - residual)
     return torch.where(support >= 0, log_p, 0.0)
 
 

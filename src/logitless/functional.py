@@ -525,8 +525,8 @@ def linear_top_k_distillation_loss(
         hard_weight: h mixes in the student's cross-entropy at T = 1:
             (1 - h) divergence + h cross-entropy.
         reduction, ignore_index, shift, softcap, impl: as in `linear_cross_entropy`.
-        filter_eps: None (exact) by default; the log-sum-exp's gradient may skip negligible
-            tiles with a budget, as in `linear_cross_entropy`.
+        filter_eps: taken for a uniform signature; no tile is skipped (the gradient of the
+            student's tail reaches every class outside the support).
 
     Returns:
         The float32 loss (float64 for float64 inputs): a scalar, or per token (the shape of
@@ -554,6 +554,7 @@ def linear_top_k_distillation_loss(
     if targets is None:  # every row kept; the teacher's likeliest class anchors the support's
         likeliest = teacher_log_probs.argmax(-1, keepdim=True)
         labels = teacher_indices.gather(-1, likeliest).squeeze(-1).long().clamp(min=0)
+        labels = labels.roll(options.shift, dims=-1)  # row t's where the shift reads row t's
         options = dataclasses.replace(options, ignore_index=NO_TARGET)
     rows, row_targets, kept = _rows_with_target(
         e.reshape(-1, e.shape[-1]), _row_targets(labels, options)

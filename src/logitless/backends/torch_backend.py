@@ -200,7 +200,7 @@ def _read_last_level_cache_mb() -> float:
 
 _LAST_LEVEL_CACHE_MB = _read_last_level_cache_mb()
 """Read once at import: torch.compile traces the block sizes of the ops it traces through
-(`linear_top_k`'s gathered dots), and cannot trace a file system read."""
+(a top-k distillation's gathered dots), and cannot trace a file system read."""
 
 
 def _sweep(

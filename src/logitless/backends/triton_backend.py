@@ -47,9 +47,10 @@ def stats(
     support: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The statistics from the forward kernel, a teacher's, the JSD's second sweep and the mass
-    outside a support included, and a running top-k up to MAX_TOP_K; a larger top-k from the
-    portable backend (on the same device), which has it."""
-    if top_k > MAX_TOP_K:
+    outside a support included, and a running top-k up to MAX_TOP_K; a larger top-k or support
+    from the portable backend (on the same device), whose work does not grow with k as the
+    kernels' (k comparisons per logit) does."""
+    if top_k > MAX_TOP_K or (support is not None and support.shape[1] > MAX_TOP_K):
         return torch_backend.stats(
             e, c, bias, targets, logits=logits, names=names, teacher=teacher, lse=lse,
             top_k=top_k, support=support,
@@ -81,7 +82,13 @@ def grads(
     support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The gradients from the backward kernel, the teacher's terms (`q`, `plogpq`, `plogr`) and
-    the support's (`outside`, `support_grad`) included."""
+    the support's (`outside`, `support_grad`) included; those of a support of more than
+    MAX_TOP_K classes from the portable backend, as `stats`."""
+    if support is not None and support.shape[1] > MAX_TOP_K:
+        return torch_backend.grads(
+            e, c, bias, targets, lse, coefficients, terms, logits=logits, teacher=teacher,
+            filter_eps=filter_eps, needs=needs, support=support, support_grad=support_grad,
+        )  # fmt: skip
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse[0])
     teacher_terms = {term: rows[term] for term in ("q", "plogpq", "plogr") if term in rows}

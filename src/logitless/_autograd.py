@@ -135,7 +135,9 @@ class LinearLogitStats(torch.autograd.Function):
             coefficients["p"] = p_term
         terms = tuple(coefficients)
         needs = ctx.needs_input_grad[:3]
-        filter_eps = plan.filter_eps if filters(terms, plan.softcap) else None
+        # a support's one-hot lies at classes no tile check knows: never filtered
+        filtered = filters(terms, plan.softcap) and support is None
+        filter_eps = plan.filter_eps if filtered else None
         teacher = (teacher_e, teacher_c, teacher_bias, plan.teacher_softcap, plan.beta)
         with torch.no_grad():  # under torch.func.grad too: the result is not differentiated
             grad_e, grad_c, grad_bias = ops.grads(

@@ -57,10 +57,12 @@ class Measurement:
 def measure(
     call: Callable[[], object], device: torch.device, *, warmup: int, repeats: int
 ) -> tuple[Measurement, object]:
-    """Run `call` `warmup` times, then (on the CPU) once more for its memory, then `repeats`
-    timed times; return the last output too.
+    """Run `call` `warmup` times, then (on the CPU) once more for its memory and once to settle,
+    then `repeats` timed times; return the last output too.
 
-    The first call's memory is measured whether or not it is a warm-up call."""
+    The first call's memory is measured whether or not it is a warm-up call. The metered call
+    returns all it frees to the system (`CPU_WORKER_ENV`), so the call after it faults its
+    buffers in again: it is not timed, or a median of few calls would hold one cold call."""
     meter = CudaMeter(device) if device.type == "cuda" else CpuMeter()
     first_peak = None
     for i in range(warmup):
@@ -79,6 +81,8 @@ def measure(
         peaks.append(peak)
         if separate and i == 0:
             meter.time_only()
+            output = None
+            output = call()  # refills glibc's pool for reuse, as the timed calls find it
         else:
             times.append(elapsed)
     metered = [peak for peak in peaks if peak is not None]

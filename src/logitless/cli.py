@@ -134,7 +134,9 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
             warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
             out=args.out
             if len(tables) == 1
-            else args.out / f"{preset}-{regime}-{op.replace('+', '-')}",
+            else args.out
+            / f"{preset if shape == base else f'n{shape.n}-d{shape.d}-v{shape.v}'}-{regime}-"
+            f"{op.replace('+', '-')}",
             sweep_vocabs=tuple(
                 dict.fromkeys(SWEEP_VOCABS if args.sweep_v is None and cuda else args.sweep_v or ())
             ),  # each point once: a point's ratios are keyed by method

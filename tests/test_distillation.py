@@ -560,6 +560,27 @@ def check_top_k_distillation_on_the_students_top(
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("top_k", [False, True], ids=["full", "top_k"])
+def test_references_take_ignore_index_equal_to_the_vocabulary_size(top_k):
+    """ignore_index = V is no class, so the library takes it; the references, which take the
+    hard loss of ignored rows too, must not index class V."""
+    inputs = make_inputs((ROWS,), DIM, VOCAB, bias=True, ignore_fraction=0.2,
+                         ignore_index=VOCAB, seed=3)  # fmt: skip
+    wrap, teacher = (
+        (top_k_adapter, cached_teacher(5, 1.0))
+        if top_k
+        else (adapter, teacher_head(torch.float32, bias=True))
+    )
+    function, reference = (
+        (linear_top_k_distillation_loss, reference_linear_top_k_distillation_loss)
+        if top_k
+        else (linear_distillation_loss, reference_linear_distillation_loss)
+    )
+    options = {"hard_weight": 0.4, "ignore_index": VOCAB}
+    ours = outputs_and_grads(wrap(function, teacher), inputs, 1, **options)
+    check_results(ours, inputs, reference=wrap(reference, teacher), **options)
+
+
 def test_top_k_distillation_with_shift_on_batched_sequences():
     e, c, targets, _ = make_inputs((ROWS,), DIM, VOCAB, ignore_fraction=0.1, seed=6)
     batched = (e.view(1, ROWS, DIM), c, targets.view(1, ROWS), None)

@@ -131,8 +131,7 @@ class LinearLogitStats(torch.autograd.Function):
         support = support_grad = None
         if classes.shape[1]:  # log p at the classes: a one-hot at each, less p times their sum
             support, support_grad = classes, grad_log_probs
-            p_term = coefficients.get("p", 0.0) - support_grad.sum(1)
-            coefficients["p"] = p_term
+            coefficients["p"] = coefficients.get("p", 0.0) - support_grad.sum(1)
         terms = tuple(coefficients)
         needs = ctx.needs_input_grad[:3]
         # a support's one-hot lies at classes no tile check knows: never filtered

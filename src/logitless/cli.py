@@ -121,6 +121,7 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
     for preset, regime, op in tables:
         base = PRESETS[preset]
         shape = Shape(args.n or base.n, args.d or base.d, args.v or base.v)
+        name = preset if shape == base else f"n{shape.n}-d{shape.d}-v{shape.v}"
         config = BenchConfig(
             device=device,
             dtype=DTYPES[args.dtype or ("bfloat16" if cuda else "float32")],
@@ -134,9 +135,7 @@ def _bench_configs(args, parser: argparse.ArgumentParser, command: str) -> list[
             warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
             out=args.out
             if len(tables) == 1
-            else args.out
-            / f"{preset if shape == base else f'n{shape.n}-d{shape.d}-v{shape.v}'}-{regime}-"
-            f"{op.replace('+', '-')}",
+            else args.out / f"{name}-{regime}-{op.replace('+', '-')}",
             sweep_vocabs=tuple(
                 dict.fromkeys(SWEEP_VOCABS if args.sweep_v is None and cuda else args.sweep_v or ())
             ),  # each point once: a point's ratios are keyed by method

@@ -119,19 +119,22 @@ class VocabParallel:
 
         One all-reduce of 11 integers: a failure flag and the maximum of (n, d, checksums of
         the targets, of e and of `agreed`) and of their complements, whose negation is the
-        minimum, so equality is max == min.
+        minimum, so equality is max == min. The checksums stay on the device until the one read
+        of the result (a single host synchronization on an accelerator's group).
         """
-        facts = [0] * 5
+        control = self._control_device()
+        facts = torch.zeros(5, dtype=torch.int64, device=control)
         if local_error is None:
-            facts = [targets.numel(), e.shape[-1], _checksum(targets), _row_checksum(e)]
-            facts.append(_fingerprint(agreed))
-        summary = [local_error is not None, *facts, *(~x for x in facts)]
-        summary = torch.tensor(summary, dtype=torch.int64, device=self._control_device())
+            sizes = torch.tensor([targets.numel(), e.shape[-1]], device=control)
+            checksums = [_checksum(targets), _row_checksum(e), _fingerprint(agreed, control)]
+            facts = torch.cat((sizes, torch.stack([x.to(control) for x in checksums])))
+        failed = torch.tensor([local_error is not None], dtype=torch.int64, device=control)
+        summary = torch.cat((failed, facts, ~facts))
         dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=self.group)
         if local_error is not None:
             raise local_error
         failed, *highest = summary.tolist()
-        count = len(facts)
+        count = facts.numel()
         highest, lowest = highest[:count], [~x for x in highest[count:]]
         if failed:
             raise ValueError(
@@ -418,7 +421,7 @@ def _tiled_vocab_size(shards: list[tuple[int, int]]) -> int:
     return edge
 
 
-def _row_checksum(e: torch.Tensor) -> int:
+def _row_checksum(e: torch.Tensor) -> torch.Tensor:
     """A checksum of e: its rows projected on a fixed vector, whose float64 bits are mixed
     (`_mixed_sum`): equal for equal tensors on equal devices, different for different batches."""
     rows = e.reshape(-1, e.shape[-1]).float()
@@ -426,17 +429,19 @@ def _row_checksum(e: torch.Tensor) -> int:
     return _mixed_sum((rows @ probe).double().view(torch.int64))
 
 
-def _fingerprint(values: tuple) -> int:
-    """A checksum of a call's options: tensors by their values (`_mixed_sum` of their float64
-    bits), everything else by its repr (CRC-32: the same in every process, unlike `hash`)."""
-    parts = [
-        _mixed_sum(x.detach().double().view(torch.int64)) if isinstance(x, torch.Tensor) else x
-        for x in values
-    ]
-    return zlib.crc32(repr(parts).encode())
+def _fingerprint(values: tuple, device: torch.device) -> torch.Tensor:
+    """A checksum of a call's options on `device`: everything but tensors by its repr (CRC-32:
+    the same in every process, unlike `hash`), plus each tensor's `_mixed_sum` of its float64
+    bits."""
+    tensors = [x for x in values if isinstance(x, torch.Tensor)]
+    described = [None if isinstance(x, torch.Tensor) else x for x in values]
+    total = torch.tensor(zlib.crc32(repr(described).encode()), device=device)
+    for x in tensors:
+        total = total + _mixed_sum(x.detach().double().view(torch.int64)).to(device)
+    return total
 
 
-def _checksum(targets: torch.Tensor) -> int:
+def _checksum(targets: torch.Tensor) -> torch.Tensor:
     """An order-sensitive checksum of the targets (`_mixed_sum`)."""
     return _mixed_sum(targets.reshape(-1).long())
 
@@ -445,10 +450,11 @@ _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 """SplitMix64's constants."""
 
 
-def _mixed_sum(values: torch.Tensor) -> int:
-    """The wrapping int64 sum of each (position, value) pair mixed by SplitMix64's finalizer: a
-    sum of linear terms, such as a position-weighted sum, is equal for batches whose
-    differences cancel (targets +2 at one position and -1 at the next)."""
+def _mixed_sum(values: torch.Tensor) -> torch.Tensor:
+    """The wrapping int64 sum of each (position, value) pair mixed by SplitMix64's finalizer, a
+    0-d tensor on the values' device: a sum of linear terms, such as a position-weighted sum,
+    is equal for batches whose differences cancel (targets +2 at one position and -1 at the
+    next)."""
     signed = [m - 2**64 for m in _MIX]  # as int64
 
     def xor_shift(x: torch.Tensor, bits: int) -> torch.Tensor:  # a logical shift of the bits
@@ -457,4 +463,4 @@ def _mixed_sum(values: torch.Tensor) -> int:
     positions = torch.arange(values.numel(), device=values.device)
     x = xor_shift(values * signed[0] + positions, 30) * signed[1]
     x = xor_shift(x, 27) * signed[2]
-    return int(xor_shift(x, 31).sum())
+    return xor_shift(x, 31).sum()

@@ -651,8 +651,8 @@ class _Support:
         self.positions = positions.clamp(min=0)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
-        """x at S, (rows, k); a column (rows, 1) stands for every class of its row."""
-        return x if x.shape[1] == 1 else x.gather(1, self.positions)
+        """x at S, (rows, k)."""
+        return x.gather(1, self.positions)
 
     def put(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """x[S] = values (as `take` gives them) in place."""
@@ -715,16 +715,17 @@ def _softmax_to_grad(
                 inner = values.mul_(column(name))
             else:
                 inner.addcmul_(values, column(name))
+    in_buffer = inner is not None  # a block buffer, written in place; else a column of `coefs`
     if "p" in coefs:
-        inner = column("p") if inner is None else inner.add_(column("p"))
+        inner = inner.add_(column("p")) if in_buffer else column("p")
     if support is not None:
         inside = _Support(support)
     if "outside" in coefs:  # S's entries keep p times the rest, o never added to them
-        kept = inside.take(p) * (0.0 if inner is None else inside.take(inner))
-        if inner is None or inner.shape[1] == 1:  # a column of `coefs`, not to be written
-            inner = column("outside") if inner is None else inner + column("outside")
-        else:
+        kept = inside.take(p) * (0.0 if inner is None else inside.take(inner.expand_as(p)))
+        if in_buffer:
             inner.add_(column("outside"))
+        else:
+            inner = column("outside") + (0.0 if inner is None else inner)
     d = p.zero_() if inner is None else p.mul_(inner)
     if "outside" in coefs:
         inside.put(d, kept)

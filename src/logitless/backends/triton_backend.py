@@ -290,6 +290,10 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: flo
         out.addmm_(a.float(), b.float(), alpha=alpha)
 
 
+MAX_GAIN_EXPONENT = 126
+"""The largest gain is 2^126: coefficients below float32's normal range (2^-126) stay finite."""
+
+
 def _float16_gain(*coefficients: torch.Tensor | None) -> float:
     """A power of two that lifts the largest per-row coefficient into [1, 2).
 
@@ -303,9 +307,6 @@ def _float16_gain(*coefficients: torch.Tensor | None) -> float:
     if not 0 < largest < float("inf"):
         return 1
     return 2.0 ** min(MAX_GAIN_EXPONENT, -math.floor(math.log2(largest)))
-
-
-MAX_GAIN_EXPONENT = 126
 
 
 def _chunk_positions(n: int, vocab: int, itemsize: int) -> int:

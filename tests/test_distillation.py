@@ -485,6 +485,22 @@ def test_top_k_distillation_without_targets_anchors_each_row_at_its_own_teacher(
     assert_equal_with_infinities(ours, exact)
 
 
+def test_top_k_distillation_without_targets_keeps_rows_whatever_ignore_index():
+    """Without targets every row predicts, whatever ignore_index says: the rows kept are
+    counted with the target check, on the zeros that stand in for targets, and an
+    ignore_index of 0 must not count them out."""
+    e, c, _, bias = make_inputs((1, ROWS), DIM, VOCAB, bias=True, seed=15)
+    indices, log_q = cached_teacher(5, 1.0, lead=(1, ROWS))
+    options = {"shift": 1, "reduction": "none"}
+    ours = linear_top_k_distillation_loss(
+        e, c, indices, log_q, None, bias, ignore_index=0, **options
+    )
+    exact = reference_linear_top_k_distillation_loss(
+        e.double(), c.double(), indices, log_q, None, bias.double(), **options
+    )
+    assert rel_error(ours, exact) < 1e-6 and ours[..., :-1].ne(0).all()
+
+
 def assert_equal_with_infinities(ours: torch.Tensor, exact: torch.Tensor) -> None:
     """Per-token losses: infinite where float64's are (a teacher's class the student masks),
     never NaN, and float32's precision elsewhere."""

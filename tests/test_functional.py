@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import (
     DTYPES,
@@ -289,3 +292,62 @@ def test_rows_without_target_never_reach_the_backend(monkeypatch, ignored, impl)
     check_against_reference(inputs, impl=impl, reduction="none", return_lse=True, shift=1)
     with_target = int((inputs[2][..., 1:] != -100).sum())
     assert rows_seen and set(rows_seen) == {with_target}
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read a tensor's values on the host (synchronizations with a GPU);
+    `tolist`, the target check's one read, reads without an op and is not seen."""
+
+    READS = ("aten.nonzero", "aten._local_scalar_dense", "aten.masked_select")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        if str(op).startswith(self.READS):
+            self.reads.append(str(op))
+        return op(*args, **(kwargs or {}))
+
+
+def test_dropping_rows_reads_nothing_beyond_the_target_check():
+    """The count of rows with a target comes with the target check's host read: no read of its
+    own (a second GPU synchronization per call before)."""
+    e, c, targets, bias = make_inputs((3, 17), 29, 301, bias=True, ignore_fraction=0.5, seed=9)
+    e.requires_grad_()
+    with HostReads() as recorded:
+        losses = linear_cross_entropy(e, c, targets, bias, shift=1, reduction="none")
+        losses.sum().backward()
+        linear_log_probs(e, c, targets, bias, shift=1, return_entropy=True)
+    assert recorded.reads == []
+    expected = reference_linear_cross_entropy(
+        e.detach(), c, targets, bias, shift=1, reduction="none"
+    )
+    assert rel_error(losses, expected) < 1e-6
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_cuda_call_synchronizes_once(impl):
+    """One host synchronization per loss + backward on CUDA with half the rows ignored: the
+    target check's, which also reads how many rows to keep."""
+    e, c, targets, bias = make_inputs(
+        (4, 129), 64, 1031, bias=True, ignore_fraction=0.5, device="cuda"
+    )
+    e.requires_grad_()
+    c.requires_grad_()
+
+    def call():
+        linear_cross_entropy(e, c, targets, bias, shift=1, impl=impl).backward()
+
+    call()  # compiles and autotunes the kernels
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

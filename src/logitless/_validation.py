@@ -7,6 +7,7 @@ import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -78,6 +79,15 @@ class LossOptions:
         return self.filter_eps or None
 
 
+class Checked(NamedTuple):
+    """What a call's checks learned on the way: under vocabulary parallelism the `TokenGather`
+    where the ranks' tokens differ, and how many rows predict a target (read with the target
+    check; None where that check ran on the device)."""
+
+    gather: TokenGather | None
+    predicting: int | None
+
+
 def check_inputs(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -87,20 +97,18 @@ def check_inputs(
     more: Callable[[], None] | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     agreed: tuple = (),
-) -> TokenGather | None:
+) -> Checked:
     """Raise TypeError/ValueError naming the first bad argument of a call (`more`: the call's
     further checks, such as its class weights or its teacher; a `num_items_in_batch` tensor's
     value is read with the targets', see `check_num_items_in_batch`).
 
     Under vocabulary parallelism every rank raises when any rank does, instead of leaving the
     others waiting in a collective, and when the ranks differ in `options`, in the dtypes, in
-    which of e, c and bias need gradients or in `agreed` (the call's further options); the
-    `TokenGather` there if the ranks' tokens differ (only a shard from a DTensor classifier
-    allows that).
+    which of e, c and bias need gradients or in `agreed` (the call's further options).
     """
-    error = None
+    error = predicting = None
     try:
-        _check_local_inputs(e, c, targets, bias, options, num_items_in_batch)
+        predicting = _check_local_inputs(e, c, targets, bias, options, num_items_in_batch)
         if more is not None:
             more()
     except (TypeError, ValueError) as exc:
@@ -108,13 +116,14 @@ def check_inputs(
             raise
         error = exc
     if options.vocab_parallel is None:
-        return None
+        return Checked(None, predicting)
     if error is None:
         tensors = (e, c, bias)
         needs = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in tensors]
         dtypes = [None if x is None else x.dtype for x in tensors]
         agreed = (replace(options, vocab_parallel=None), dtypes, needs, *agreed)
-    return options.vocab_parallel.check_ranks_agree(e, targets, error, agreed)
+    gather = options.vocab_parallel.check_ranks_agree(e, targets, error, agreed)
+    return Checked(gather, predicting)
 
 
 def check_dtensors(
@@ -257,8 +266,9 @@ def _check_local_inputs(
     bias: torch.Tensor | None,
     options: LossOptions,
     num_items_in_batch: int | torch.Tensor | None = None,
-) -> None:
-    """The checks of this process's arguments."""
+) -> int | None:
+    """The checks of this process's arguments; how many rows predict a target
+    (`_check_target_range`)."""
     check_tensors(e=e, c=c, targets=targets)
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -325,20 +335,26 @@ def _check_local_inputs(
                 f"{targets.shape[-1]}"
             )
 
-    _check_target_range(targets, vocab, options.ignore_index, num_items_in_batch)
+    return _check_target_range(targets, vocab, options, num_items_in_batch)
 
 
 def _check_target_range(
-    targets: torch.Tensor, vocab: int, ignore_index: int, num_items: int | torch.Tensor | None
-) -> None:
+    targets: torch.Tensor,
+    vocab: int,
+    options: LossOptions,
+    num_items: int | torch.Tensor | None,
+) -> int | None:
     """A ValueError for a target outside [0, vocab) that is not ignore_index, or a
-    `num_items` tensor that is not positive.
+    `num_items` tensor that is not positive; else how many targets predict something (neither
+    ignored nor shifted out), which the row compaction needs.
 
-    That needs the values on the host: one synchronization on an accelerator. Under
-    torch.compile, or with LOGITLESS_ASYNC_CHECKS=1 off the CPU, a device-side assertion runs
-    instead, with no synchronization; it fails the next synchronizing call.
+    That needs the values on the host: one synchronization on an accelerator, for the check and
+    the count together. Under torch.compile, or with LOGITLESS_ASYNC_CHECKS=1 off the CPU, a
+    device-side assertion runs instead, with no synchronization, and the count is None; the
+    assertion fails the next synchronizing call.
     """
     targets = targets.long()  # compared in a narrower dtype, -100 or V would wrap around
+    ignore_index = options.ignore_index
     outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if torch.compiler.is_compiling():  # formatting a symbolic V would specialize the graph to it
         message = "targets must lie in [0, V) (the rows of c) or equal ignore_index"
@@ -349,26 +365,32 @@ def _check_target_range(
         positive = "num_items_in_batch must be finite and > 0"
         num_items = num_items.to(targets.device)
         checks.append((~((num_items > 0) & num_items.isfinite()).reshape(()), positive))
-    refused = _first_refused(*checks)
+    predicted = targets[..., options.shift :] if options.shift else targets
+    refused, predicting = _read_checks(checks, count=(predicted != ignore_index).sum())
     if refused == message:
         raise ValueError(f"{message}, found {targets[outside][0].item()}")
     if refused:
         raise ValueError(refused)
+    return predicting
 
 
-def _first_refused(*checks: tuple[torch.Tensor, str]) -> str | None:
-    """The message of the first (bad, message) check whose `bad` holds anywhere, read on the
-    host in one synchronization with an accelerator for all of them. Under torch.compile, or with
-    LOGITLESS_ASYNC_CHECKS=1 off the CPU, device-side assertions with the messages run instead,
-    with no synchronization, and this says None; they fail the next synchronizing call."""
-    found = torch.stack([bad.any() for bad, _ in checks])
+def _read_checks(
+    checks: list[tuple[torch.Tensor, str]], count: torch.Tensor | None = None
+) -> tuple[str | None, int | None]:
+    """The message of the first (bad, message) check whose `bad` holds anywhere, and the value
+    of `count`, read on the host in one synchronization with an accelerator for all of them.
+    Under torch.compile, or with LOGITLESS_ASYNC_CHECKS=1 off the CPU, device-side assertions
+    with the messages run instead, with no synchronization, and this says (None, None); they
+    fail the next synchronizing call."""
+    found = torch.stack([bad.any().long() for bad, _ in checks])
     asynchronous = found.device.type != "cpu" and os.environ.get(ASYNC_CHECKS_ENV) == "1"
     if torch.compiler.is_compiling() or asynchronous:
         for holds, (_, message) in zip(found, checks, strict=True):
-            torch._assert_async(~holds, message)
-        return None
-    flags = zip(found.tolist(), checks, strict=True)
-    return next((message for holds, (_, message) in flags if holds), None)
+            torch._assert_async(holds == 0, message)
+        return None, None
+    read = torch.cat((found, found.new_zeros(1) if count is None else count.reshape(1))).tolist()
+    refused = (message for holds, (_, message) in zip(read[:-1], checks, strict=True) if holds)
+    return next(refused, None), None if count is None else read[-1]
 
 
 def check_weight(
@@ -467,7 +489,7 @@ def check_teacher_top_k(
     """A cached teacher: (..., k) integer class indices in [0, V) and floating log-probs <= 0
     (-inf marks padding, whatever its index) with the leading shape of e, on its device, whose
     probabilities sum to at most 1 per token, and no class twice in a token's support
-    (`_first_refused`)."""
+    (`_read_checks`)."""
     if not isinstance(teacher_indices, torch.Tensor):
         raise TypeError(
             f"teacher_indices must be a torch.Tensor, got {type(teacher_indices).__name__}"
@@ -508,24 +530,26 @@ def check_teacher_top_k(
     in_support = log_probs != -math.inf
     distinct_padding = -1 - torch.arange(k, device=e.device)
     ordered = torch.where(in_support, indices, distinct_padding).sort(-1).values
-    message = _first_refused(
-        (
-            ((indices < 0) | (indices >= vocab)) & in_support,
-            f"teacher_indices must lie in [0, {vocab}) (the rows of c) where not padding",
-        ),
-        (
-            log_probs.isnan() | (log_probs > 0),
-            "teacher_log_probs must be log-probabilities: <= 0 (or -inf), not NaN",
-        ),
-        (
-            log_probs.exp().sum(-1) > 1.0 + TOP_K_MASS_TOLERANCE,
-            "teacher_log_probs must be log-probabilities of one distribution: their "
-            "probabilities sum to more than 1 in some token",
-        ),
-        (
-            ordered[:, 1:] == ordered[:, :-1],
-            "teacher_indices must not repeat a class within a token's support",
-        ),
+    message, _ = _read_checks(
+        [
+            (
+                ((indices < 0) | (indices >= vocab)) & in_support,
+                f"teacher_indices must lie in [0, {vocab}) (the rows of c) where not padding",
+            ),
+            (
+                log_probs.isnan() | (log_probs > 0),
+                "teacher_log_probs must be log-probabilities: <= 0 (or -inf), not NaN",
+            ),
+            (
+                log_probs.exp().sum(-1) > 1.0 + TOP_K_MASS_TOLERANCE,
+                "teacher_log_probs must be log-probabilities of one distribution: their "
+                "probabilities sum to more than 1 in some token",
+            ),
+            (
+                ordered[:, 1:] == ordered[:, :-1],
+                "teacher_indices must not repeat a class within a token's support",
+            ),
+        ]
     )
     if message:
         raise ValueError(message)

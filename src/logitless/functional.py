@@ -24,6 +24,7 @@ from logitless._loss import (
     top_k_forward_kl,
 )
 from logitless._validation import (
+    Checked,
     DistillationOptions,
     LossOptions,
     check_bool,
@@ -45,7 +46,7 @@ from logitless._validation import (
 )
 from logitless.backends import get_backend
 from logitless.backends.torch_backend import accumulation_dtype
-from logitless.distributed import DTensor, TokenGather, VocabParallel, local_inputs
+from logitless.distributed import DTensor, VocabParallel, local_inputs
 
 NO_TARGET = -1
 """Row target that backends skip: ignored, shifted out, or (vocabulary parallel) off-shard."""
@@ -169,12 +170,13 @@ def _under_autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
 
 def _linear_cross_entropy(e, c, targets, bias, options, num_items_in_batch, weight):
     """The loss of checked local tensors."""
-    gather = check_inputs(
+    checked = check_inputs(
         e, c, targets, bias, options, more=lambda: check_weight(weight, e, c, options),
         num_items_in_batch=num_items_in_batch, agreed=(weight,),
     )  # fmt: skip
     impl = check_impl(options.impl, e.device, e.dtype)
-    rows, row_targets, kept = _backend_rows(e, targets, options, gather)
+    rows, row_targets, kept = _backend_rows(e, targets, options, checked)
+    gather = checked.gather
     shard = options.vocab_parallel
     valid = row_targets != NO_TARGET
     vocab = c.shape[0] if shard is None else shard.vocab_size
@@ -270,8 +272,9 @@ def linear_log_probs(
     scale = temperature_scale(temperature)
     check_bool("return_entropy", return_entropy)
     e, c, targets, bias, options = _local_inputs(e, c, targets, bias, options)
-    gather = check_inputs(e, c, targets, bias, options, agreed=(scale, return_entropy))
-    rows, row_targets, kept = _backend_rows(e, targets, options, gather)
+    checked = check_inputs(e, c, targets, bias, options, agreed=(scale, return_entropy))
+    rows, row_targets, kept = _backend_rows(e, targets, options, checked)
+    gather = checked.gather
     valid = row_targets != NO_TARGET
     shard = options.vocab_parallel
     backend_targets = row_targets if shard is None else shard.localize(row_targets)
@@ -422,12 +425,13 @@ def linear_distillation_loss(
         teacher_e.shape[-1] if isinstance(teacher_e, torch.Tensor) else None,
         *(getattr(x, "dtype", None) for x in (teacher_e, teacher_c, teacher_bias)),
     ]
-    gather = check_inputs(
+    checked = check_inputs(
         e, c, labels, bias, options,
         more=lambda: check_teacher(e, c, teacher_e, teacher_c, teacher_bias),
         agreed=(dataclasses.replace(distillation, vocab_parallel=None), teacher_layout),
     )  # fmt: skip
-    rows, row_targets, kept = _backend_rows(e, labels, options, gather)
+    rows, row_targets, kept = _backend_rows(e, labels, options, checked)
+    gather = checked.gather
     teacher_rows = teacher_e.detach().reshape(-1, teacher_e.shape[-1])
     if gather is not None:
         teacher_rows = gather.gather_rows(teacher_rows)
@@ -546,18 +550,18 @@ def linear_top_k_distillation_loss(
     check_no_vmap()
     e, c, bias = _under_autocast(e, c, bias)
     labels = targets
-    if labels is None:
+    if labels is None:  # every row predicts (none ignored)
         check_tensors(e=e)
         labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
-    check_inputs(e, c, labels, bias, options)
+        options = dataclasses.replace(options, ignore_index=NO_TARGET)
+    checked = check_inputs(e, c, labels, bias, options)
     check_teacher_top_k(e, c, teacher_indices, teacher_log_probs)
-    if targets is None:  # every row kept; the teacher's likeliest class anchors the support's
+    if targets is None:  # the teacher's likeliest class anchors the support's log-probs
         likeliest = teacher_log_probs.argmax(-1, keepdim=True)
         labels = teacher_indices.gather(-1, likeliest).squeeze(-1).long().clamp(min=0)
         labels = labels.roll(options.shift, dims=-1)  # row t's where the shift reads row t's
-        options = dataclasses.replace(options, ignore_index=NO_TARGET)
     rows, row_targets, kept = _rows_with_target(
-        e.reshape(-1, e.shape[-1]), _row_targets(labels, options)
+        e.reshape(-1, e.shape[-1]), _row_targets(labels, options), checked.predicting
     )
     k = teacher_indices.shape[-1]
     teacher_log_q = teacher_log_probs.detach().reshape(-1, k).to(accumulation_dtype(e.dtype))
@@ -625,29 +629,36 @@ def _reduce(
 
 
 def _backend_rows(
-    e: torch.Tensor, targets: torch.Tensor, options: LossOptions, gather: TokenGather | None
+    e: torch.Tensor, targets: torch.Tensor, options: LossOptions, checked: Checked
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The rows of e the backend gets, their targets (NO_TARGET for none) and the indices of
     the kept rows (see `_rows_with_target`): every rank's rows where vocabulary shards hold
-    different tokens (`gather`), else this call's rows that have a target."""
+    different tokens (`checked.gather`), else this call's rows that have a target."""
     rows, row_targets = e.reshape(-1, e.shape[-1]), _row_targets(targets, options)
-    if gather is not None:
+    if checked.gather is not None:
+        gather = checked.gather
         return gather.gather_rows(rows), gather.gather_targets(row_targets), None
-    return _rows_with_target(rows, row_targets)
+    return _rows_with_target(rows, row_targets, checked.predicting)
 
 
 def _rows_with_target(
-    rows: torch.Tensor, row_targets: torch.Tensor
+    rows: torch.Tensor, row_targets: torch.Tensor, predicting: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The rows that predict something, their targets, and their indices (None when no row is
-    dropped): ignored and shifted-out rows cost no kernel time. Counting them synchronizes with
-    a GPU once; inside torch.compile, where that count would break the graph, nothing is dropped.
+    """The rows that predict something, their targets, and their indices in order (None when
+    no row is dropped): ignored and shifted-out rows cost no kernel time.
+
+    Their count, `predicting`, comes with the target check's host read; where that check ran on
+    the device (None) it is read here, one synchronization with a GPU. Inside torch.compile,
+    where a count would break the graph, nothing is dropped.
     """
     if torch.compiler.is_compiling():
         return rows, row_targets, None
-    kept = (row_targets != NO_TARGET).nonzero().squeeze(1)
-    if len(kept) == len(row_targets):
+    dropped = row_targets == NO_TARGET
+    if predicting is None:
+        predicting = len(row_targets) - int(dropped.sum())
+    if predicting == len(row_targets):
         return rows, row_targets, None
+    kept = dropped.to(torch.uint8).argsort(stable=True)[:predicting]  # a stable sort: in order
     return rows.index_select(0, kept), row_targets[kept], kept
 
 

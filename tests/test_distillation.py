@@ -357,6 +357,8 @@ def test_bad_teacher():
         linear_distillation_loss(e, c, e[:-1], c, targets)
     with pytest.raises(ValueError, match="teacher_e must have the dtype"):
         linear_distillation_loss(e, c, e.double(), c, targets)
+    with pytest.raises(ValueError, match="teacher_e must have the leading shape"):
+        linear_distillation_loss(e, c, torch.tensor(1.0), c, targets)  # an IndexError before
     with pytest.raises(TypeError, match="teacher_bias"):
         linear_distillation_loss(e, c, e, c, targets, teacher_bias=[0.0])
 
@@ -485,20 +487,37 @@ def test_top_k_distillation_without_targets_anchors_each_row_at_its_own_teacher(
     assert_equal_with_infinities(ours, exact)
 
 
-def test_top_k_distillation_without_targets_keeps_rows_whatever_ignore_index():
-    """Without targets every row predicts, whatever ignore_index says: the rows kept are
-    counted with the target check, on the zeros that stand in for targets, and an
-    ignore_index of 0 must not count them out."""
+@pytest.mark.parametrize("top_k", [False, True], ids=["full", "top_k"])
+def test_distillation_without_targets_keeps_rows_whatever_ignore_index(top_k):
+    """Without targets every row predicts, whatever ignore_index says: an ignore_index of 0
+    counted out every row of the zeros that stand in for targets (the full distillation's loss
+    and gradients were 0)."""
     e, c, _, bias = make_inputs((1, ROWS), DIM, VOCAB, bias=True, seed=15)
-    indices, log_q = cached_teacher(5, 1.0, lead=(1, ROWS))
     options = {"shift": 1, "reduction": "none"}
-    ours = linear_top_k_distillation_loss(
-        e, c, indices, log_q, None, bias, ignore_index=0, **options
-    )
-    exact = reference_linear_top_k_distillation_loss(
-        e.double(), c.double(), indices, log_q, None, bias.double(), **options
-    )
+    if top_k:
+        teacher = cached_teacher(5, 1.0, lead=(1, ROWS))
+        function = top_k_adapter(linear_top_k_distillation_loss, teacher)
+        reference = top_k_adapter(reference_linear_top_k_distillation_loss, teacher)
+    else:
+        teacher = teacher_head(torch.float32, bias=True)
+        function = adapter(linear_distillation_loss, teacher, lead=(1, ROWS))
+        exact_teacher = [x.double() for x in teacher]
+        reference = adapter(reference_linear_distillation_loss, exact_teacher, lead=(1, ROWS))
+    ours = function(e, c, None, bias, ignore_index=0, **options)
+    exact = reference(e.double(), c.double(), None, bias.double(), **options)
     assert rel_error(ours, exact) < 1e-6 and ours[..., :-1].ne(0).all()
+
+
+def test_top_k_distillation_of_one_token_without_targets():
+    """An unbatched (D,) student without targets (an IndexError before: a roll over no
+    sequence dimension)."""
+    e, c, _, bias = make_inputs((1,), DIM, VOCAB, bias=True, seed=16)
+    indices, log_q = cached_teacher(5, 1.0)
+    ours = linear_top_k_distillation_loss(e[0], c, indices[0], log_q[0], None, bias)
+    exact = reference_linear_top_k_distillation_loss(
+        e.double(), c.double(), indices[:1], log_q[:1], None, bias.double()
+    )
+    assert rel_error(ours, exact) < 1e-6
 
 
 def assert_equal_with_infinities(ours: torch.Tensor, exact: torch.Tensor) -> None:

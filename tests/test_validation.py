@@ -147,6 +147,25 @@ def test_target_check_reports_the_value():
         linear_cross_entropy(e, c, targets)
 
 
+def test_shifted_out_targets_are_not_checked():
+    """A shift drops the first targets of each sequence: whatever they hold, the loss is that of
+    the shifted slice, as F.cross_entropy on it (a target there outside [0, V) was refused)."""
+    e, c, targets, _ = make_inputs((2, 9), 8, 20, seed=3)
+    targets[:, 0] = torch.tensor([20, -7])
+    ours = linear_cross_entropy(e, c, targets, shift=1)
+    exact = reference_linear_cross_entropy(e[:, :-1].double(), c.double(), targets[:, 1:])
+    assert rel_error(ours, exact) < 1e-6
+    targets[1, 5] = 20
+    with pytest.raises(ValueError, match="found 20"):
+        linear_cross_entropy(e, c, targets, shift=1)
+
+
+def test_meta_num_items_in_batch_names_it():
+    e, c, targets, _ = make_inputs((2, 9), 8, 20, seed=3)
+    with pytest.raises(ValueError, match="num_items_in_batch must hold a value"):
+        linear_cross_entropy(e, c, targets, num_items_in_batch=torch.tensor(5, device="meta"))
+
+
 def test_triton_impl_without_cuda_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="impl"):

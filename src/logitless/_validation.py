@@ -241,6 +241,8 @@ def check_num_items_in_batch(num_items: object, options: LossOptions) -> None:
             f"reduction={options.reduction!r}"
         )
     if isinstance(num_items, torch.Tensor):
+        if num_items.device.type == "meta":
+            raise ValueError("num_items_in_batch must hold a value, got a meta tensor")
         if num_items.numel() != 1 or num_items.dtype.is_complex or num_items.dtype == torch.bool:
             raise ValueError(
                 "num_items_in_batch must be a one-element real tensor, got "
@@ -353,7 +355,9 @@ def _check_target_range(
     device-side assertion runs instead, with no synchronization, and the count is None; the
     assertion fails the next synchronizing call.
     """
-    targets = targets.long()  # compared in a narrower dtype, -100 or V would wrap around
+    # shifted-out targets predict nothing, and are not checked (as F.cross_entropy on the
+    # shifted slice); compared in int64, where -100 or V cannot wrap around
+    targets = (targets[..., options.shift :] if options.shift else targets).long()
     ignore_index = options.ignore_index
     outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if torch.compiler.is_compiling():  # formatting a symbolic V would specialize the graph to it
@@ -365,8 +369,7 @@ def _check_target_range(
         positive = "num_items_in_batch must be finite and > 0"
         num_items = num_items.to(targets.device)
         checks.append((~((num_items > 0) & num_items.isfinite()).reshape(()), positive))
-    predicted = targets[..., options.shift :] if options.shift else targets
-    refused, predicting = _read_checks(checks, count=(predicted != ignore_index).sum())
+    refused, predicting = _read_checks(checks, count=(targets != ignore_index).sum())
     if refused == message:
         raise ValueError(f"{message}, found {targets[outside][0].item()}")
     if refused:

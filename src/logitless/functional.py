@@ -409,10 +409,7 @@ def linear_distillation_loss(
     )
     scale = 1.0 / distillation.temperature
     check_hard_targets(hard_weight, targets)
-    labels = targets
-    if labels is None:
-        check_tensors(e=e)
-        labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+    labels, options = _labels(e, targets, options)
     check_teacher_dtensors(teacher_e, teacher_c, teacher_bias, c)
     teacher_e, teacher_c, teacher_bias = _under_autocast(
         *(
@@ -422,7 +419,7 @@ def linear_distillation_loss(
     )
     e, c, labels, bias, options = _local_inputs(e, c, labels, bias, options)
     teacher_layout = [  # the hidden size and dtypes (bias shards may differ in length)
-        teacher_e.shape[-1] if isinstance(teacher_e, torch.Tensor) else None,
+        teacher_e.shape[-1] if isinstance(teacher_e, torch.Tensor) and teacher_e.dim() else None,
         *(getattr(x, "dtype", None) for x in (teacher_e, teacher_c, teacher_bias)),
     ]
     checked = check_inputs(
@@ -549,17 +546,14 @@ def linear_top_k_distillation_loss(
     )  # fmt: skip
     check_no_vmap()
     e, c, bias = _under_autocast(e, c, bias)
-    labels = targets
-    if labels is None:  # every row predicts (none ignored)
-        check_tensors(e=e)
-        labels = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
-        options = dataclasses.replace(options, ignore_index=NO_TARGET)
+    labels, options = _labels(e, targets, options)
     checked = check_inputs(e, c, labels, bias, options)
     check_teacher_top_k(e, c, teacher_indices, teacher_log_probs)
     if targets is None:  # the teacher's likeliest class anchors the support's log-probs
         likeliest = teacher_log_probs.argmax(-1, keepdim=True)
         labels = teacher_indices.gather(-1, likeliest).squeeze(-1).long().clamp(min=0)
-        labels = labels.roll(options.shift, dims=-1)  # row t's where the shift reads row t's
+        if options.shift:  # row t's where the shift reads row t's
+            labels = labels.roll(options.shift, dims=-1)
     rows, row_targets, kept = _rows_with_target(
         e.reshape(-1, e.shape[-1]), _row_targets(labels, options), checked.predicting
     )
@@ -626,6 +620,18 @@ def _reduce(
     if reduction == "sum":
         return losses.sum()
     return _per_token(losses, targets, shift, kept)
+
+
+def _labels(
+    e: torch.Tensor, targets: torch.Tensor | None, options: LossOptions
+) -> tuple[torch.Tensor, LossOptions]:
+    """A distillation's `targets` and options, or without targets zeros in their place and no
+    ignore_index: every row predicts (an ignore_index of 0 would have ignored them all)."""
+    if targets is not None:
+        return targets, options
+    check_tensors(e=e)
+    zeros = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+    return zeros, dataclasses.replace(options, ignore_index=NO_TARGET)
 
 
 def _backend_rows(

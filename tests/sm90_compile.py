@@ -74,6 +74,7 @@ def backward_signature(dtype: str) -> dict[str, str]:
         "filter_mass_per_entry": "fp32",
         **teacher_signature(dtype, ("teacher_lse", "grad_q", "grad_plogpq", "grad_plogr")),
         "grad_outside_ptr": "*fp32",
+        "outside_lse_ptr": "*fp32",
         "support_grad_ptr": "*fp32",
         **SUPPORT_SIGNATURE,
     }

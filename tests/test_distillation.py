@@ -433,6 +433,24 @@ def test_top_k_distillation_of_a_confident_student_keeps_its_tail(request, impl,
     check_top_k_distillation_on_the_students_top(inputs, 5, impl)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize(
+    ("dtype", "upstream_scale"),
+    [(torch.float16, 1.0), (torch.float32, 1e4)],
+    ids=["float16", "float32-upstream-1e4"],
+)
+def test_top_k_distillation_of_one_row_with_a_tiny_tail(request, impl, dtype, upstream_scale):
+    """One row's student holds all but 2e-37 of its mass on the teacher's support, the other
+    rows are ordinary. float16 on the kernels: that row's 1 / p_tail set the gain of every
+    row's stored gradient, which flushed to 0 (grad_e 100% off). float32 under an upstream
+    gradient of 1e4: the coefficient o / p_tail overflowed, NaN gradients on both backends."""
+    backend_fixture(request, impl)
+    inputs = make_inputs((ROWS,), DIM, VOCAB, dtype, bias=True, scale=3.0, seed=8,
+                         device=device_for(impl))  # fmt: skip
+    inputs[0][0] *= 80  # log p_tail -84.5
+    check_top_k_distillation_on_the_students_top(inputs, 5, impl, upstream_scale=upstream_scale)
+
+
 @pytest.mark.parametrize(("impl", "dtype"), BACKENDS, ids=str)
 @pytest.mark.parametrize("targets", [True, False], ids=["targets", "no-targets"])
 def test_top_k_distillation_of_a_confident_class(request, impl, dtype, targets):
@@ -570,7 +588,12 @@ def test_top_k_distillation_on_the_kernels_at_a_larger_shape():
 
 
 def check_top_k_distillation_on_the_students_top(
-    inputs, k: int, impl: str, noise: float | None = None, reduction: str = "none"
+    inputs,
+    k: int,
+    impl: str,
+    noise: float | None = None,
+    reduction: str = "none",
+    upstream_scale: float = 1.0,
 ) -> None:
     """Per-token losses and gradients against float64, the cached teacher's support the
     student's own top k (float64 logits): with `noise`, its log-probs moved by that times unit
@@ -587,11 +610,12 @@ def check_top_k_distillation_on_the_students_top(
     teacher = (support, log_q.float())
     options = {"reduction": reduction}
     ours = outputs_and_grads(
-        top_k_adapter(linear_top_k_distillation_loss, teacher), inputs, 1, impl=impl, **options
-    )
+        top_k_adapter(linear_top_k_distillation_loss, teacher), inputs, 1, upstream_scale,
+        impl=impl, **options,
+    )  # fmt: skip
     check_results(
         ours, inputs, reference=top_k_adapter(reference_linear_top_k_distillation_loss, teacher),
-        **options,
+        upstream_scale=upstream_scale, **options,
     )  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from logitless._loss import (
     HARD_LOSS_STATISTICS,
     TokenLoss,
     divergence_from_statistics,
+    floored_log_tail,
     mixed_with_hard_loss,
     statistic_coefficients,
     with_hard_loss,
@@ -128,7 +129,9 @@ class LinearLogitStats(torch.autograd.Function):
             summed = plan.token_gather.sum_coefficients(*grads.values())
             grads = dict(zip(grads, summed, strict=True))
         coefficients = statistic_coefficients(grads, values, plan.beta)
-        support = support_grad = None
+        support = support_grad = support_tail = None
+        if "outside" in coefficients:
+            support_tail = floored_log_tail(values["support_tail"])
         if classes.shape[1]:  # log p at the classes: a one-hot at each, less p times their sum
             support, support_grad = classes, grad_log_probs
             coefficients["p"] = coefficients.get("p", 0.0) - support_grad.sum(1)
@@ -143,7 +146,8 @@ class LinearLogitStats(torch.autograd.Function):
                 e, c, bias, targets, _lse_pair(values, "lse"),
                 torch.stack(list(coefficients.values())), ",".join(terms), plan.impl,
                 plan.softcap, plan.scale, plan.column_weight, *teacher,
-                _lse_pair(values, "teacher_lse"), filter_eps, list(needs), support, support_grad,
+                _lse_pair(values, "teacher_lse"), filter_eps, list(needs), support, support_tail,
+                support_grad,
             )  # fmt: skip
         if plan.vocab_parallel is not None and needs[0]:
             grad_e = plan.vocab_parallel.reduce_grad_e(grad_e)

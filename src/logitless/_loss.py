@@ -120,7 +120,7 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         entropy: a -= G entropy, b -= G;
         forward_kl: a += G, g -= G; reverse_kl: a -= G reverse_kl, b_pq += G;
         jsd: a += G (1 - beta) jsd_p, b_r -= G (1 - beta);
-        support_tail: a -= G, o += G / exp(support_tail) (p / p_tail outside the support);
+        support_tail: a -= G, o += G (the `outside` term's p / p_tail outside the support);
         teacher_lse: nothing (the teacher gets no gradient); the log-sum-exps' residuals are
         not given (a rounding has no gradient).
     """
@@ -146,10 +146,9 @@ def statistic_coefficients(grads: dict, values: dict, beta: float) -> dict[str, 
         elif name == "jsd":
             add("p", (1.0 - beta) * g * values["jsd_p"])
             add("plogr", -(1.0 - beta) * g)
-        elif name == "support_tail":  # p ([v not in S] / p_tail - 1), p_tail at least `tiny`
-            tail = values["support_tail"]
+        elif name == "support_tail":  # p ([v not in S] / p_tail - 1)
             add("p", -g)
-            add("outside", g * torch.exp(-tail.clamp(min=math.log(torch.finfo(tail.dtype).tiny))))
+            add("outside", g)
     return out
 
 
@@ -158,6 +157,13 @@ def coefficient_terms(names: tuple[str, ...], beta: float) -> tuple[str, ...]:
     one = torch.ones(())
     values = dict.fromkeys((*names, "jsd_p"), one)
     return tuple(statistic_coefficients(dict.fromkeys(names, one), values, beta))
+
+
+def floored_log_tail(log_tail: torch.Tensor) -> torch.Tensor:
+    """log p_tail at least the smallest normal float's: the top-k KL's floor, and the `outside`
+    term's normalizer (p / p_tail, at most 1 outside the support, stays finite where the tail
+    underflowed)."""
+    return log_tail.clamp(min=math.log(torch.finfo(log_tail.dtype).tiny))
 
 
 def top_k_forward_kl(
@@ -179,7 +185,7 @@ def top_k_forward_kl(
     q = torch.where(in_support, log_q.exp(), 0.0)
     support = (q * (log_q - student_log_probs)).sum(-1)
     tiny = torch.finfo(student_log_probs.dtype).tiny
-    log_p_tail = torch.clamp(student_log_tail, min=math.log(tiny))
+    log_p_tail = floored_log_tail(student_log_tail)
     q_tail = torch.clamp(1.0 - q.sum(-1), min=0.0)
     tail = q_tail * (torch.log(torch.clamp(q_tail, min=tiny)) - log_p_tail)
     return support + tail

@@ -86,6 +86,7 @@ def grads(
     filter_eps: float | None,
     needs: list[bool],
     support: Tensor | None,
+    support_tail: Tensor | None,
     support_grad: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of `backends.grads` (`terms` comma-separated), the rank-one `sum` term
@@ -98,7 +99,8 @@ def grads(
         out = get_backend(impl).grads(
             e, c, bias, targets, lse, coefficients[in_tiles], tuple(terms[i] for i in in_tiles),
             logits=Logits(softcap, scale, column_weight), teacher=teacher,
-            filter_eps=filter_eps, needs=tuple(needs), support=support, support_grad=support_grad,
+            filter_eps=filter_eps, needs=tuple(needs), support=support, support_tail=support_tail,
+            support_grad=support_grad,
         )  # fmt: skip
         if uniform:
             grad_sum = coefficients[terms.index("sum")]
@@ -109,7 +111,7 @@ def grads(
 @grads.register_fake
 def _(e, c, bias, targets, lse, coefficients, terms, impl, softcap, scale, column_weight,
       teacher_e, teacher_c, teacher_bias, teacher_softcap, beta, teacher_lse, filter_eps,
-      needs, support, support_grad):  # fmt: skip
+      needs, support, support_tail, support_grad):  # fmt: skip
     return _fake_grads(e, c, bias, needs)
 
 

@@ -23,13 +23,15 @@ and `w` the optional (V,) column weight (1 without), it provides
         none) is the set S outside which `support_tail` sums;
 
     grads(e, c, bias, targets, lse, coefficients, terms, *, logits, teacher=None,
-          filter_eps, needs, support=None, support_grad=None) -> (grad_e, grad_c, grad_bias)
+          filter_eps, needs, support=None, support_tail=None, support_grad=None)
+        -> (grad_e, grad_c, grad_bias)
 
         the gradients, for the inputs flagged in `needs` (None for the others), of the function
         whose derivative with respect to the logits is, per entry,
 
-            dL/dz = p * (a + b * log p + b_pq * log(p / q) + b_r * log(m / p) + o * [v not in S])
-                    + g * q + t * [v = target] + sum_j u[n, j] * [v = S[n, j]] + s * w
+            dL/dz = p * (a + b * log p + b_pq * log(p / q) + b_r * log(m / p))
+                    + o * p / p_tail * [v not in S] + g * q + t * [v = target]
+                    + sum_j u[n, j] * [v = S[n, j]] + s * w
 
         `lse` (2, N) is each row's log-sum-exp as the pair (`lse`, `lse_residual`) of
         statistics, whose sum it is to twice the accumulation dtype's precision (as is a
@@ -43,7 +45,10 @@ and `w` the optional (V,) column weight (1 without), it provides
         are skipped; the caller passes it only for the terms `p` and `target`. `support`
         (N, k) gives the classes S of the `outside` term and of the one-hot term, whose
         coefficients u are `support_grad` (N, k) (the gradient of log-probs at S: the caller
-        folds -sum_j u_j into `a`). Gradients may come back in float32;
+        folds -sum_j u_j into `a`); `support_tail` (N,), log p_tail = log sum_{v not in S} p
+        (floored at the smallest normal float), normalizes the `outside` term: p / p_tail is at
+        most 1 there, so that o bounds the term as the other coefficients bound theirs.
+        Gradients may come back in float32;
 
     stats_and_grads(e, c, bias, targets, coefficients_of, *, logits, names, terms,
                     filter_eps, needs, teacher=None) -> (stats, grad_e, grad_c, grad_bias)

@@ -89,17 +89,45 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
     support: torch.Tensor | None = None,
+    support_tail: torch.Tensor | None = None,
     support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    gain = 1.0
+    if support_tail is not None:
+        coefficients, support_grad, gain = _outside_over_tail(
+            coefficients, terms, support_tail, support_grad
+        )
     if _in_tiles(e, (), terms, teacher, 0) and support_grad is None:
         rows = dict(zip(terms, coefficients, strict=True))
         return _tiled_grads(e, c, bias, targets, lse, rows, logits, filter_eps, needs)
-    _, grad_e, grad_c, grad_bias, *_ = _sweep(
+    _, *found, _, _ = _sweep(
         e, c, bias, targets, logits=logits, names=(), teacher=teacher, lse=lse,
         coefficients=lambda rows, _: coefficients[:, rows], terms=terms,
         filter_eps=filter_eps, needs=needs, support=support, support_grad=support_grad,
     )  # fmt: skip
+    grad_e, grad_c, grad_bias = (g if g is None or gain == 1 else g.mul_(gain) for g in found)
     return grad_e, grad_c, grad_bias
+
+
+def _outside_over_tail(
+    coefficients: torch.Tensor,
+    terms: tuple[str, ...],
+    support_tail: torch.Tensor,
+    support_grad: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The coefficients with the `outside` term's o p / p_tail as p (o / p_tail), every one
+    divided by the power of two (returned) that keeps o / p_tail under half the largest float
+    (1 / p_tail alone reaches 8.5e37 on a confident row): the gradients, linear in the
+    coefficients, are multiplied by it after. One host read."""
+    at = terms.index("outside")
+    outside = coefficients[at]
+    log_ratio = torch.cat((outside.abs().log() - support_tail, outside.new_zeros(1)))
+    headroom = math.log(torch.finfo(outside.dtype).max / 2)
+    exponent = max(0, math.ceil((float(log_ratio.max()) - headroom) / math.log(2)))
+    gain = 2.0**exponent
+    rows = coefficients / gain
+    rows[at] *= torch.exp(-support_tail)
+    return rows, None if support_grad is None else support_grad / gain, gain
 
 
 def stats_and_grads(

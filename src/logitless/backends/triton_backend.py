@@ -79,6 +79,7 @@ def grads(
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
     support: torch.Tensor | None = None,
+    support_tail: torch.Tensor | None = None,
     support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The gradients from the backward kernel, the teacher's terms (`q`, `plogpq`, `plogr`) and
@@ -87,7 +88,8 @@ def grads(
     if support is not None and support.shape[1] > MAX_TOP_K:
         return torch_backend.grads(
             e, c, bias, targets, lse, coefficients, terms, logits=logits, teacher=teacher,
-            filter_eps=filter_eps, needs=needs, support=support, support_grad=support_grad,
+            filter_eps=filter_eps, needs=needs, support=support, support_tail=support_tail,
+            support_grad=support_grad,
         )  # fmt: skip
     rows = dict(zip(terms, coefficients, strict=True))
     zeros = torch.zeros_like(lse[0])
@@ -100,7 +102,7 @@ def grads(
         rows.get("sum"), softcap=logits.softcap, filter_eps=filter_eps, needs=needs, order=order,
         scale=logits.scale, grad_plogp=rows.get("plogp"), weight=logits.column_weight,
         teacher=teacher, teacher_terms=teacher_terms, grad_outside=rows.get("outside"),
-        support=support, support_grad=support_grad,
+        support=support, support_tail=support_tail, support_grad=support_grad,
     )  # fmt: skip
 
 
@@ -163,6 +165,7 @@ def _sweep(
     teacher_terms: dict[str, torch.Tensor] | None = None,
     grad_outside: torch.Tensor | None = None,
     support: torch.Tensor | None = None,
+    support_tail: torch.Tensor | None = None,
     support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward over chunks of vocabulary positions; returns (grad_e, grad_c, grad_bias).
@@ -192,9 +195,10 @@ def _sweep(
     # the kernel's softmax exp(z - lse[0]) times exp(-lse[1]), its rounding's correction: in the
     # coefficients of the terms that multiply p (`lse_backward`)
     correction = torch.exp(-lse[1])
-    grad_lse, grad_plogp, grad_outside = (
-        None if x is None else x * correction for x in (grad_lse, grad_plogp, grad_outside)
-    )
+    grad_lse, grad_plogp = (None if x is None else x * correction for x in (grad_lse, grad_plogp))
+    # the outside term's p / p_tail, exp(z - outside_lse): at most 1 outside the support, so
+    # that its coefficient bounds it as the others bound theirs (the float16 gain's premise)
+    outside_lse = None if support_tail is None else (lse[0] + lse[1]) + support_tail
     teacher_terms = {
         term: x * correction if term in ("plogpq", "plogr") else x
         for term, x in teacher_terms.items()
@@ -237,7 +241,7 @@ def _sweep(
             order=order, positions=(begin, end), softcap=softcap, filter_eps=filter_eps,
             scale=scale, grad_plogp=grad_plogp, weight=weight, teacher=teacher,
             teacher_terms=teacher_terms, descriptors=descriptors, grad_outside=grad_outside,
-            support=support, support_grad=support_grad,
+            outside_lse=outside_lse, support=support, support_grad=support_grad,
         )  # fmt: skip
         if counts is None:
             products(begin, end, d)

@@ -103,7 +103,8 @@ def lse_backward_kernel(
     HAS_PLOGPQ: tl.constexpr = False, HAS_PLOGR: tl.constexpr = False,
     GROUP_N: tl.constexpr = 0,
     e_desc=None, c_desc=None, HAS_DESCRIPTORS: tl.constexpr = False, TMA: tl.constexpr = False,
-    grad_outside_ptr=None, support_ptr=None, support_k=0, HAS_OUTSIDE: tl.constexpr = False,
+    grad_outside_ptr=None, outside_lse_ptr=None, support_ptr=None, support_k=0,
+    HAS_OUTSIDE: tl.constexpr = False,
     support_grad_ptr=None, HAS_SUPPORT_GRAD: tl.constexpr = False,
 ):  # fmt: skip
     """Write one tile of d into `d_ptr` (rows, positions - position_begin), zeros if filtered.
@@ -112,8 +113,9 @@ def lse_backward_kernel(
     `vocab_bucket` only key the autotuner. With TEACHER, the teacher's logit tile y (its own
     D_t, bias and softcap) adds the terms g q (HAS_Q), p b_pq log(p / q) (HAS_PLOGPQ) and
     p b_r log(m / p) (HAS_PLOGR) of the gradient formula, q = exp(y - teacher_lse),
-    m = beta q + (1 - beta) p. HAS_OUTSIDE adds p o [v not in S] (o from `grad_outside_ptr`, S
-    each row's support: `support_ptr`, (N, support_k) classes, -1 for none), HAS_SUPPORT_GRAD
+    m = beta q + (1 - beta) p. HAS_OUTSIDE adds o exp(z - l) [v not in S] (o from
+    `grad_outside_ptr`, l the log-sum-exp outside S from `outside_lse_ptr`, S each row's
+    support: `support_ptr`, (N, support_k) classes, -1 for none), HAS_SUPPORT_GRAD
     sum_j u_j [v = S_j] (u from `support_grad_ptr`, (N, support_k)): a gathered log-prob's
     one-hot, formed in the tile with its p term and rounded once with it.
     TMA (neither SORTED nor TEACHER) reads e and c through `e_desc` and `c_desc`
@@ -189,8 +191,11 @@ def lse_backward_kernel(
     is_target = positions[None, :] == target_positions[:, None]
     if HAS_OUTSIDE:
         grad_outside = tl.load(grad_outside_ptr + rows, mask=row_mask, other=0.0)
+        outside_lse = tl.load(outside_lse_ptr + rows, mask=row_mask, other=0.0)
         outside = outside_support(support_ptr, rows, row_mask, vocab, support_k)
-        outside_terms = tl.where(outside, probs * grad_outside[:, None], 0.0)
+        # exp(z - outside_lse) = p / p_tail: a product p * (1 / p_tail) could overflow
+        outside_terms = tl.where(outside, tl.exp(z - outside_lse[:, None]), 0.0)
+        outside_terms *= grad_outside[:, None]
     if HAS_PLOGP:
         grad_plogp = tl.load(grad_plogp_ptr + rows, mask=row_mask, other=0.0)
         log_p = tl.where(probs > 0, (z - lse[:, None]) - lse_lo[:, None], 0.0)
@@ -281,6 +286,7 @@ def lse_backward(
     teacher_terms: dict[str, torch.Tensor] | None = None,
     descriptors: dict[str, object] | None = None,
     grad_outside: torch.Tensor | None = None,
+    outside_lse: torch.Tensor | None = None,
     support: torch.Tensor | None = None,
     support_grad: torch.Tensor | None = None,
 ) -> None:
@@ -293,7 +299,8 @@ def lse_backward(
     the gradient formula, `weight` the column weight of the s term (by vocabulary row).
     `teacher_terms` holds the teacher's coefficient rows present (`q`, `plogpq`, `plogr`: g, b_pq
     and b_r), with `teacher` (whose `lse` the `q` and `plogr` terms need); `grad_outside` is o,
-    the coefficient of p outside each row's `support` ((N, k) classes, -1 for none), and
+    the coefficient of p / p_tail outside each row's `support` ((N, k) classes, -1 for none),
+    `outside_lse` (N,) the log-sum-exp of the logits there (lse + log p_tail), and
     `support_grad` (N, k) the coefficients u of its one-hot term.
 
     Position p is vocabulary row `order[p]` (p itself without order); `target_positions` holds
@@ -323,7 +330,7 @@ def lse_backward(
         HAS_PLOGP=grad_plogp is not None, HAS_WEIGHT=weight is not None,
         SORTED=order is not None, FILTER=filter_eps is not None,
         **dot_options(e.dtype), **_teacher_arguments(teacher, teacher_terms or {}, placeholder),
-        **_support_arguments(support, grad_outside, support_grad),
+        **_support_arguments(support, grad_outside, outside_lse, support_grad),
         **(descriptors if descriptors and order is None else {"HAS_DESCRIPTORS": False}),
     )  # fmt: skip
 
@@ -337,6 +344,7 @@ def _grid(meta: dict, n: int, positions: int) -> tuple[int, ...]:
 def _support_arguments(
     support: torch.Tensor | None,
     grad_outside: torch.Tensor | None,
+    outside_lse: torch.Tensor | None,
     support_grad: torch.Tensor | None,
 ) -> dict[str, object]:
     """The kernel's arguments for the support's terms, `outside` and the one-hot (none
@@ -346,7 +354,11 @@ def _support_arguments(
     support = support.contiguous()
     arguments = {"support_ptr": support, "support_k": support.shape[1]}
     if grad_outside is not None:
-        arguments.update(grad_outside_ptr=grad_outside.contiguous(), HAS_OUTSIDE=True)
+        arguments.update(
+            grad_outside_ptr=grad_outside.contiguous(),
+            outside_lse_ptr=outside_lse.contiguous(),
+            HAS_OUTSIDE=True,
+        )
     if support_grad is not None:
         arguments.update(support_grad_ptr=support_grad.contiguous(), HAS_SUPPORT_GRAD=True)
     return arguments

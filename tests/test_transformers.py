@@ -645,6 +645,16 @@ def test_compiles_with_fullgraph_and_equals_eager(family, checked):
         assert rel_error(our_grads[name], their_grads[name]) <= GRAD_TOLERANCE, name
 
 
+def test_a_compiled_patched_model_compiles_once():
+    """Compiled before any eager call, the second step of the same shapes reuses the first's
+    graph (the hooks were installed at the first call, whose guards then failed: two compiles)."""
+    torch._dynamo.reset()
+    patched = patch(make_model("llama"))
+    compiled_loss_and_grads(patched, make_batch())
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled_loss_and_grads(patched, make_batch())
+
+
 def test_compiled_probe_check_still_refuses_other_transforms():
     torch._dynamo.reset()
     shifted = patch(make_model("llama"))

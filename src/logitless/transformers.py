@@ -110,8 +110,11 @@ def patch(
         model.forward = _patched_method(model, options, eval_logits)
         return model
     causal_lm = _causal_lm(model)
-    _head_layers(causal_lm)
+    # the hooks now, not at the first call: a model compiled before it would compile twice
+    for layer in _head_layers(causal_lm):
+        _Hook.install(layer, "forward")
     _check_causal_lm_loss(causal_lm)
+    _Hook.install(causal_lm, "_loss_function", causal_lm.loss_function)
     fused = _fused_head(causal_lm)
     if fused is not None:
         _check_fused_options(type(causal_lm).__name__, options)

@@ -451,6 +451,29 @@ def test_top_k_distillation_of_one_row_with_a_tiny_tail(request, impl, dtype, up
     check_top_k_distillation_on_the_students_top(inputs, 5, impl, upstream_scale=upstream_scale)
 
 
+@pytest.mark.parametrize("k", [5, 65], ids=["kernels", "portable"])
+@pytest.mark.parametrize("bad", ["inf-upstream", "nan-input"])
+def test_top_k_distillation_backward_through_non_finite_values(request, k, bad):
+    """An inf upstream gradient or a NaN hidden state gives non-finite gradients, as eager's,
+    not an error (the portable backend's scaling of o / p_tail once read its size on the host
+    and raised OverflowError / ValueError); the other rows' grad_e stays finite."""
+    impl = "triton" if k == 5 else "torch"
+    backend_fixture(request, impl)
+    e, c, targets, bias = make_inputs((ROWS,), DIM, VOCAB, bias=True, seed=17)
+    if bad == "nan-input":
+        e[3, 0] = float("nan")
+    e.requires_grad_()
+    indices, log_q = cached_teacher(k, 1.0)
+    losses = linear_top_k_distillation_loss(
+        e, c, indices, log_q, targets, bias, reduction="none", impl=impl
+    )
+    upstream = torch.ones_like(losses)
+    upstream[3] = float("inf") if bad == "inf-upstream" else 1.0
+    losses.backward(upstream)
+    assert not e.grad[3].isfinite().all()
+    assert e.grad[torch.arange(ROWS) != 3].isfinite().all()
+
+
 @pytest.mark.parametrize(("impl", "dtype"), BACKENDS, ids=str)
 @pytest.mark.parametrize("targets", [True, False], ids=["targets", "no-targets"])
 def test_top_k_distillation_of_a_confident_class(request, impl, dtype, targets):

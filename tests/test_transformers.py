@@ -503,13 +503,14 @@ def test_deepspeed_zero3_is_refused(monkeypatch, tmp_path):
 )  # fmt: skip
 def test_encoder_decoder_models_are_refused_by_patch(model_type, sizes):
     """An encoder-decoder's loss_function falls back to ForCausalLMLoss: refused by patch,
-    rather than at its first call with labels."""
+    rather than at its first call with labels, and left as it was (no hook installed)."""
     config = transformers.AutoConfig.for_model(
         model_type, vocab_size=VOCAB, decoder_start_token_id=0, **sizes
     )
     model = transformers.AutoModelForSeq2SeqLM.from_config(config)
     with pytest.raises(TypeError, match=f"{type(model).__name__} is an encoder-decoder"):
         patch(model)
+    assert logitless.transformers._installed_hooks(model) == []
 
 
 def test_compiled_or_wrapped_models_are_refused_with_what_to_do():

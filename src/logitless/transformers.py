@@ -110,14 +110,16 @@ def patch(
         model.forward = _patched_method(model, options, eval_logits)
         return model
     causal_lm = _causal_lm(model)
-    # the hooks now, not at the first call: a model compiled before it would compile twice
-    for layer in _head_layers(causal_lm):
-        _Hook.install(layer, "forward")
+    layers = _head_layers(causal_lm)
     _check_causal_lm_loss(causal_lm)
-    _Hook.install(causal_lm, "_loss_function", causal_lm.loss_function)
     fused = _fused_head(causal_lm)
     if fused is not None:
         _check_fused_options(type(causal_lm).__name__, options)
+    # the hooks now, not at the first call: a model compiled before it would compile twice
+    for layer in layers:
+        _Hook.install(layer, "forward")
+    _Hook.install(causal_lm, "_loss_function", causal_lm.loss_function)
+    if fused is not None:
         causal_lm.forward = fused.forward  # TRL's fused head is put back on top below
     forward = _unpatched_forward(causal_lm)
     # A partial over the model (not a closure) so that a deepcopy calls its own copy.

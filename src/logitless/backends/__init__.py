@@ -45,9 +45,10 @@ and `w` the optional (V,) column weight (1 without), it provides
         are skipped; the caller passes it only for the terms `p` and `target`. `support`
         (N, k) gives the classes S of the `outside` term and of the one-hot term, whose
         coefficients u are `support_grad` (N, k) (the gradient of log-probs at S: the caller
-        folds -sum_j u_j into `a`); `support_tail` (N,), log p_tail = log sum_{v not in S} p
-        (floored at the smallest normal float), normalizes the `outside` term: p / p_tail is at
-        most 1 there, so that o bounds the term as the other coefficients bound theirs.
+        folds -sum_j u_j into `a`); `support_tail` (N,), given with the `outside` term, is
+        log p_tail = log sum_{v not in S} p (floored at the smallest normal float), by which
+        that term is normalized: p / p_tail is at most 1 there, so that o bounds the term as
+        the other coefficients bound theirs.
         Gradients may come back in float32;
 
     stats_and_grads(e, c, bias, targets, coefficients_of, *, logits, names, terms,

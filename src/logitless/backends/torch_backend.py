@@ -92,7 +92,7 @@ def grads(
     support_tail: torch.Tensor | None = None,
     support_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    gain = 1.0
+    gain = None
     if support_tail is not None:
         coefficients, support_grad, gain = _outside_over_tail(
             coefficients, terms, support_tail, support_grad
@@ -105,7 +105,7 @@ def grads(
         coefficients=lambda rows, _: coefficients[:, rows], terms=terms,
         filter_eps=filter_eps, needs=needs, support=support, support_grad=support_grad,
     )  # fmt: skip
-    grad_e, grad_c, grad_bias = (g if g is None or gain == 1 else g.mul_(gain) for g in found)
+    grad_e, grad_c, grad_bias = (g if g is None or gain is None else g.mul_(gain) for g in found)
     return grad_e, grad_c, grad_bias
 
 
@@ -114,17 +114,19 @@ def _outside_over_tail(
     terms: tuple[str, ...],
     support_tail: torch.Tensor,
     support_grad: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The coefficients with the `outside` term's o p / p_tail as p (o / p_tail), every one
-    divided by the power of two (returned) that keeps o / p_tail under half the largest float
-    (1 / p_tail alone reaches 8.5e37 on a confident row): the gradients, linear in the
-    coefficients, are multiplied by it after. One host read."""
+    divided by the power of two (returned, a 0-d tensor: no host read) that keeps the finite
+    o / p_tail under half the largest float (1 / p_tail alone reaches 8.5e37 on a confident
+    row): the gradients, linear in the coefficients, are multiplied by it after. A non-finite
+    row (an inf upstream gradient, a NaN input) keeps its non-finite gradients."""
     at = terms.index("outside")
     outside = coefficients[at]
-    log_ratio = torch.cat((outside.abs().log() - support_tail, outside.new_zeros(1)))
+    log_ratio = outside.abs().log() - support_tail
+    finite = torch.where(log_ratio.isfinite(), log_ratio, 0.0)
     headroom = math.log(torch.finfo(outside.dtype).max / 2)
-    exponent = max(0, math.ceil((float(log_ratio.max()) - headroom) / math.log(2)))
-    gain = 2.0**exponent
+    largest = torch.cat((finite, finite.new_zeros(1))).max()  # 0 for no rows
+    gain = torch.exp2(torch.ceil((largest - headroom) / math.log(2)).clamp(min=0))
     rows = coefficients / gain
     rows[at] *= torch.exp(-support_tail)
     return rows, None if support_grad is None else support_grad / gain, gain
@@ -730,7 +732,8 @@ def _softmax_to_grad(
         (p (a + b log p + b_pq log(p / q) + b_r log(m / p) + o [v not in S]) + g q
          + t onehot + sum_j u_j [v = S_j] + s w) * scale * softcap'
 
-    with the coefficient rows present in `coefs`, `support` the classes S (rows, k) and
+    with the coefficient rows present in `coefs` (`outside` there is o / p_tail,
+    `_outside_over_tail`), `support` the classes S (rows, k) and
     `support_grad` their coefficients u; `gap` log p - log q (the other buffers are
     overwritten)."""
     column = lambda name: coefs[name].unsqueeze(1)  # noqa: E731

@@ -47,7 +47,7 @@ def run(variant: str, args) -> dict:
     """The steps of one variant: losses, peak memory, and the relative difference of each step's
     gradients from the eager run's, which that run saves under `args.grads` (a few numbers come
     back, not millions)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2,
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--completion", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", choices=("eager", "logitless"), help=argparse.SUPPRESS)
     parser.add_argument("--grads", help=argparse.SUPPRESS)
     args = parser.parse_args()

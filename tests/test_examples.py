@@ -40,7 +40,7 @@ def test_grpo_step_gradients_agree(tmp_path):
     their relative differences come back."""
     example = load_example("grpo_step")
     args = argparse.Namespace(
-        steps=2, vocab=300, batch=2, prompt=4, completion=6, grads=str(tmp_path)
+        steps=2, vocab=300, batch=2, prompt=4, completion=6, threads=1, grads=str(tmp_path)
     )
     threads = torch.get_num_threads()
     try:

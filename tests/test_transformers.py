@@ -646,6 +646,12 @@ def test_compiles_with_fullgraph_and_equals_eager(family, checked):
         assert rel_error(our_grads[name], their_grads[name]) <= GRAD_TOLERANCE, name
 
 
+def test_labels_longer_than_the_kept_logits_name_logits_to_keep():
+    model = patch(make_model("llama"))
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(**make_batch(), logits_to_keep=1)
+
+
 def test_a_compiled_patched_model_compiles_once():
     """Compiled before any eager call, the second step of the same shapes reuses the first's
     graph (the hooks were installed at the first call, whose guards then failed: two compiles)."""

@@ -601,6 +601,12 @@ class _HeadInterception:
         if not (isinstance(scale, float) and scale == 1.0):  # a (hidden @ W.T + b)
             hidden, bias = hidden * scale, None if bias is None else bias * scale
         targets, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+        if targets.shape != hidden.shape[:-1]:
+            raise ValueError(
+                f"labels must have one entry per position the output layer sees: "
+                f"{tuple(hidden.shape[:-1])}, got {tuple(targets.shape)} (with logits_to_keep, "
+                "the loss has only the kept positions: pass their labels, or logits_to_keep=0)"
+            )
         if targets.shape[-1] <= shift:  # one-token sequences predict nothing, as in transformers
             targets, shift = torch.full_like(targets, ignore_index), 0
         options = dataclasses.replace(

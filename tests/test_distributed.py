@@ -302,6 +302,17 @@ def test_verl_call_shape_with_a_process_group(ranks):
             assert rel_error(ours, expected.detach()) <= AGREEMENT[torch.float32]
 
 
+def _shifted_out_loss(rank: int, vp: VocabParallel) -> torch.Tensor | str:
+    """The loss of targets that differ between ranks only where shift=1 drops them (or the
+    error raised)."""
+    e, c, targets, _ = Case({}).inputs()
+    targets[0] = rank
+    try:
+        return linear_cross_entropy(e, c[vp.start : vp.stop], targets, shift=1, vocab_parallel=vp)
+    except ValueError as error:
+        return str(error)
+
+
 def _worker(rank: int, world: int, out_dir: str) -> None:
     """One rank: every case on its shard, the error calls, the bytes sent; saved to out_dir."""
     os.environ[BLOCK_MB_ENV] = "0.01"  # as conftest's small_blocks: cross block boundaries
@@ -329,6 +340,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         results["verl"] = _verl_call(even)
         results["distillation"] = _distillation_calls(vp)
         results["shard"] = (vp.start, vp.stop)
+        results["shifted_out"] = _shifted_out_loss(rank, vp)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -391,6 +403,16 @@ def test_bad_arguments_raise_on_every_rank(ranks, name):
         assert outcome is not None, f"rank {rank} did not raise"
         assert outcome[0] == expected_type, f"rank {rank}: {outcome}"
         assert re.search(pattern, outcome[1]), f"rank {rank}: {outcome}"
+
+
+def test_targets_a_shift_drops_may_differ_between_ranks(ranks):
+    """They predict nothing: not range-checked, and not compared between ranks either (every
+    rank refused the call as holding different targets)."""
+    e, c, targets, _ = Case({}).inputs()
+    expected = linear_cross_entropy(e, c, targets, shift=1)
+    for rank in ranks:
+        assert isinstance(rank["shifted_out"], torch.Tensor), rank["shifted_out"]
+        assert rel_error(rank["shifted_out"], expected) <= AGREEMENT[torch.float32]
 
 
 def test_communication_is_linear_in_rows_not_in_vocabulary(ranks):

@@ -122,6 +122,9 @@ def check_inputs(
         needs = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in tensors]
         dtypes = [None if x is None else x.dtype for x in tensors]
         agreed = (replace(options, vocab_parallel=None), dtypes, needs, *agreed)
+        if options.shift:  # the targets a shift drops predict nothing: not compared either
+            targets = targets.clone()
+            targets[..., : options.shift] = options.ignore_index
     gather = options.vocab_parallel.check_ranks_agree(e, targets, error, agreed)
     return Checked(gather, predicting)
 

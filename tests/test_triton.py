@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+import logitless.reference
 from helpers import (
     DTYPES,
     check_against_reference,
@@ -26,7 +27,7 @@ from helpers import (
     rel_error,
     run_python,
 )
-from logitless import linear_cross_entropy
+from logitless import linear_cross_entropy, linear_log_probs
 from logitless._validation import triton_interpreter_on
 from logitless.backends import Logits, triton_backend
 from logitless.kernels import lse_backward, lse_forward
@@ -579,6 +580,49 @@ def test_float16_gradients_of_a_tiny_upstream_are_finite():
     check_against_reference(
         inputs_for(torch.float16, bias=True), impl="triton", upstream_scale=1e-38
     )
+
+
+def row_errors(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Each row's relative error (the norm of its difference over the norm of the row)."""
+    x, ref = x.double(), ref.double()
+    return (x - ref).norm(dim=1) / ref.norm(dim=1)
+
+
+@pytest.mark.parametrize(
+    ("function", "options", "upstream_range"),
+    [
+        (linear_cross_entropy, {"reduction": "none", "z_loss": 1e-3}, (1e-4, 1e4)),
+        (linear_log_probs, {"return_entropy": True}, (1e-4, 1e4)),
+        (linear_log_probs, {"temperature": 1e-5}, (1e-8, 1e-3)),
+    ],
+    ids=["cross-entropy", "log-probs-entropy", "temperature-1e-5"],
+)
+def test_float16_rows_of_far_apart_upstream_gradients_keep_their_digits(
+    function, options, upstream_range
+):
+    """Upstream gradients 1e8 apart across rows (per-token weights or advantages): each row's
+    float16 logit gradient is stored times its own power of two, not one gain for all rows set
+    by the largest, which flushed every other row of grad_e to 0; and the gain takes the
+    temperature's 1 / T into account, which had overflowed float16 below T of about 3e-5."""
+    e, c, targets, bias = inputs_for(torch.float16, bias=True, ignore_fraction=0.0)
+    upstream = torch.full((ROWS,), upstream_range[0], device=DEVICE)
+    upstream[0] = upstream_range[1]
+    reference = getattr(logitless.reference, f"reference_{function.__name__}")
+    grads = {}
+    for name, fn, kwargs in [
+        ("ours", function, {"impl": "triton"}),
+        ("exact", reference, {}),
+        ("eager", reference, {"dtype": torch.float16}),
+    ]:
+        leaves = [x.detach().requires_grad_() for x in (e, c, bias)]
+        outputs = fn(leaves[0], leaves[1], targets, leaves[2], **options, **kwargs)
+        first = outputs[0] if isinstance(outputs, tuple) else outputs
+        grads[name] = torch.autograd.grad(first.float(), leaves, upstream)
+    assert all(x.isfinite().all() for x in grads["exact"])
+    ours, eager = (row_errors(grads[name][0], grads["exact"][0]) for name in ("ours", "eager"))
+    assert (ours <= eager + 2.0**-10).all(), (ours.max().item(), eager.max().item())
+    for ours, exact, eager in list(zip(*grads.values(), strict=True))[1:]:  # grad_c, grad_bias
+        assert rel_error(ours, exact) <= rel_error(eager, exact) + 2.0**-10
 
 
 @pytest.mark.parametrize("k", [1, 17])

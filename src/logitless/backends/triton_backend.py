@@ -15,8 +15,6 @@ buffer), so the GPU never waits for that decision. docs/kernels.md has the FLOP 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from logitless.backends import Logits, Teacher, torch_backend
@@ -204,19 +202,22 @@ def _sweep(
         for term, x in teacher_terms.items()
     }
     rows = (grad_lse, grad_target, grad_sum, grad_plogp, grad_outside, support_grad)
-    gain = _float16_gain(*rows, *teacher_terms.values()) if e.dtype == torch.float16 else 1
-    grad_lse, grad_target, grad_sum, grad_plogp, grad_outside, support_grad = (
-        None if x is None else (x * gain if gain != 1 else x).contiguous() for x in rows
-    )
-    teacher_terms = {term: x * gain if gain != 1 else x for term, x in teacher_terms.items()}
+    gains, unscale, spread = None, 1.0, None
+    if e.dtype == torch.float16:
+        gains, unscale, spread = _float16_gains(scale, *rows, *teacher_terms.values())
+        grad_lse, grad_target, grad_sum, grad_plogp, grad_outside, support_grad = (
+            None if x is None else _times_rows(x, gains) for x in rows
+        )
+        teacher_terms = {term: _times_rows(x, gains) for term, x in teacher_terms.items()}
     row_vectors = [lse.contiguous(), grad_lse, grad_target]
-    unscale = 1 / gain
     descriptors = tensor_descriptors(e, c) if order is None else None
 
     def products(begin: int, end: int, d: torch.Tensor) -> None:
         rows = slice(begin, end) if order is None else order[begin:end]
         if grad_e is not None:
-            _add_product(grad_e, d, c[rows], alpha=unscale)
+            _add_product(grad_e, d, c[rows])
+        if spread is not None:  # each row from its own gain to the common one
+            d.mul_(spread)
         if grad_c is not None:  # contiguous rows are written by the matmul itself
             in_place = grad_c[rows] if order is None else None
             product = torch.addmm(e.new_empty(()), d.T, e, beta=0, alpha=unscale, out=in_place)
@@ -253,6 +254,8 @@ def _sweep(
         pending = (begin, end, d, tile_counts)
     if pending is not None:
         products_unless_negligible(*pending)
+    if grad_e is not None and gains is not None:
+        grad_e.div_(gains.unsqueeze(1))
     return grad_e, grad_c, grad_bias
 
 
@@ -283,34 +286,56 @@ def _set_rows(out: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tenso
         out.index_copy_(0, rows, values)
 
 
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """out += alpha * a @ b for an fp32 `out`, accumulating in fp32 without rounding the product
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b for an fp32 `out`, accumulating in fp32 without rounding the product
     to the inputs' dtype (cuBLAS with an fp32 output for 16-bit inputs on CUDA)."""
     if a.dtype == torch.float32:
-        out.addmm_(a, b, alpha=alpha)
+        out.addmm_(a, b)
     elif out.is_cuda:
-        torch.addmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     else:
-        out.addmm_(a.float(), b.float(), alpha=alpha)
+        out.addmm_(a.float(), b.float())
 
 
 MAX_GAIN_EXPONENT = 126
 """The largest gain is 2^126: coefficients below float32's normal range (2^-126) stay finite."""
 
 
-def _float16_gain(*coefficients: torch.Tensor | None) -> float:
-    """A power of two that lifts the largest per-row coefficient into [1, 2).
+def _float16_gains(
+    scale: float, *coefficients: torch.Tensor | None
+) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """Per-row powers of two that lift each row's largest coefficient (times the logits' scale,
+    which the kernel applies after them) into [1, 2); returns (gains, 1 / the smallest gain,
+    None or each row's factor from its gain to the smallest).
 
     float16's normal range ends at 6e-5: a logit gradient of softmax / N is mostly subnormal at a
-    large vocabulary and loses its digits when stored. The backward writes d times this gain and
-    divides it out of the fp32 matmul results, exactly (a power of two). One synchronization.
-    At most 2^MAX_GAIN_EXPONENT, so that fp32 coefficients below its normal range (an upstream
-    gradient of 1e-38) stay finite, not inf (whose product with 0 is NaN).
+    large vocabulary and loses its digits when stored. The backward writes each row's d times
+    its gain, so that rows whose upstream gradients lie far apart keep their digits alike; grad_e
+    divides the gains out of its fp32 rows. grad_c and grad_bias sum over rows, so the rows of
+    each chunk of d are brought to the smallest gain first and it is divided out of their fp32
+    matmul; all exact (powers of two). One synchronization reads the smallest and largest gain.
+    Gains are at most 2^MAX_GAIN_EXPONENT, so that fp32 coefficients below its normal range (an
+    upstream gradient of 1e-38) stay finite, not inf (whose product with 0 is NaN); rows with no
+    finite nonzero coefficient take the smallest.
     """
-    largest = torch.stack([x.abs().max() for x in coefficients if x is not None]).max().item()
-    if not 0 < largest < float("inf"):
-        return 1
-    return 2.0 ** min(MAX_GAIN_EXPONENT, -math.floor(math.log2(largest)))
+    largest = torch.stack(
+        [x.abs().reshape(x.shape[0], -1).amax(1) for x in coefficients if x is not None]
+    ).amax(0).float() * scale  # fmt: skip
+    usable = largest.isfinite() & (largest > 0)
+    exponent = (1 - torch.frexp(largest).exponent).clamp(max=MAX_GAIN_EXPONENT)
+    bounds = [exponent.where(usable, 2**30).amin(), exponent.where(usable, -(2**30)).amax()]
+    smallest, most = torch.stack(bounds).tolist()
+    if not most >= smallest:  # no usable row: nothing to lift
+        smallest = most = 0
+    exponent = exponent.where(usable, smallest)
+    gains = torch.ldexp(torch.ones_like(largest), exponent)
+    spread = torch.ldexp(torch.ones_like(largest), smallest - exponent).unsqueeze(1)
+    return gains, 2.0**-smallest, spread if most > smallest else None
+
+
+def _times_rows(x: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """A row coefficient (N,) or (N, k) times each row's gain, contiguous for the kernel."""
+    return (x * gains.view(-1, *[1] * (x.dim() - 1))).contiguous()
 
 
 def _chunk_positions(n: int, vocab: int, itemsize: int) -> int:

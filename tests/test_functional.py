@@ -191,10 +191,12 @@ def test_fused_and_recomputing_paths_agree(reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_16_bit_logits_keep_the_float32_accumulator(dtype):
-    """Each logit of 16-bit operands is their float32 dot product, not rounded to 16 bits as
-    eager's matmul output is: lse and loss (fused and recomputing paths) are within float32
-    rounding of the float64 result of the same 16-bit operands, as the Triton kernels are."""
+def test_16_bit_logits_keep_the_float32_accumulator(monkeypatch, dtype):
+    """Each logit of 16-bit operands multiplied in float32 (every device but a CPU with bf16 dot
+    products) is their float32 dot product, not rounded to 16 bits as eager's matmul output is:
+    lse and loss (fused and recomputing paths) are within float32 rounding of the float64
+    result of the same 16-bit operands, as the Triton kernels are."""
+    monkeypatch.setattr(torch_backend, "_CPU_HAS_BF16_DOTS", False)
     e, c, targets, _ = make_inputs((37,), 64, 301, dtype, scale=8.0, seed=5)
     exact_logits = e.double() @ c.double().T
     exact_lse = torch.logsumexp(exact_logits, 1)
@@ -205,6 +207,21 @@ def test_16_bit_logits_keep_the_float32_accumulator(dtype):
     assert rel_error(loss, exact_loss) <= 1e-5
     eager_lse = torch.logsumexp((e @ c.T).double(), 1)
     assert rel_error(eager_lse, exact_lse) > 1e-5  # what tells the two apart at this shape
+
+
+def test_native_bf16_matmuls_round_as_eager_and_meet_the_criterion(monkeypatch):
+    """On a CPU with bf16 dot products the tiles' matmuls run in bf16: the lse is as far from
+    float64 as eager's (its logits rounded to bf16), not further; loss and gradients meet the
+    criterion, fused and recomputing."""
+    monkeypatch.setattr(torch_backend, "_CPU_HAS_BF16_DOTS", True)
+    inputs = make_inputs((37,), 64, 301, torch.bfloat16, scale=8.0, seed=5)
+    e, c, targets, _ = inputs
+    exact_lse = torch.logsumexp(e.double() @ c.double().T, 1)
+    eager_lse = torch.logsumexp((e @ c.T).double(), 1)
+    _, lse = linear_cross_entropy(e, c, targets, reduction="none", return_lse=True, impl="torch")
+    assert 1e-5 < rel_error(lse, exact_lse) <= 2 * rel_error(eager_lse, exact_lse)
+    for options in ({}, {"reduction": "none", "return_lse": True}):
+        check_against_reference(inputs, **options)
 
 
 TILE_OPTION_SETS = [
@@ -230,7 +247,7 @@ def small_tiles(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("options", TILE_OPTION_SETS, ids=repr)
-def test_16_bit_tiles_of_rows_and_vocabulary(small_tiles, dtype, options):
+def test_16_bit_tiles_of_rows_and_vocabulary(small_tiles, bf16_matmul, dtype, options):
     """16-bit cross-entropy runs over (row tile, vocabulary chunk) tiles, grad_c rounded once
     per chunk: the criterion holds across tile edges, with a chunk masked out by -inf bias."""
     e, c, targets, bias = make_inputs(

@@ -36,11 +36,12 @@ SCRIPT = textwrap.dedent("""
     meter = CpuMeter()
     for _ in range(3):
         e.grad = c.grad = None  # as zero_grad() leaves them
-        code = _status_bytes("RssFile")
+        code, data = _status_bytes("RssFile"), _status_bytes("RssAnon")
         meter.start()
         logitless.linear_cross_entropy(e, c, targets).backward()
         paged_in = _status_bytes("RssFile") - code  # library code run for the first time
-        print((meter.stop()[1] - gradients - paged_in) / 2**20)
+        kept = _status_bytes("RssAnon") - data - gradients  # held on after the call
+        print((meter.stop()[1] - gradients - paged_in) / 2**20, kept / 2**20)
 """)
 
 
@@ -50,14 +51,19 @@ def test_loss_and_backward_hold_about_one_block_beyond_the_gradients(dtype):
     the process included, holds little more than the block beyond the gradients: no copy of
     grad_c, no logit-sized buffer, no float32 sum of a 16-bit grad_c. The library code a first
     call pages in (about 10 MiB of libtorch, which the benchmark's resident memory counts) is
-    left out: it is not memory the call holds."""
+    left out: it is not memory the call holds. So are the compiled kernels oneDNN keeps for
+    the shapes of natively multiplied bf16 tiles (`native_16_bit_matmul`; a few MiB, once per
+    process and tile shape), which stay after the call; nothing else may."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak resident memory over a call needs Linux /proc")
     done = run_python("-c", SCRIPT, dtype, **CPU_WORKER_ENV, LOGITLESS_BLOCK_MB="1")
     assert done.returncode == 0, done.stderr
-    first, *warm = (float(x) for x in done.stdout.split())
-    assert max(warm) < 3.0, f"{max(warm):.1f} MiB beyond the gradients in a warm call"
-    assert first < 3.0, f"{first:.1f} MiB beyond the gradients in the first call"
+    calls = [tuple(map(float, line.split())) for line in done.stdout.splitlines()]
+    (first, first_kept), *warm = calls
+    assert max(peak for peak, _ in warm) < 3.0, f"{warm} MiB beyond the gradients, warm calls"
+    native = torch_backend.native_16_bit_matmul(getattr(torch, dtype), torch.device("cpu"))
+    assert first_kept < (6.0 if native else 2.0), f"{first_kept:.1f} MiB kept after the call"
+    assert first - max(0.0, first_kept) < 3.0, f"{first:.1f} MiB beyond the gradients, 1st call"
 
 
 def test_block_budget_follows_the_device(monkeypatch):

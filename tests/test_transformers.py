@@ -20,6 +20,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import logitless.transformers  # noqa: E402
+from logitless.backends import torch_backend  # noqa: E402
 from logitless.reference import reference_linear_cross_entropy  # noqa: E402
 from logitless.transformers import patch, unpatch  # noqa: E402
 from tests.helpers import join_gloo_group, rel_error  # noqa: E402
@@ -229,10 +230,13 @@ def test_shift_labels_and_tuple_outputs(family):
     assert rel_error(ours[0], theirs[0]) <= LOSS_TOLERANCE
 
 
-def test_bfloat16_autocast_computes_the_head_in_bfloat16():
+def test_bfloat16_autocast_computes_the_head_in_bfloat16(monkeypatch):
     """Under autocast the loss takes the head's operands in bfloat16, as nn.Linear would, and
-    keeps each logit's float32 accumulator: the loss is the float64 loss of those bfloat16
-    operands (the unpatched model's, from bfloat16-rounded logits, is about 1e-4 away)."""
+    keeps each logit's float32 accumulator (wherever bf16 is multiplied in float32, which a CPU
+    with bf16 dot products does not: `native_16_bit_matmul`): the loss is the float64 loss of
+    those bfloat16 operands (the unpatched model's, from bfloat16-rounded logits, is about 1e-4
+    away)."""
+    monkeypatch.setattr(torch_backend, "_CPU_HAS_BF16_DOTS", False)
     reference = make_model("llama")
     patched = patch(copy.deepcopy(reference))
     batch = make_batch()

@@ -454,24 +454,39 @@ def _tile_shape(
 
 class _Tiles:
     """Float32 logits of (row tile, vocabulary chunk) pairs of 16-bit inputs, in reused
-    buffers: `chunks` upcasts each chunk of c once; `logits` forms a tile's logits."""
+    buffers: `chunks` gives each chunk of c once as a matmul operand, `logits_of` forms a
+    tile's logits, `operand` turns a tile's logit gradient into one.
+
+    Operands are float32 copies, but for bf16 where the device multiplies it natively
+    (`native_16_bit_matmul`): there they stay bf16, and a tile's rows are padded with zeros to
+    a multiple of NATIVE_ROW_ALIGNMENT, so that the matmuls take few shapes whatever the
+    number of rows (oneDNN keeps a compiled kernel of about a MiB for every shape it meets)."""
 
     def __init__(
         self, e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, logits: Logits
     ) -> None:
         self.e, self.c, self.logits = e, c, logits
+        self.native = native_16_bit_matmul(e.dtype, e.device)
         self.bias32 = None if bias is None else bias.to(torch.float32)
         self.rows, self.columns = _tile_shape(
             e.shape[0], c.shape[0], e.shape[1], e.device, bool(logits.softcap)
         )
+        if self.native:
+            padded = _aligned(self.rows)
+            self.e_rows = torch.empty(padded, e.shape[1], device=e.device, dtype=e.dtype)
+            self.d_rows = torch.empty(padded, self.columns, device=e.device, dtype=e.dtype)
         fp32 = dict(device=e.device, dtype=torch.float32)
-        self.e32 = torch.empty(self.rows, e.shape[1], **fp32)
         self.z = torch.empty(self.rows * self.columns, **fp32)
         self.deriv = torch.empty(self.rows * self.columns, **fp32) if logits.softcap else None
 
     def chunks(self):
-        """(lo, hi, c[lo:hi] in float32) over the vocabulary."""
-        return _upcast(self.c, 0, self.c.shape[0], torch.float32, rows=self.columns)
+        """(lo, hi, c[lo:hi] as a matmul operand) over the vocabulary."""
+        if not self.native:
+            return _upcast(self.c, 0, self.c.shape[0], torch.float32, rows=self.columns)
+        return (
+            (lo, min(self.c.shape[0], lo + self.columns), self.c[lo : lo + self.columns])
+            for lo in range(0, self.c.shape[0], self.columns)
+        )
 
     def row_tiles(self):
         return (
@@ -479,17 +494,64 @@ class _Tiles:
             for lo in range(0, self.e.shape[0], self.rows)
         )
 
+    def operand(self, x: torch.Tensor, native_buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """A tile's rows x as a matmul operand: in float32, or natively in bf16 rows of
+        `native_buffer` padded with zeros (its logit gradient's, `d_rows`, by default)."""
+        if not self.native:
+            return x.to(torch.float32)
+        size = x.shape[0]
+        out = (self.d_rows if native_buffer is None else native_buffer)[: _aligned(size)]
+        out[:size, : x.shape[1]].copy_(x)
+        out[size:].zero_()
+        return out[:, : x.shape[1]]
+
     def logits_of(
-        self, rows: slice, lo: int, c32: torch.Tensor
+        self, rows: slice, lo: int, c_op: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(e[rows] in float32, the tile's logits z, the softcap's derivative or None)."""
-        size, width = rows.stop - rows.start, c32.shape[0]
-        e32 = self.e32[:size].copy_(self.e[rows])
-        z = torch.mm(c32, e32.T, out=self.z[: size * width].view(width, size)).T
+        """(e[rows] as a matmul operand, the tile's float32 logits z, the softcap's derivative
+        or None)."""
+        size, width = rows.stop - rows.start, c_op.shape[0]
+        e_op = self.operand(self.e[rows], self.e_rows if self.native else None)
+        z = self.z[: size * width].view(width, size)
+        if self.native:  # bf16 products, widened
+            z.copy_(torch.mm(c_op, e_op.T)[:, :size])
+        else:
+            torch.mm(c_op, e_op.T, out=z)
+        z = z.T
         if self.bias32 is not None:
             z.add_(self.bias32[lo : lo + width])
         deriv_out = None if self.deriv is None else self.deriv[: size * width].view(width, size).T
-        return e32, z, _cap_and_scale(z, self.logits, deriv_out)
+        return e_op, z, _cap_and_scale(z, self.logits, deriv_out)
+
+
+NATIVE_ROW_ALIGNMENT = 64
+"""Rows of a natively multiplied tile are padded to a multiple of this: at most 256 / 64 = 4
+row counts per vocabulary chunk width, at most 63 rows of zeros per tile."""
+
+
+def _aligned(rows: int) -> int:
+    return -(-rows // NATIVE_ROW_ALIGNMENT) * NATIVE_ROW_ALIGNMENT
+
+
+def native_16_bit_matmul(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the 16-bit tiles multiply operands of `dtype` in that dtype on `device`: bfloat16
+    on a CPU with bf16 dot-product instructions (AVX512-BF16 or AMX), whose bf16 matmul runs
+    2-4x faster than a float32 one. Its logits are rounded to bf16, as eager's are (PyTorch's
+    CPU matmul has no float32 output for bf16 operands), and the logit gradient is rounded to
+    bf16 before its two products, as the Triton kernels store it; everything between them is
+    float32. Elsewhere 16-bit operands are multiplied in float32: each logit keeps the float32
+    sum of its products, as the kernels' accumulator does, and where bf16 is emulated that is
+    also the faster way."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and _CPU_HAS_BF16_DOTS
+
+
+def _cpu_has_bf16_dots() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, check, lambda: False)() for check in checks)
+
+
+_CPU_HAS_BF16_DOTS = _cpu_has_bf16_dots()
 
 
 def _tiled_stats(
@@ -509,9 +571,9 @@ def _tiled_stats(
     found = {name: torch.zeros(n, **fp32) for name in ("target", "sum")}
     weight32 = _column_weight(logits, torch.float32)
     tiles = _Tiles(e, c, bias, logits)
-    for lo, hi, c32 in tiles.chunks():
+    for lo, hi, c_op in tiles.chunks():
         for rows in tiles.row_tiles():
-            _, z, _ = tiles.logits_of(rows, lo, c32)
+            _, z, _ = tiles.logits_of(rows, lo, c_op)
             found["target"][rows] += _gather_targets(z, _local_targets(targets[rows], lo, hi))
             if "sum" in names:
                 found["sum"][rows] += z.sum(1) if weight32 is None else z @ weight32[lo:hi]
@@ -547,11 +609,11 @@ def _tiled_grads(
     grad_bias = torch.zeros(vocab, **fp32) if needs[2] else None
     chunk_grad = torch.empty(tiles.columns, dim, **fp32) if needs[1] else None
     weight32 = _column_weight(logits, torch.float32)
-    for lo, hi, c32 in tiles.chunks():
+    for lo, hi, c_op in tiles.chunks():
         summed = None if chunk_grad is None else chunk_grad[: hi - lo].zero_()
         weight = None if weight32 is None else weight32[lo:hi]
         for rows in tiles.row_tiles():
-            e32, z, deriv = tiles.logits_of(rows, lo, c32)
+            e_op, z, deriv = tiles.logits_of(rows, lo, c_op)
             p = _log_probs(z, (lse[0, rows], lse[1, rows])).exp_()
             local = _local_targets(targets[rows], lo, hi)
             if filter_eps and _negligible(p, local, filter_eps, vocab):
@@ -559,15 +621,25 @@ def _tiled_grads(
             coefs = {name: values[rows] for name, values in coefficients.items()}
             d = _softmax_to_grad(p, local, coefs, None, None, None, None, weight, deriv,
                                  logits.scale)  # fmt: skip
+            d_op = tiles.operand(d)
             if grad_e is not None:
-                grad_e[rows].addmm_(d, c32)
+                _add_product(grad_e[rows], d_op, c_op)
             if summed is not None:
-                summed.addmm_(d.T, e32)
+                _add_product(summed, d_op.T, e_op)
             if grad_bias is not None:
                 grad_bias[lo:hi] += d.sum(0)
         if grad_c is not None:
             grad_c[lo:hi].copy_(summed)
     return grad_e, grad_c, grad_bias
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b for float32 `out`: bf16 operands' product widened, the rows of a padded
+    operand beyond out's left out."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(torch.mm(a, b)[: out.shape[0]])
 
 
 def _local_targets(targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
